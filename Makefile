@@ -1,0 +1,52 @@
+# Two commands on a fresh clone: `make run` (pipeline on the sample data, then serve the champion) and
+# `make test`. Everything else is a step of those.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+# Telemetry off for every tool, and the venv first on PATH (DVC stages run `bonetumor` from it).
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := true
+export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install run pipeline serve test lint compile clean
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/.installed ## Create .venv and install the project with its dev tools
+
+run: pipeline serve ## Run the pipeline on the sample data, then serve the champion
+
+pipeline: install ## Everything up to the registered champion (dvc repro)
+	dvc repro
+	@echo "champion: $$(cat outputs/register/champion.json | $(BIN)/python -c 'import json,sys; c=json.load(sys.stdin); print(c["model_uri"], "version", c["version"], "(" + c["arch"] + ")")')"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+
+serve: install ## Serve models:/bone-tumor-classifier@champion with BentoML on http://$(HOST):$(PORT)
+	@echo "Serving the champion on http://$(HOST):$(PORT) (POST /predict, form field 'image'); Ctrl-C stops."
+	cd serving && BONETUMOR_PROJECT_DIR=$(CURDIR) bentoml serve service:BoneTumorClassifier --host $(HOST) --port $(PORT)
+
+test: install ## Lint, type-check and run the test suite
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: install ## Fix formatting and lint what can be fixed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+compile: install ## Recompile the Kubeflow pipeline YAML
+	$(BIN)/python -m pipelines.compile
+
+clean: ## Remove pipeline outputs and local MLflow state (keeps .venv)
+	rm -rf outputs mlflow.db mlartifacts .kfp

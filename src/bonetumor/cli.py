@@ -1,0 +1,246 @@
+"""Command-line interface: one command per pipeline stage, each a thin call into the stage's function.
+
+DVC runs these commands (see dvc.yaml); people can too. Every command reads params.yaml (``--params``), and
+its default paths match dvc.yaml's. Errors that the package raises on purpose print as one clear message and
+exit with status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bonetumor.config import Config, load_config
+from bonetumor.errors import BoneTumorError, InvalidImageError
+from bonetumor.tracking import disable_telemetry
+
+app = typer.Typer(
+    name="bonetumor",
+    help="Osteosarcoma H&E tile classification: ingest, validate, split, augment, balance, train, evaluate, register.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+#: Default locations, the same as dvc.yaml's.
+OUT = Path("outputs")
+MANIFEST = OUT / "ingest" / "manifest.csv"
+FOLDS = OUT / "split" / "folds.json"
+POLICY = OUT / "augment" / "policy.json"
+PREVIEW = OUT / "augment" / "preview.png"
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml; its folder is the project folder.")]
+
+
+def _config(params: Path) -> tuple[Config, Path]:
+    return load_config(params), params.resolve().parent
+
+
+def _run(func: object) -> None:
+    """Call a stage, turning expected errors into a clean exit."""
+    try:
+        func()  # type: ignore[operator]
+    except BoneTumorError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from exc
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    """Configure logging and switch telemetry off before any command runs."""
+    disable_telemetry()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "mlflow", "great_expectations", "matplotlib", "PIL", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def ingest(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (manifest.csv).")] = OUT / "ingest",
+    copy_images: Annotated[bool, typer.Option(help="Copy tiles into the output folder.")] = False,
+) -> None:
+    """Scan data.source (one sub-folder per class) and write the tile manifest."""
+    from bonetumor.ingest import run_ingest
+
+    def stage() -> None:
+        config, project = _config(params)
+        frame = run_ingest(config, project, out, copy_images)
+        typer.echo(f"{len(frame)} tiles, {frame['slide'].nunique()} slides, {frame['case'].nunique()} cases -> {out}")
+
+    _run(stage)
+
+
+@app.command()
+def validate(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    out: Annotated[Path, typer.Option(help="Output folder (report.json).")] = OUT / "validate",
+) -> None:
+    """Run the Great Expectations suite on the manifest and the images; exit 1 naming failing files."""
+    from bonetumor.validate import run_validation
+
+    def stage() -> None:
+        config, _ = _config(params)
+        report = run_validation(config, manifest, out)
+        counts = ", ".join(f"{k}: {v}" for k, v in report["class_counts"].items())
+        typer.echo(
+            f"data validation passed: {len(report['expectations'])} expectations, {report['n_tiles']} tiles "
+            f"({counts}), {report['n_slides']} slides, {report['n_cases']} cases"
+        )
+
+    _run(stage)
+
+
+@app.command()
+def split(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    out: Annotated[Path, typer.Option(help="Output folder (folds.json).")] = OUT / "split",
+) -> None:
+    """Make stratified k folds grouped by slide (or case)."""
+    from bonetumor.split import run_split
+
+    def stage() -> None:
+        config, _ = _config(params)
+        folds = run_split(config, manifest, out)
+        typer.echo(f"{folds['n_folds']} folds grouped by {folds['group_by']} (seed {folds['seed']}) -> {out}")
+
+    _run(stage)
+
+
+@app.command()
+def augment(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    out: Annotated[Path, typer.Option(help="Output folder (policy.json, preview.png).")] = OUT / "augment",
+) -> None:
+    """Write the augmentation policy and a preview grid of augmented tiles."""
+    from bonetumor.augment import run_augment
+
+    def stage() -> None:
+        config, _ = _config(params)
+        policy = run_augment(config, manifest, out)
+        typer.echo(f"augmentation policy {policy.digest()} -> {out}")
+
+    _run(stage)
+
+
+@app.command()
+def balance(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
+    out: Annotated[Path, typer.Option(help="Output folder (one training manifest per fold).")] = OUT / "balance",
+) -> None:
+    """Train a conditional GAN per fold and add synthetic tiles to under-represented classes."""
+    from bonetumor.balance import run_balance
+
+    def stage() -> None:
+        config, _ = _config(params)
+        summary = run_balance(config, manifest, folds, out)
+        for name, info in summary["sets"].items():
+            typer.echo(f"{name}: generated {info['generated']}")
+
+    _run(stage)
+
+
+@app.command()
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
+    policy: Annotated[Path, typer.Option(help="Policy from `augment`.")] = POLICY,
+    balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
+    out: Annotated[Path, typer.Option(help="Output folder (runs.json, <arch>/oof.csv).")] = OUT / "train",
+) -> None:
+    """Train every architecture on every fold (MLflow: a parent run per architecture, a nested run per fold)."""
+    from bonetumor.train import run_cross_validation
+
+    def stage() -> None:
+        config, project = _config(params)
+        preview = PREVIEW if PREVIEW.is_file() else None
+        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, [preview] if preview else [])
+        for arch, info in runs["architectures"].items():
+            typer.echo(f"{arch}: MLflow run {info['run_id']}, best epochs {[f['best_epoch'] for f in info['folds']]}")
+
+    _run(stage)
+
+
+@app.command()
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
+    out: Annotated[Path, typer.Option(help="Output folder (metrics.json, plots/).")] = OUT / "evaluate",
+) -> None:
+    """Score out-of-fold predictions, plot confusion matrices, rank the architectures."""
+    from bonetumor.evaluate import run_evaluation
+
+    def stage() -> None:
+        config, project = _config(params)
+        comparison = run_evaluation(config, trained, out, project)
+        for arch in comparison["ranking"]:
+            s = comparison["scores"][arch]
+            typer.echo(f"{arch}: accuracy {s['accuracy']:.3f}, macro-F1 {s['f1_macro']:.3f}, per-fold macro-F1 {s['fold_f1_macro_mean']:.3f}")
+        typer.echo(f"winner: {comparison['winner']}")
+
+    _run(stage)
+
+
+@app.command()
+def register(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    policy: Annotated[Path, typer.Option(help="Policy from `augment`.")] = POLICY,
+    balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
+    trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
+    evaluated: Annotated[Path, typer.Option("--evaluate", help="Output of `evaluate`.")] = OUT / "evaluate",
+    out: Annotated[Path, typer.Option(help="Output folder (bundle/, champion.json).")] = OUT / "register",
+) -> None:
+    """Refit the winning architecture on all tiles and register it in MLflow with the champion alias."""
+    from bonetumor.register import run_registration
+
+    def stage() -> None:
+        config, project = _config(params)
+        champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project)
+        typer.echo(f"registered {champion['model_name']} version {champion['version']} as @{champion['alias']} ({champion['arch']})")
+
+    _run(stage)
+
+
+@app.command()
+def predict(
+    tiles: Annotated[list[Path], typer.Argument(help="Tile image files (JPEG, PNG, TIFF).")],
+    params: ParamsOption = Path("params.yaml"),
+    model: Annotated[str, typer.Option(help="Alias or version number of the registered model.")] = "",
+) -> None:
+    """Classify tiles with the registered model and print one JSON answer per tile."""
+    from bonetumor.registry import load_predictor
+    from bonetumor.tracking import setup_mlflow
+
+    def stage() -> None:
+        config, project = _config(params)
+        setup_mlflow(config.tracking, project)
+        predictor = load_predictor(config.register.model_name, model or config.register.alias)
+        for tile in tiles:
+            try:
+                data = tile.read_bytes()
+            except OSError as exc:
+                raise InvalidImageError(f"{tile}: cannot read file ({exc.strerror or exc})") from exc
+            typer.echo(json.dumps({"file": str(tile), **predictor.predict_bytes(data, source=str(tile))}))
+
+    _run(stage)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,93 @@
+"""Torch datasets over manifests, and the composition of each fold's training and validation tables.
+
+A training table is the ``train_manifest.csv`` that the balance stage writes for each training set
+(``fold-<k>`` and ``full``): real tiles, whose ``path`` is relative to the data set manifest's folder, and
+synthetic tiles (``synthetic`` true), whose ``path`` is relative to that training set's balance folder.
+:func:`load_training_table` resolves both into absolute ``file`` paths; nothing else needs to know the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from bonetumor.errors import ArtifactError, DatasetError
+from bonetumor.manifest import read_manifest, resolve_paths
+from bonetumor.preprocess import decode_image
+from bonetumor.split import fold_membership
+
+TRAIN_MANIFEST = "train_manifest.csv"
+FULL_SET = "full"
+
+
+def training_set_names(n_folds: int) -> list[str]:
+    """Return the names of the training sets: one per fold, then ``full`` (all tiles, for the final refit)."""
+    return [f"fold-{k}" for k in range(n_folds)] + [FULL_SET]
+
+
+class TileDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Tiles decoded from files on access, with integer labels, through a transform."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], transform: Callable[[Any], torch.Tensor]) -> None:
+        if len(files) != len(labels):
+            raise DatasetError(f"{len(files)} files but {len(labels)} labels; expected one label per file")
+        self.files = list(files)
+        self.labels = list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_image(self.files[index])), self.labels[index]
+
+
+def label_indices(labels: Sequence[str] | pd.Series, classes: Sequence[str]) -> list[int]:
+    """Map label names to class indices.
+
+    Raises:
+        DatasetError: A label is not in ``classes``.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(label) for label in labels if label not in index})
+    if unknown:
+        raise DatasetError(f"labels {unknown} are not in the class set {list(classes)}")
+    return [index[str(label)] for label in labels]
+
+
+def split_tables(manifest: pd.DataFrame, folds: dict[str, Any], fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the real training and validation rows of one fold."""
+    membership = fold_membership(manifest, folds)
+    return manifest[membership != fold], manifest[membership == fold]
+
+
+def load_training_table(balance_dir: str | Path, set_name: str, dataset_dir: str | Path) -> pd.DataFrame:
+    """Read one training set's manifest from the balance output and resolve every row to a ``file`` path.
+
+    Args:
+        balance_dir: The balance stage's output folder.
+        set_name: ``fold-<k>`` or ``full``.
+        dataset_dir: The folder the data set manifest's paths are relative to.
+
+    Raises:
+        ArtifactError: The training manifest is missing or lacks the ``synthetic`` column.
+    """
+    set_dir = Path(balance_dir) / set_name
+    path = set_dir / TRAIN_MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"training manifest {path} not found; run `bonetumor balance` first")
+    table = read_manifest(path)
+    if "synthetic" not in table.columns:
+        raise ArtifactError(f"{path}: no 'synthetic' column; expected a training manifest written by `bonetumor balance`")
+    table["synthetic"] = table["synthetic"].astype(str).str.lower().isin(("true", "1"))
+    real = ~table["synthetic"]
+    files = pd.Series(index=table.index, dtype=object)
+    files[real] = resolve_paths(table[real], dataset_dir)
+    files[~real] = resolve_paths(table[~real], set_dir)
+    table["file"] = files
+    return table

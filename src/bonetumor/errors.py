@@ -1,0 +1,52 @@
+"""Exceptions raised by bonetumor.
+
+Every error says what was wrong, where (file, field, row) and what was expected, so a user can fix the input
+without reading the code. All of them derive from :class:`BoneTumorError`, which the CLI turns into a clean
+non-zero exit instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class BoneTumorError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(BoneTumorError):
+    """params.yaml (or a config dict) is missing a field, has an unknown one, or holds an invalid value."""
+
+
+class DatasetError(BoneTumorError):
+    """A data set folder or manifest does not have the expected layout or content."""
+
+
+class TileNameError(DatasetError):
+    """A tile file name does not follow the TCIA naming scheme, so its case and slide are unknown."""
+
+
+class InvalidImageError(BoneTumorError):
+    """Bytes or a file that should hold an image cannot be decoded as one."""
+
+
+class DataValidationError(BoneTumorError):
+    """The Great Expectations suite failed; the message names the expectations and the failing files."""
+
+    def __init__(self, message: str, report_path: str | None = None) -> None:
+        super().__init__(message)
+        self.report_path = report_path
+
+
+class SplitError(BoneTumorError):
+    """Folds cannot be made as asked (too few groups) or a folds file breaks the grouping rule."""
+
+
+class WeightsUnavailableError(BoneTumorError):
+    """Pretrained weights were requested but cannot be found or do not match their expected hash."""
+
+
+class ModelNotFoundError(BoneTumorError):
+    """The requested registered model, version or alias does not exist in the MLflow registry."""
+
+
+class ArtifactError(BoneTumorError):
+    """An upstream stage output is missing or malformed (for example a half-written run)."""

@@ -1,0 +1,146 @@
+"""The model bundle (weights plus metadata, as in MONAI bundles) and the predictor that serves it.
+
+A bundle folder holds ``weights.pt`` (a state dict, loaded with ``weights_only=True``, no pickled code) and
+``metadata.json``: architecture, class order, input size, mean/std, dropout, library versions and provenance.
+Everything a server needs to rebuild the model and preprocess an image exactly as in training is in there.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from bonetumor import __version__
+from bonetumor.config import PreprocessConfig
+from bonetumor.errors import ArtifactError
+from bonetumor.models import build_model
+from bonetumor.preprocess import build_eval_transform, decode_image
+from bonetumor.utils import read_json, write_json
+
+BUNDLE_FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a served model needs besides its weights.
+
+    Attributes:
+        arch: Architecture name for :func:`bonetumor.models.build_model`.
+        classes: Class names in output order.
+        image_size: Side of the square input in pixels.
+        mean: Normalisation mean per channel.
+        std: Normalisation std per channel.
+        dropout: Dropout of the head (needed to rebuild the same module tree).
+        provenance: Data version, git commit, params hash, run ids and scores of the training that made it.
+        versions: Library versions it was trained with.
+        format_version: Bundle format version.
+    """
+
+    arch: str
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dropout: float
+    provenance: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = BUNDLE_FORMAT_VERSION
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The preprocessing config this model expects (the same one training used)."""
+        return PreprocessConfig(image_size=self.image_size, mean=self.mean, std=self.std)
+
+    @staticmethod
+    def current_versions() -> dict[str, str]:
+        """Return the versions of the libraries that matter for reproducing a model."""
+        return {"bonetumor": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+
+
+def save_bundle(model: nn.Module, metadata: ModelMetadata, out_dir: str | Path) -> Path:
+    """Write ``weights.pt`` and ``metadata.json`` into ``out_dir`` and return the folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    write_json(out_dir / METADATA_FILE, asdict(metadata))
+    return out_dir
+
+
+def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
+    """Rebuild the model from a bundle folder, in eval mode on the CPU.
+
+    Raises:
+        ArtifactError: A file is missing, the format version is unknown, or the weights do not fit the metadata.
+    """
+    bundle_dir = Path(bundle_dir)
+    raw = read_json(bundle_dir / METADATA_FILE, "model metadata")
+    if not isinstance(raw, dict) or raw.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise ArtifactError(f"{bundle_dir / METADATA_FILE}: not a model bundle of format version {BUNDLE_FORMAT_VERSION}")
+    try:
+        metadata = ModelMetadata(
+            **{**raw, "classes": tuple(raw["classes"]), "mean": tuple(raw["mean"]), "std": tuple(raw["std"])}
+        )
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{bundle_dir / METADATA_FILE}: malformed metadata ({exc})") from exc
+    weights = bundle_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"model weights not found at {weights}")
+    model = build_model(metadata.arch, len(metadata.classes), metadata.dropout)
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights}: weights do not fit a {metadata.arch} with {len(metadata.classes)} classes ({exc})") from exc
+    model.eval()
+    return model, metadata
+
+
+class Predictor:
+    """Classifies tiles with a model and its metadata, using the training pipeline's preprocessing."""
+
+    def __init__(self, model: nn.Module, metadata: ModelMetadata, name: str = "", version: str = "") -> None:
+        self.model = model.eval()
+        self.metadata = metadata
+        self.name = name
+        self.version = version
+        self.transform = build_eval_transform(metadata.preprocess)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, name: str = "", version: str = "") -> Predictor:
+        """Load a predictor from a bundle folder."""
+        model, metadata = load_bundle(bundle_dir)
+        return cls(model, metadata, name, version)
+
+    @torch.no_grad()
+    def predict_images(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """Classify RGB images; each answer has ``label`` and ``probabilities`` (class to probability)."""
+        if not images:
+            return []
+        batch = torch.stack([self.transform(image) for image in images])
+        probabilities = torch.softmax(self.model(batch), dim=1).tolist()
+        classes = self.metadata.classes
+        return [
+            {"label": classes[max(range(len(p)), key=p.__getitem__)], "probabilities": dict(zip(classes, p, strict=True))}
+            for p in probabilities
+        ]
+
+    def predict_bytes(self, data: bytes, source: str = "upload") -> dict[str, Any]:
+        """Decode an uploaded JPEG, PNG or TIFF and classify it.
+
+        Returns:
+            ``label``, ``probabilities`` and ``model`` (registered name and version).
+
+        Raises:
+            InvalidImageError: The bytes are not a decodable image.
+        """
+        answer = self.predict_images([decode_image(data, source=source)])[0]
+        answer["model"] = {"name": self.name, "version": self.version}
+        return answer

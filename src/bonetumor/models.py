@@ -1,0 +1,186 @@
+"""Model factory: every architecture is built by name through :func:`build_model` (as timm does).
+
+Each architecture is a torchvision backbone with a new head: global average pooling, dropout, and one linear
+layer with an output per class. VGG19's 120M-parameter ImageNet classifier is replaced by that head too (as in
+Keras-style transfer learning): it would dominate memory, optimiser state and artifact size (548 MB per model)
+while the convolutional features carry the transfer.
+
+Pretrained weights are never downloaded at run time: ``imagenet`` reads torchvision's file from TORCH_HOME's
+checkpoint cache and checks it against the hash in its name; a path loads a torchvision-layout state dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from bonetumor.errors import ConfigError, WeightsUnavailableError
+from bonetumor.utils import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture and which of its parts are the head and the top block."""
+
+    build: Callable[[], nn.Module]
+    imagenet_weights: tvm.WeightsEnum
+    replace_head: Callable[[nn.Module, int, float], None]
+    head: Callable[[nn.Module], nn.Module]
+    top_block: Callable[[nn.Module], nn.Module]
+    #: The last convolutional block: what Grad-CAM explains.
+    cam_layer: Callable[[nn.Module], nn.Module]
+
+
+def _resnet50_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    resnet = cast(tvm.ResNet, model)
+    resnet.fc = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(resnet.fc.in_features, num_classes))
+
+
+def _vgg_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    vgg = cast(tvm.VGG, model)
+    vgg.avgpool = nn.AdaptiveAvgPool2d(1)
+    vgg.classifier = nn.Sequential(nn.Flatten(1), nn.Dropout(p=dropout), nn.Linear(512, num_classes))
+    # torchvision's VGG uses in-place ReLU, which breaks the backward hooks Grad-CAM registers.
+    for module in vgg.features:
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+
+
+def _vgg19_top(model: nn.Module) -> nn.Module:
+    # Block 5 of VGG19's features: conv5_1..conv5_4 with their ReLUs and the last pooling.
+    return cast(tvm.VGG, model).features[28:]
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "resnet50": ArchSpec(
+        build=lambda: tvm.resnet50(weights=None),
+        imagenet_weights=tvm.ResNet50_Weights.DEFAULT,
+        replace_head=_resnet50_head,
+        head=lambda m: m.fc,  # type: ignore[return-value]
+        top_block=lambda m: m.layer4,  # type: ignore[return-value]
+        cam_layer=lambda m: m.layer4[-1],  # type: ignore[index]
+    ),
+    "vgg19": ArchSpec(
+        build=lambda: tvm.vgg19(weights=None),
+        imagenet_weights=tvm.VGG19_Weights.DEFAULT,
+        replace_head=_vgg_head,
+        head=lambda m: m.classifier,  # type: ignore[return-value]
+        top_block=_vgg19_top,
+        cam_layer=lambda m: m.features[35],  # type: ignore[index]  # the ReLU after conv5_4
+    ),
+}
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Return where torchvision's ImageNet weight file for ``arch`` must be (TORCH_HOME's checkpoint cache)."""
+    url = _spec(arch).imagenet_weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _spec(arch: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[arch]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}") from None
+
+
+def _load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    path = imagenet_weights_path(arch)
+    url = _spec(arch).imagenet_weights.url
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"train.weights=imagenet: the ImageNet weights of {arch} are not at {path}, and this project never "
+            f"downloads at run time. On a machine with internet, download {url} and copy it to {path} "
+            f"(or point TORCH_HOME at a folder whose checkpoints/ holds it), or set train.weights to a file path "
+            f"(use {{arch}} in the path for one file per architecture)."
+        )
+    # torchvision names its files <name>-<first 8 hex of sha256>.pth; check it so a corrupt copy is caught here.
+    expected = path.stem.rsplit("-", 1)[-1]
+    actual = sha256_file(path)
+    if not actual.startswith(expected):
+        raise WeightsUnavailableError(
+            f"{path}: sha256 {actual[:16]}... does not match the hash prefix {expected!r} in its torchvision file "
+            f"name; the file is corrupt or not {url}. Download it again."
+        )
+    return _read_state_dict(path)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise WeightsUnavailableError(f"{path}: cannot read a torch state dict ({exc})") from exc
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path}: expected a state dict (mapping of tensor names), got {type(state).__name__}")
+    return state
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    dropout: float = 0.5,
+    weights: str = "none",
+    trainable: str = "all",
+) -> nn.Module:
+    """Build a classifier by architecture name.
+
+    Args:
+        arch: A key of :data:`ARCHITECTURES`.
+        num_classes: Number of output logits.
+        dropout: Dropout probability before the final linear layer.
+        weights: ``none``, ``imagenet``, or a path to a torchvision-layout state dict of the backbone
+            (``{arch}`` in the path is replaced by the architecture name).
+        trainable: ``all``, ``top`` (last block and head) or ``head``: the other parameters are frozen.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        ConfigError: Unknown architecture or ``trainable`` value.
+        WeightsUnavailableError: Pretrained weights are missing, corrupt, or do not fit the architecture.
+    """
+    spec = _spec(arch)
+    model = spec.build()
+    if weights == "imagenet":
+        state = _load_imagenet_state(arch)
+    elif weights != "none":
+        state = _read_state_dict(Path(weights.replace("{arch}", arch)))
+    if weights != "none":
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(
+                f"weights {weights!r} do not fit torchvision's {arch} (expected its ImageNet state-dict layout): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+    spec.replace_head(model, num_classes, dropout)
+    set_trainable(model, arch, trainable)
+    return model
+
+
+def set_trainable(model: nn.Module, arch: str, trainable: str) -> None:
+    """Freeze all parameters except those ``trainable`` names (``all``, ``top`` block plus head, or ``head``)."""
+    spec = _spec(arch)
+    if trainable not in ("all", "top", "head"):
+        raise ConfigError(f"trainable={trainable!r}; expected one of ['all', 'top', 'head']")
+    if trainable == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    spec.head(model).requires_grad_(True)
+    if trainable == "top":
+        spec.top_block(model).requires_grad_(True)
+
+
+def cam_layer(model: nn.Module, arch: str) -> nn.Module:
+    """Return the layer whose activations Grad-CAM explains (the final convolutional block)."""
+    return _spec(arch).cam_layer(model)

@@ -1,0 +1,153 @@
+"""The MLflow model registry: log a bundle as a pyfunc model, register it, set its alias, load it back.
+
+The logged model is an MLflow ``pyfunc`` whose artifacts are the bundle (weights and metadata); its Python
+class only points at :class:`bonetumor.inference.Predictor`. So ``mlflow.pyfunc.load_model`` works for any
+MLflow client (input: a dataframe with an ``image`` column of encoded bytes), and the BentoML service unwraps
+the same object to reach the predictor directly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+import torchvision
+from PIL import Image
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+from bonetumor import __version__
+from bonetumor.errors import ModelNotFoundError
+from bonetumor.inference import ModelMetadata, Predictor
+
+log = logging.getLogger(__name__)
+
+BUNDLE_ARTIFACT = "bundle"
+MODEL_CODE = Path(__file__).with_name("_mlflow_model.py")
+
+
+class BoneTumorPyfunc(PythonModel):  # type: ignore[misc]
+    """MLflow pyfunc wrapper: loads the bundle artifact into a :class:`Predictor`."""
+
+    def __init__(self) -> None:
+        self.predictor: Predictor | None = None
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Rebuild the model from the bundle artifact."""
+        self.predictor = Predictor.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Classify each encoded image of the ``image`` column; returns ``label`` and ``prob_<class>`` columns."""
+        if self.predictor is None:
+            self.load_context(context)
+        predictor = self.predictor
+        if predictor is None:  # pragma: no cover - load_context either sets it or raises
+            raise ModelNotFoundError("model bundle did not load")
+        rows = []
+        for i, data in enumerate(model_input["image"]):
+            answer = predictor.predict_bytes(bytes(data), source=f"row {i}")
+            rows.append({"label": answer["label"], **{f"prob_{c}": p for c, p in answer["probabilities"].items()}})
+        return pd.DataFrame(rows)
+
+
+def signature(classes: tuple[str, ...]) -> ModelSignature:
+    """Input: an ``image`` column of encoded bytes; output: ``label`` and one probability column per class."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label")] + [ColSpec("double", f"prob_{c}") for c in classes]),
+    )
+
+
+def _example_png(size: int) -> bytes:
+    # A flat pink tile: documents the input format in the MLmodel and lets MLflow check the signature on logging.
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (220, 150, 190)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_and_register(
+    bundle_dir: str | Path,
+    metadata: ModelMetadata,
+    model_name: str,
+    alias: str,
+    version_tags: dict[str, str],
+    description: str = "",
+) -> ModelVersion:
+    """Log the bundle as a pyfunc model in the active run, register a new version and point ``alias`` at it.
+
+    The alias moves last, after the version exists with all its tags, so a failure on the way never moves it.
+
+    Returns:
+        The new model version.
+    """
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        # A "model from code" script, not a pickled object: loading runs our code, never unpickled bytes.
+        python_model=str(MODEL_CODE),
+        artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        signature=signature(metadata.classes),
+        input_example=pd.DataFrame({"image": [_example_png(metadata.image_size)]}),
+        # Listing requirements skips MLflow's slow inference subprocess; the package must be installed to load.
+        pip_requirements=[
+            f"bonetumor=={__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+        metadata={"classes": list(metadata.classes), "image_size": metadata.image_size, "arch": metadata.arch},
+    )
+    client = MlflowClient()
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description="Osteosarcoma H&E tile classifier (bonetumor).")
+    run = mlflow.active_run()
+    version = client.create_model_version(
+        model_name, source=info.model_uri, run_id=run.info.run_id if run else None, tags=version_tags, description=description
+    )
+    client.set_registered_model_alias(model_name, alias, version.version)
+    log.info("registered %s version %s (alias %s) from %s", model_name, version.version, alias, info.model_uri)
+    return version
+
+
+def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:
+    """Return the model version an alias (or a version number) names.
+
+    Raises:
+        ModelNotFoundError: No such registered model, alias or version on the current tracking server.
+    """
+    client = MlflowClient()
+    try:
+        if alias_or_version.isdigit():
+            return client.get_model_version(model_name, alias_or_version)
+        return client.get_model_version_by_alias(model_name, alias_or_version)
+    except MlflowException as exc:
+        raise ModelNotFoundError(
+            f"no model version {model_name}@{alias_or_version} at {mlflow.get_tracking_uri()}; run `make pipeline` "
+            f"(or `dvc repro -f register` when the MLflow database was removed after a run), or set "
+            f"MLFLOW_TRACKING_URI to the server that holds it"
+        ) from exc
+
+
+def load_predictor(model_name: str, alias_or_version: str) -> Predictor:
+    """Load a registered model as a :class:`Predictor` named with its registered name and version.
+
+    The alias is resolved once, so the version reported with every answer is the one actually loaded.
+    """
+    version = resolve_version(model_name, alias_or_version)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
+    wrapper = pyfunc.unwrap_python_model()
+    if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None:
+        raise ModelNotFoundError(f"{model_name} version {version.version} is not a bonetumor model (got {type(wrapper).__name__})")
+    predictor = wrapper.predictor
+    predictor.name, predictor.version = model_name, str(version.version)
+    return predictor

@@ -1,0 +1,118 @@
+"""MLflow set-up and the provenance every run carries.
+
+Every run is tagged with the git commit, the data version (SHA-256 of the data set manifest, which itself
+holds every tile's SHA-256 and label), the hash of the params it used and the package version, so an auditor
+can walk from a served prediction to the model version, its run, the data and the code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from bonetumor import __version__
+from bonetumor.config import Config, TrackingConfig
+from bonetumor.errors import ArtifactError
+from bonetumor.utils import git_commit, sha256_file
+
+#: Environment switches that keep the tools from phoning home (set only when the user has not chosen).
+TELEMETRY_OFF: dict[str, str] = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    # Not telemetry, but noise: per-file download progress bars in stage logs.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+TAG_PREFIX = "bonetumor."
+
+
+def disable_telemetry() -> None:
+    """Turn off MLflow, BentoML and DVC telemetry for this process and its children, unless set otherwise."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def resolve_tracking_uri(config: TrackingConfig, base_dir: str | Path) -> str:
+    """Return the tracking URI to use: ``MLFLOW_TRACKING_URI`` if set, else params' ``tracking.uri``.
+
+    A relative ``sqlite:///`` path is made absolute against ``base_dir`` (the project folder), so every stage,
+    whatever its working folder, writes to the same database.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str((Path(base_dir) / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
+    """Point MLflow at the tracking URI and make sure the experiment exists.
+
+    For a local sqlite store, artifacts go to ``<base_dir>/mlartifacts`` (not MLflow's default of the current
+    working folder), so stages run from anywhere share them.
+
+    Returns:
+        The experiment id.
+    """
+    disable_telemetry()
+    uri = resolve_tracking_uri(config, base_dir)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(base_dir).resolve() / "mlartifacts").as_uri()
+        experiment_id = mlflow.create_experiment(config.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return str(experiment_id)
+
+
+def data_version(manifest_path: str | Path) -> str:
+    """Return the data version: the SHA-256 of the data set manifest (tile checksums, labels, cases, slides)."""
+    return sha256_file(manifest_path)
+
+
+def provenance_tags(config: Config, manifest_path: str | Path, code_dir: str | Path | None = None) -> dict[str, str]:
+    """Return the tags that tie a run to code, data and params."""
+    commit = git_commit(code_dir)
+    return {
+        f"{TAG_PREFIX}git_commit": commit,
+        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+        f"{TAG_PREFIX}data_version": data_version(manifest_path),
+        f"{TAG_PREFIX}params_hash": config.section_hash(),
+        f"{TAG_PREFIX}version": __version__,
+    }
+
+
+def flatten_params(config: Config, sections: Iterable[str]) -> dict[str, Any]:
+    """Flatten the given config sections into ``section.field`` MLflow params (lists joined by commas)."""
+    data = config.to_dict()
+    flat: dict[str, Any] = {}
+    for section in sections:
+        for key, value in data[section].items():
+            flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+def require_run(run_id: str, what: str) -> None:
+    """Check that an MLflow run exists on the current tracking server.
+
+    Raises:
+        ArtifactError: The run is unknown (for example, a different tracking URI than the stage that made it).
+    """
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException as exc:
+        raise ArtifactError(
+            f"{what}: MLflow run {run_id} not found at {mlflow.get_tracking_uri()}; every stage must use the same "
+            "tracking URI (params tracking.uri or MLFLOW_TRACKING_URI). Rerun the stage that made it."
+        ) from exc
