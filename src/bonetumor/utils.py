@@ -97,7 +97,11 @@ def seed_everything(seed: int) -> None:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """Return the current git commit (with ``-dirty`` when the work tree has changes), or ``unknown``."""
+    """Return the current git commit (with ``-dirty`` when tracked files have changes).
+
+    Outside a git checkout (a container image, a Kubeflow pod) it returns ``BONETUMOR_GIT_COMMIT``, which the
+    image build sets, or ``unknown``.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
@@ -111,7 +115,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("BONETUMOR_GIT_COMMIT", "unknown")
     return f"{commit}-dirty" if dirty else commit
 
 
