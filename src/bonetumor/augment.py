@@ -8,17 +8,16 @@ Augmented tiles are never written to disk: every epoch draws new ones.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from torchvision.transforms import v2
 
 from bonetumor.config import AugmentConfig, Config, PreprocessConfig, save_resolved
@@ -64,7 +63,9 @@ class AugmentPolicy:
 
 def save_policy(policy: AugmentPolicy, path: str | Path) -> Path:
     """Write the policy artifact (format version, hash and fields)."""
-    return write_json(path, {"format_version": POLICY_FORMAT_VERSION, "digest": policy.digest(), "policy": asdict(policy)})
+    return write_json(
+        path, {"format_version": POLICY_FORMAT_VERSION, "digest": policy.digest(), "policy": asdict(policy)}
+    )
 
 
 def load_policy(path: str | Path) -> AugmentPolicy:
@@ -79,9 +80,13 @@ def load_policy(path: str | Path) -> AugmentPolicy:
     try:
         policy = AugmentPolicy(**document["policy"])
     except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path}: malformed policy ({exc}); expected fields {list(AugmentPolicy.__annotations__)}") from exc
+        raise ArtifactError(
+            f"{path}: malformed policy ({exc}); expected fields {list(AugmentPolicy.__annotations__)}"
+        ) from exc
     if policy.digest() != document.get("digest"):
-        raise ArtifactError(f"{path}: policy digest does not match its fields; the file was edited by hand or is corrupt")
+        raise ArtifactError(
+            f"{path}: policy digest does not match its fields; the file was edited by hand or is corrupt"
+        )
     return policy
 
 
@@ -89,7 +94,7 @@ def augmentation_ops(policy: AugmentPolicy, image_size: int) -> list[v2.Transfor
     """Return the random steps of the policy; the last one (zoom) also brings the tile to ``image_size``."""
     ops: list[v2.Transform] = []
     if policy.rotation_degrees > 0:
-        ops.append(v2.RandomRotation(policy.rotation_degrees, fill=ROTATION_FILL))  # type: ignore[arg-type]
+        ops.append(v2.RandomRotation(policy.rotation_degrees, fill=ROTATION_FILL))
     if policy.hflip_p > 0:
         ops.append(v2.RandomHorizontalFlip(policy.hflip_p))
     if policy.vflip_p > 0:
@@ -175,6 +180,13 @@ def run_augment(config: Config, manifest_path: str | Path, out_dir: str | Path) 
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("preprocess", "augment"))
         save_policy(policy, tmp / POLICY_FILE)
-        render_preview(read_manifest(manifest_path), manifest_path.parent, policy, config.preprocess, config.augment, tmp / PREVIEW_FILE)
+        render_preview(
+            read_manifest(manifest_path),
+            manifest_path.parent,
+            policy,
+            config.preprocess,
+            config.augment,
+            tmp / PREVIEW_FILE,
+        )
     log.info("augmentation policy %s: %s", policy.digest(), describe(policy))
     return policy

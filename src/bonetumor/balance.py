@@ -12,6 +12,7 @@ batches, so minority classes get as much signal as the majority.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -49,14 +50,21 @@ class Generator(nn.Module):
         channels = [width * 2 ** (n_up - i) for i in range(n_up + 1)]
         self.start_channels = channels[0]
         self.embed = nn.Embedding(num_classes, latent_dim)
-        self.project = nn.Sequential(nn.Linear(latent_dim, channels[0] * 16), nn.BatchNorm1d(channels[0] * 16), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, channels[0] * 16), nn.BatchNorm1d(channels[0] * 16), nn.ReLU()
+        )
         blocks: list[nn.Module] = []
-        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
-            blocks += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        for c_in, c_out in itertools.pairwise(channels):
+            blocks += [
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
         blocks += [nn.Conv2d(channels[-1], 3, 3, padding=1), nn.Tanh()]
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Generate one tile per (noise vector, class index) pair."""
         h = self.project(z * self.embed(labels))
         return self.blocks(h.view(-1, self.start_channels, 4, 4))
 
@@ -78,6 +86,7 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(c_in * 16, 1)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return one real-vs-fake logit per (tile, class index) pair."""
         planes = F.one_hot(labels, self.num_classes).float()[:, :, None, None]
         planes = planes.expand(-1, -1, images.shape[2], images.shape[3])
         return self.head(self.features(torch.cat([images, planes], dim=1)).flatten(1)).squeeze(1)
@@ -109,7 +118,9 @@ def _random_dihedral(batch: torch.Tensor) -> torch.Tensor:
     return torch.rot90(batch, int(torch.randint(0, 4, ())), dims=(2, 3))
 
 
-def train_gan(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: BalanceConfig, name: str = "") -> GanResult:
+def train_gan(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: BalanceConfig, name: str = ""
+) -> GanResult:
     """Train a conditional GAN on tiles of several classes.
 
     Args:
@@ -154,7 +165,12 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, num_classes: int, conf
         if step % max(config.steps // 4, 1) == 0 or step == config.steps:
             log.info(
                 "GAN %s step %d/%d d_loss=%.3f g_loss=%.3f (ETA %s)",
-                name, step, config.steps, d_loss.item(), g_loss.item(), timer.eta(),
+                name,
+                step,
+                config.steps,
+                d_loss.item(),
+                g_loss.item(),
+                timer.eta(),
             )
     generator.eval()
     return GanResult(generator, float(d_loss.item()), float(g_loss.item()), config.steps)
@@ -227,7 +243,9 @@ def balance_training_set(
         for index, label in enumerate(classes):
             if needed[label] == 0:
                 continue
-            tiles = generate(result.generator, index, needed[label], config.latent_dim, config.seed + seed_offset + index)
+            tiles = generate(
+                result.generator, index, needed[label], config.latent_dim, config.seed + seed_offset + index
+            )
             folder = out_dir / "synthetic" / label
             folder.mkdir(parents=True, exist_ok=True)
             for i, tile in enumerate(tiles):
@@ -274,7 +292,9 @@ def render_samples(synthetic_dir: Path, classes: Sequence[str], out_png: Path, t
     return out_png
 
 
-def run_balance(config: Config, manifest_path: str | Path, folds_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def run_balance(
+    config: Config, manifest_path: str | Path, folds_path: str | Path, out_dir: str | Path
+) -> dict[str, Any]:
     """The balance stage: one balanced training manifest per fold, plus ``full`` (all tiles) for the refit.
 
     Writes ``<out_dir>/<set>/train_manifest.csv``, ``<out_dir>/<set>/synthetic/`` and ``<out_dir>/summary.json``.
@@ -284,13 +304,23 @@ def run_balance(config: Config, manifest_path: str | Path, folds_path: str | Pat
     manifest = read_manifest(manifest_path)
     folds = read_folds(folds_path, manifest)
     names = training_set_names(len(folds["folds"]))
-    summary: dict[str, Any] = {"target_ratio": config.balance.target_ratio, "enabled": config.balance.enabled, "sets": {}}
+    summary: dict[str, Any] = {
+        "target_ratio": config.balance.target_ratio,
+        "enabled": config.balance.enabled,
+        "sets": {},
+    }
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("data", "balance"))
         for offset, name in enumerate(names):
             rows = manifest if name == FULL_SET else split_tables(manifest, folds, int(name.split("-")[1]))[0]
             summary["sets"][name] = balance_training_set(
-                rows, manifest_path.parent, config.data.classes, config.balance, tmp / name, name, seed_offset=1000 * offset
+                rows,
+                manifest_path.parent,
+                config.data.classes,
+                config.balance,
+                tmp / name,
+                name,
+                seed_offset=1000 * offset,
             )
         write_json(tmp / SUMMARY_FILE, summary)
     return summary

@@ -32,7 +32,6 @@ OUT = Path("outputs")
 MANIFEST = OUT / "ingest" / "manifest.csv"
 FOLDS = OUT / "split" / "folds.json"
 POLICY = OUT / "augment" / "policy.json"
-PREVIEW = OUT / "augment" / "preview.png"
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml; its folder is the project folder.")]
 
@@ -169,8 +168,7 @@ def train(
 
     def stage() -> None:
         config, project = _config(params)
-        preview = PREVIEW if PREVIEW.is_file() else None
-        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, [preview] if preview else [])
+        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project)
         for arch, info in runs["architectures"].items():
             typer.echo(f"{arch}: MLflow run {info['run_id']}, best epochs {[f['best_epoch'] for f in info['folds']]}")
 
@@ -191,7 +189,10 @@ def evaluate(
         comparison = run_evaluation(config, trained, out, project)
         for arch in comparison["ranking"]:
             s = comparison["scores"][arch]
-            typer.echo(f"{arch}: accuracy {s['accuracy']:.3f}, macro-F1 {s['f1_macro']:.3f}, per-fold macro-F1 {s['fold_f1_macro_mean']:.3f}")
+            typer.echo(
+                f"{arch}: accuracy {s['accuracy']:.3f}, macro-F1 {s['f1_macro']:.3f}, "
+                f"per-fold macro-F1 {s['fold_f1_macro_mean']:.3f}"
+            )
         typer.echo(f"winner: {comparison['winner']}")
 
     _run(stage)
@@ -213,7 +214,10 @@ def register(
     def stage() -> None:
         config, project = _config(params)
         champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project)
-        typer.echo(f"registered {champion['model_name']} version {champion['version']} as @{champion['alias']} ({champion['arch']})")
+        typer.echo(
+            f"registered {champion['model_name']} version {champion['version']} "
+            f"as @{champion['alias']} ({champion['arch']})"
+        )
 
     _run(stage)
 
@@ -225,13 +229,10 @@ def predict(
     model: Annotated[str, typer.Option(help="Alias or version number of the registered model.")] = "",
 ) -> None:
     """Classify tiles with the registered model and print one JSON answer per tile."""
-    from bonetumor.registry import load_predictor
-    from bonetumor.tracking import setup_mlflow
+    from bonetumor.registry import load_configured_predictor
 
     def stage() -> None:
-        config, project = _config(params)
-        setup_mlflow(config.tracking, project)
-        predictor = load_predictor(config.register.model_name, model or config.register.alias)
+        predictor = load_configured_predictor(params, model or None)
         for tile in tiles:
             try:
                 data = tile.read_bytes()

@@ -199,7 +199,9 @@ class TrainConfig:
 
         unknown = [a for a in value if a not in ARCHITECTURES]
         if not value or unknown:
-            raise ValueError(f"unknown architectures {unknown or '[]'}; expected a non-empty list from {sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"unknown architectures {unknown or '[]'}; expected a non-empty list from {sorted(ARCHITECTURES)}"
+            )
         if len(set(value)) != len(value):
             raise ValueError(f"architectures must not repeat, got {list(value)}")
         return value
@@ -328,7 +330,9 @@ def load_config(path: str | Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: params file not found (expected a YAML file like the project's params.yaml)") from exc
+        raise ConfigError(
+            f"{path}: params file not found (expected a YAML file like the project's params.yaml)"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return Config.from_dict(raw or {}, source=str(path))

@@ -83,7 +83,9 @@ def load_training_table(balance_dir: str | Path, set_name: str, dataset_dir: str
         raise ArtifactError(f"training manifest {path} not found; run `bonetumor balance` first")
     table = read_manifest(path)
     if "synthetic" not in table.columns:
-        raise ArtifactError(f"{path}: no 'synthetic' column; expected a training manifest written by `bonetumor balance`")
+        raise ArtifactError(
+            f"{path}: no 'synthetic' column; expected a training manifest written by `bonetumor balance`"
+        )
     table["synthetic"] = table["synthetic"].astype(str).str.lower().isin(("true", "1"))
     real = ~table["synthetic"]
     files = pd.Series(index=table.index, dtype=object)

@@ -69,7 +69,9 @@ def score_oof(oof: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
 
 def rank_architectures(scores: dict[str, dict[str, Any]], order: Sequence[str]) -> list[str]:
     """Rank architectures: mean per-fold macro-F1, then pooled accuracy (both descending), then ``order``."""
-    return sorted(scores, key=lambda a: (-scores[a]["fold_f1_macro_mean"], -scores[a]["accuracy"], list(order).index(a)))
+    return sorted(
+        scores, key=lambda a: (-scores[a]["fold_f1_macro_mean"], -scores[a]["accuracy"], list(order).index(a))
+    )
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str, out_png: str | Path) -> Path:
@@ -78,7 +80,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], titl
     rows = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     fig = Figure(figsize=(10, 4.2))
-    for axis, data, fmt, label in zip(fig.subplots(1, 2), (counts, rates), ("{:.0f}", "{:.2f}"), ("counts", "row-normalised"), strict=True):
+    for axis, data, fmt, label in zip(
+        fig.subplots(1, 2), (counts, rates), ("{:.0f}", "{:.2f}"), ("counts", "row-normalised"), strict=True
+    ):
         image = axis.imshow(data, cmap="Blues", vmin=0, vmax=max(float(data.max()), 1e-9))
         fig.colorbar(image, ax=axis, fraction=0.046)
         for i in range(len(classes)):
@@ -117,11 +121,23 @@ def _comparison_markdown(scores: dict[str, dict[str, Any]], ranking: list[str], 
 
 
 def _dvc_metrics(scores: dict[str, Any]) -> dict[str, Any]:
-    keep = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted", "fold_f1_macro_mean", "fold_f1_macro_std")
+    keep = (
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "fold_f1_macro_mean",
+        "fold_f1_macro_std",
+    )
     return {k: scores[k] for k in keep} | {"per_class": scores["per_class"]}
 
 
-def run_evaluation(config: Config, train_dir: str | Path, out_dir: str | Path, project_dir: str | Path) -> dict[str, Any]:
+def run_evaluation(
+    config: Config, train_dir: str | Path, out_dir: str | Path, project_dir: str | Path
+) -> dict[str, Any]:
     """Score every architecture's OOF predictions, plot confusion matrices, log all to MLflow, rank.
 
     Args:
@@ -139,7 +155,9 @@ def run_evaluation(config: Config, train_dir: str | Path, out_dir: str | Path, p
     runs = read_json(train_dir / RUNS_FILE, "training runs file")
     archs = [a for a in config.train.architectures if a in runs.get("architectures", {})]
     if not archs:
-        raise ArtifactError(f"{train_dir / RUNS_FILE} lists none of {list(config.train.architectures)}; rerun `bonetumor train`")
+        raise ArtifactError(
+            f"{train_dir / RUNS_FILE} lists none of {list(config.train.architectures)}; rerun `bonetumor train`"
+        )
     setup_mlflow(config.tracking, project_dir)
     scores: dict[str, dict[str, Any]] = {}
     with atomic_dir(out_dir) as tmp:
@@ -149,17 +167,27 @@ def run_evaluation(config: Config, train_dir: str | Path, out_dir: str | Path, p
             oof = read_oof(train_dir / arch / "oof.csv", classes)
             scores[arch] = score_oof(oof, classes)
             write_json(tmp / "reports" / f"{arch}.json", scores[arch])
-            png = plot_confusion(
-                scores[arch]["confusion_matrix"], classes, f"{arch}: out-of-fold confusion matrix (n={len(oof)})",
+            plot_confusion(
+                scores[arch]["confusion_matrix"],
+                classes,
+                f"{arch}: out-of-fold confusion matrix (n={len(oof)})",
                 tmp / "plots" / f"{arch}_confusion_matrix.png",
             )
             log.info(
                 "%s: accuracy=%.3f macro-F1=%.3f per-fold macro-F1=%.3f+/-%.3f",
-                arch, scores[arch]["accuracy"], scores[arch]["f1_macro"],
-                scores[arch]["fold_f1_macro_mean"], scores[arch]["fold_f1_macro_std"],
+                arch,
+                scores[arch]["accuracy"],
+                scores[arch]["f1_macro"],
+                scores[arch]["fold_f1_macro_mean"],
+                scores[arch]["fold_f1_macro_std"],
             )
         ranking = rank_architectures(scores, config.train.architectures)
-        comparison = {"ranking": ranking, "winner": ranking[0], "selection": "fold_f1_macro_mean, then accuracy", "scores": scores}
+        comparison = {
+            "ranking": ranking,
+            "winner": ranking[0],
+            "selection": "fold_f1_macro_mean, then accuracy",
+            "scores": scores,
+        }
         write_json(tmp / COMPARISON_FILE, comparison)
         (tmp / "comparison.md").write_text(_comparison_markdown(scores, ranking, classes), encoding="utf-8")
         write_json(tmp / METRICS_FILE, {arch: _dvc_metrics(scores[arch]) for arch in archs})

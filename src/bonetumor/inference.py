@@ -63,7 +63,12 @@ class ModelMetadata:
     @staticmethod
     def current_versions() -> dict[str, str]:
         """Return the versions of the libraries that matter for reproducing a model."""
-        return {"bonetumor": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+        return {
+            "bonetumor": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+        }
 
 
 def save_bundle(model: nn.Module, metadata: ModelMetadata, out_dir: str | Path) -> Path:
@@ -84,7 +89,9 @@ def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
     bundle_dir = Path(bundle_dir)
     raw = read_json(bundle_dir / METADATA_FILE, "model metadata")
     if not isinstance(raw, dict) or raw.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise ArtifactError(f"{bundle_dir / METADATA_FILE}: not a model bundle of format version {BUNDLE_FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{bundle_dir / METADATA_FILE}: not a model bundle of format version {BUNDLE_FORMAT_VERSION}"
+        )
     try:
         metadata = ModelMetadata(
             **{**raw, "classes": tuple(raw["classes"]), "mean": tuple(raw["mean"]), "std": tuple(raw["std"])}
@@ -98,7 +105,9 @@ def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except RuntimeError as exc:
-        raise ArtifactError(f"{weights}: weights do not fit a {metadata.arch} with {len(metadata.classes)} classes ({exc})") from exc
+        raise ArtifactError(
+            f"{weights}: weights do not fit a {metadata.arch} with {len(metadata.classes)} classes ({exc})"
+        ) from exc
     model.eval()
     return model, metadata
 
@@ -128,7 +137,10 @@ class Predictor:
         probabilities = torch.softmax(self.model(batch), dim=1).tolist()
         classes = self.metadata.classes
         return [
-            {"label": classes[max(range(len(p)), key=p.__getitem__)], "probabilities": dict(zip(classes, p, strict=True))}
+            {
+                "label": classes[max(range(len(p)), key=p.__getitem__)],
+                "probabilities": dict(zip(classes, p, strict=True)),
+            }
             for p in probabilities
         ]
 

@@ -24,9 +24,7 @@ from bonetumor.utils import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
-_TILE_NAME = re.compile(
-    r"^(?P<case>Case-\d+|P\d+)-(?P<block>(?:[A-Za-z]+\d+-)*[A-Za-z]+\d+)-(?P<x>\d+)-(?P<y>\d+)$"
-)
+_TILE_NAME = re.compile(r"^(?P<case>Case-\d+|P\d+)-(?P<block>(?:[A-Za-z]+\d+-)*[A-Za-z]+\d+)-(?P<x>\d+)-(?P<y>\d+)$")
 TILE_NAME_PATTERN = "<case>[-<part>]-<block>-<x>-<y>, e.g. Case-48-P5-C20-15162-19423 or P9-B12-15791-34183"
 
 
@@ -83,7 +81,9 @@ def list_class_folders(source: Path, classes: Sequence[str]) -> dict[str, list[P
         DatasetError: ``source`` is not a folder, a class folder is missing, or an unexpected folder exists.
     """
     if not source.is_dir():
-        raise DatasetError(f"data source {source} is not a folder; expected a folder with one sub-folder per class {list(classes)}")
+        raise DatasetError(
+            f"data source {source} is not a folder; expected a folder with one sub-folder per class {list(classes)}"
+        )
     found = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     missing = [c for c in classes if c not in found]
     unknown = [f for f in found if f not in classes]

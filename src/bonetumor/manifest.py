@@ -36,7 +36,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={c: "string" for c in ("path", "label", "case", "slide", "sha256")})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not a readable CSV manifest ({exc}); expected columns {list(MANIFEST_COLUMNS)}") from exc
+        raise DatasetError(
+            f"{path}: not a readable CSV manifest ({exc}); expected columns {list(MANIFEST_COLUMNS)}"
+        ) from exc
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; expected columns {list(MANIFEST_COLUMNS)}")

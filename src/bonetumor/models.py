@@ -57,7 +57,15 @@ def _vgg_head(model: nn.Module, num_classes: int, dropout: float) -> None:
 
 def _vgg19_top(model: nn.Module) -> nn.Module:
     # Block 5 of VGG19's features: conv5_1..conv5_4 with their ReLUs and the last pooling.
-    return cast(tvm.VGG, model).features[28:]
+    return cast(nn.Module, cast(tvm.VGG, model).features[28:])
+
+
+def _resnet(model: nn.Module) -> tvm.ResNet:
+    return cast(tvm.ResNet, model)
+
+
+def _vgg(model: nn.Module) -> tvm.VGG:
+    return cast(tvm.VGG, model)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -65,17 +73,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         build=lambda: tvm.resnet50(weights=None),
         imagenet_weights=tvm.ResNet50_Weights.DEFAULT,
         replace_head=_resnet50_head,
-        head=lambda m: m.fc,  # type: ignore[return-value]
-        top_block=lambda m: m.layer4,  # type: ignore[return-value]
-        cam_layer=lambda m: m.layer4[-1],  # type: ignore[index]
+        head=lambda m: _resnet(m).fc,
+        top_block=lambda m: _resnet(m).layer4,
+        cam_layer=lambda m: cast(nn.Module, _resnet(m).layer4[-1]),
     ),
     "vgg19": ArchSpec(
         build=lambda: tvm.vgg19(weights=None),
         imagenet_weights=tvm.VGG19_Weights.DEFAULT,
         replace_head=_vgg_head,
-        head=lambda m: m.classifier,  # type: ignore[return-value]
+        head=lambda m: _vgg(m).classifier,
         top_block=_vgg19_top,
-        cam_layer=lambda m: m.features[35],  # type: ignore[index]  # the ReLU after conv5_4
+        cam_layer=lambda m: cast(nn.Module, _vgg(m).features[35]),  # the ReLU after conv5_4
     ),
 }
 
@@ -120,7 +128,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (OSError, RuntimeError, EOFError) as exc:
         raise WeightsUnavailableError(f"{path}: cannot read a torch state dict ({exc})") from exc
     if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"{path}: expected a state dict (mapping of tensor names), got {type(state).__name__}")
+        raise WeightsUnavailableError(
+            f"{path}: expected a state dict (mapping of tensor names), got {type(state).__name__}"
+        )
     return state
 
 

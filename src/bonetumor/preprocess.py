@@ -56,7 +56,9 @@ def decode_image(data: bytes | str | Path, source: str | None = None) -> Image.I
         image = Image.open(io.BytesIO(raw))
         fmt = image.format
         if fmt not in SUPPORTED_FORMATS:
-            raise InvalidImageError(f"{name}: {fmt} images are not accepted; expected one of {sorted(SUPPORTED_FORMATS)}")
+            raise InvalidImageError(
+                f"{name}: {fmt} images are not accepted; expected one of {sorted(SUPPORTED_FORMATS)}"
+            )
         image.load()
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{name}: not a recognised image file; expected JPEG, PNG or TIFF") from exc
@@ -64,10 +66,14 @@ def decode_image(data: bytes | str | Path, source: str | None = None) -> Image.I
         raise InvalidImageError(f"{name}: image too large to decode safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         # Pillow signals truncated or corrupt data with OSError ("image file is truncated") or SyntaxError.
-        raise InvalidImageError(f"{name}: corrupt or truncated {fmt} image ({exc})") from exc
+        kind = f"{fmt} image" if fmt else "image"
+        raise InvalidImageError(
+            f"{name}: corrupt or truncated {kind} ({exc}); expected a complete JPEG, PNG or TIFF"
+        ) from exc
     if image.mode not in CONVERTIBLE_MODES:
         raise InvalidImageError(
-            f"{name}: pixel mode {image.mode} is not supported; expected 8-bit RGB (or one of {sorted(CONVERTIBLE_MODES)})"
+            f"{name}: pixel mode {image.mode} is not supported; "
+            f"expected 8-bit RGB (or one of {sorted(CONVERTIBLE_MODES)})"
         )
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -134,5 +140,7 @@ def inspect_image(path: str | Path) -> ImageInfo:
     except (OSError, ValueError, SyntaxError) as exc:
         return ImageInfo(False, None, None, None, None, f"corrupt or truncated ({exc})")
     if fmt not in SUPPORTED_FORMATS:
-        return ImageInfo(False, fmt, mode, width, height, f"{fmt} is not an accepted format {sorted(SUPPORTED_FORMATS)}")
+        return ImageInfo(
+            False, fmt, mode, width, height, f"{fmt} is not an accepted format {sorted(SUPPORTED_FORMATS)}"
+        )
     return ImageInfo(True, fmt, mode, width, height, None)

@@ -68,14 +68,27 @@ def run_registration(
     )
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp)
-        run_tags = {**tags, f"{TAG_PREFIX}stage": "register", f"{TAG_PREFIX}arch": winner, f"{TAG_PREFIX}cv_run_id": cv["run_id"]}
+        run_tags = {
+            **tags,
+            f"{TAG_PREFIX}stage": "register",
+            f"{TAG_PREFIX}arch": winner,
+            f"{TAG_PREFIX}cv_run_id": cv["run_id"],
+        }
         with mlflow.start_run(run_name=f"refit-{winner}", tags=run_tags) as run:
-            mlflow.log_params({**flatten_params(config, (*TRAIN_SECTIONS, "register")), "arch": winner, "refit_epochs": cv["refit_epochs"]})
+            mlflow.log_params(
+                {
+                    **flatten_params(config, (*TRAIN_SECTIONS, "register")),
+                    "arch": winner,
+                    "refit_epochs": cv["refit_epochs"],
+                }
+            )
 
             def log_epoch(stats: dict[str, float]) -> None:
                 mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
 
-            result = refit(config, winner, cv["refit_epochs"], balance_dir, Path(manifest_path).parent, policy, log_epoch)
+            result = refit(
+                config, winner, cv["refit_epochs"], balance_dir, Path(manifest_path).parent, policy, log_epoch
+            )
             mlflow.log_metrics({f"cv_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
             provenance = {
                 **{k.removeprefix(TAG_PREFIX): v for k, v in tags.items() if k.startswith(TAG_PREFIX)},

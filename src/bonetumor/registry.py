@@ -17,17 +17,19 @@ import mlflow
 import pandas as pd
 import torch
 import torchvision
-from PIL import Image
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from PIL import Image
 
 from bonetumor import __version__
+from bonetumor.config import load_config
 from bonetumor.errors import ModelNotFoundError
 from bonetumor.inference import ModelMetadata, Predictor
+from bonetumor.tracking import configure_tracking
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ BUNDLE_ARTIFACT = "bundle"
 MODEL_CODE = Path(__file__).with_name("_mlflow_model.py")
 
 
-class BoneTumorPyfunc(PythonModel):  # type: ignore[misc]
+class BoneTumorPyfunc(PythonModel):
     """MLflow pyfunc wrapper: loads the bundle artifact into a :class:`Predictor`."""
 
     def __init__(self) -> None:
@@ -45,7 +47,9 @@ class BoneTumorPyfunc(PythonModel):  # type: ignore[misc]
         """Rebuild the model from the bundle artifact."""
         self.predictor = Predictor.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Classify each encoded image of the ``image`` column; returns ``label`` and ``prob_<class>`` columns."""
         if self.predictor is None:
             self.load_context(context)
@@ -63,7 +67,7 @@ def signature(classes: tuple[str, ...]) -> ModelSignature:
     """Input: an ``image`` column of encoded bytes; output: ``label`` and one probability column per class."""
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label")] + [ColSpec("double", f"prob_{c}") for c in classes]),
+        outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", f"prob_{c}") for c in classes)]),
     )
 
 
@@ -112,7 +116,11 @@ def log_and_register(
         client.create_registered_model(model_name, description="Osteosarcoma H&E tile classifier (bonetumor).")
     run = mlflow.active_run()
     version = client.create_model_version(
-        model_name, source=info.model_uri, run_id=run.info.run_id if run else None, tags=version_tags, description=description
+        model_name,
+        source=info.model_uri,
+        run_id=run.info.run_id if run else None,
+        tags=version_tags,
+        description=description,
     )
     client.set_registered_model_alias(model_name, alias, version.version)
     log.info("registered %s version %s (alias %s) from %s", model_name, version.version, alias, info.model_uri)
@@ -147,7 +155,25 @@ def load_predictor(model_name: str, alias_or_version: str) -> Predictor:
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
     wrapper = pyfunc.unwrap_python_model()
     if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None:
-        raise ModelNotFoundError(f"{model_name} version {version.version} is not a bonetumor model (got {type(wrapper).__name__})")
+        raise ModelNotFoundError(
+            f"{model_name} version {version.version} is not a bonetumor model (got {type(wrapper).__name__})"
+        )
     predictor = wrapper.predictor
     predictor.name, predictor.version = model_name, str(version.version)
     return predictor
+
+
+def load_configured_predictor(params_path: str | Path, alias_or_version: str | None = None) -> Predictor:
+    """Load the registered model that params.yaml names (``register.model_name`` at ``register.alias``).
+
+    The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else params' ``tracking.uri`` resolved against the
+    params file's folder: the same database the pipeline registered into.
+
+    Args:
+        params_path: The project's params.yaml.
+        alias_or_version: Overrides ``register.alias`` (an alias or a version number).
+    """
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    configure_tracking(config.tracking, params_path.resolve().parent)
+    return load_predictor(config.register.model_name, alias_or_version or config.register.alias)

@@ -147,7 +147,9 @@ def read_folds(path: str | Path, manifest: pd.DataFrame) -> dict[str, Any]:
     """
     folds = read_json(path, "folds file")
     if not isinstance(folds, dict) or folds.get("format_version") != FOLDS_FORMAT_VERSION or "folds" not in folds:
-        raise ArtifactError(f"{path}: not a folds file of format version {FOLDS_FORMAT_VERSION}; rerun `bonetumor split`")
+        raise ArtifactError(
+            f"{path}: not a folds file of format version {FOLDS_FORMAT_VERSION}; rerun `bonetumor split`"
+        )
     check_no_leakage(manifest, folds)
     return folds
 
@@ -160,5 +162,12 @@ def run_split(config: Config, manifest_path: str | Path, out_dir: str | Path) ->
         save_resolved(config, tmp, ("data", "split"))
         write_folds(folds, tmp / FOLDS_FILE, manifest_path)
     for fold in folds["folds"]:
-        log.info("fold %d: train %s | val %s (%d %s)", fold["fold"], fold["counts"]["train"], fold["counts"]["val"], len(fold["val_groups"]), config.split.group_by)
+        log.info(
+            "fold %d: train %s | val %s (%d %s)",
+            fold["fold"],
+            fold["counts"]["train"],
+            fold["counts"]["val"],
+            len(fold["val_groups"]),
+            config.split.group_by,
+        )
     return folds

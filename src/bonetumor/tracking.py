@@ -52,6 +52,18 @@ def resolve_tracking_uri(config: TrackingConfig, base_dir: str | Path) -> str:
     return uri
 
 
+def configure_tracking(config: TrackingConfig, base_dir: str | Path) -> str:
+    """Point MLflow at the tracking URI (see :func:`resolve_tracking_uri`) without touching experiments.
+
+    Returns:
+        The tracking URI in use.
+    """
+    disable_telemetry()
+    uri = resolve_tracking_uri(config, base_dir)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
     """Point MLflow at the tracking URI and make sure the experiment exists.
 
@@ -61,9 +73,7 @@ def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
     Returns:
         The experiment id.
     """
-    disable_telemetry()
-    uri = resolve_tracking_uri(config, base_dir)
-    mlflow.set_tracking_uri(uri)
+    uri = configure_tracking(config, base_dir)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is None:
         location = None

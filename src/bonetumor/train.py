@@ -155,7 +155,9 @@ def fit(
             seen += y.numel()
             if time.monotonic() - last_log > BATCH_LOG_SECONDS:
                 last_log = time.monotonic()
-                log.info("%s epoch %d/%d batch %d/%d loss=%.4f", name, epoch, epochs, batch, len(loader), total_loss / seen)
+                log.info(
+                    "%s epoch %d/%d batch %d/%d loss=%.4f", name, epoch, epochs, batch, len(loader), total_loss / seen
+                )
         stats: dict[str, float] = {
             "epoch": epoch,
             "train_loss": total_loss / max(seen, 1),
@@ -195,7 +197,9 @@ def fit(
             f", ETA {timer.eta()}" if timer is not None else "",
         )
         if val_set is not None and stale >= config.patience and epoch < epochs:
-            log.info("%s: early stop after epoch %d (no %s improvement for %d epochs)", name, epoch, config.monitor, stale)
+            log.info(
+                "%s: early stop after epoch %d (no %s improvement for %d epochs)", name, epoch, config.monitor, stale
+            )
             result.stopped_early = True
             if timer is not None:
                 timer.step(epochs - epoch)
@@ -245,7 +249,6 @@ def run_cross_validation(
     balance_dir: str | Path,
     out_dir: str | Path,
     project_dir: str | Path,
-    extra_artifacts: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Train every architecture on every fold and write out-of-fold predictions.
 
@@ -258,7 +261,6 @@ def run_cross_validation(
         out_dir: Output folder: ``<arch>/oof.csv``, ``<arch>/history.json``, ``<arch>/learning_curves.png``
             and ``runs.json`` (MLflow run ids for the evaluate and register stages).
         project_dir: Base folder for relative tracking URIs and the git commit.
-        extra_artifacts: Files logged to each architecture's parent run (e.g. the augmentation preview).
 
     Returns:
         The content of ``runs.json``.
@@ -268,7 +270,6 @@ def run_cross_validation(
     dataset_dir = manifest_path.parent
     folds = read_folds(folds_path, manifest)
     policy = load_policy(policy_path)
-    classes = config.data.classes
     device = select_device(config.train.device)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -278,15 +279,33 @@ def run_cross_validation(
     timer = EtaTimer(len(config.train.architectures) * n_folds * config.train.epochs)
     log.info(
         "training %s on %d folds (up to %d epochs each) on %s; policy %s",
-        list(config.train.architectures), n_folds, config.train.epochs, device, policy.digest(),
+        list(config.train.architectures),
+        n_folds,
+        config.train.epochs,
+        device,
+        policy.digest(),
     )
-    runs: dict[str, Any] = {"experiment_id": experiment_id, "tracking_uri": mlflow.get_tracking_uri(), "architectures": {}}
+    runs: dict[str, Any] = {
+        "experiment_id": experiment_id,
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "architectures": {},
+    }
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, TRAIN_SECTIONS)
         for arch in config.train.architectures:
             runs["architectures"][arch] = _cross_validate_arch(
-                arch, config, manifest, dataset_dir, folds, policy, Path(balance_dir), tmp / arch, device, tags, timer,
-                [tmp / "config.resolved.yaml", Path(policy_path), *map(Path, extra_artifacts)],
+                arch,
+                config,
+                manifest,
+                dataset_dir,
+                folds,
+                policy,
+                Path(balance_dir),
+                tmp / arch,
+                device,
+                tags,
+                timer,
+                [tmp / "config.resolved.yaml", Path(policy_path)],
             )
         write_json(tmp / RUNS_FILE, runs)
     log.info("cross-validation finished in %.0fs", timer.elapsed)
@@ -313,8 +332,12 @@ def _cross_validate_arch(
     oof_parts: list[pd.DataFrame] = []
     histories: dict[str, list[dict[str, float]]] = {}
     fold_runs: list[dict[str, Any]] = []
-    with mlflow.start_run(run_name=f"cv-{arch}", tags={**tags, "bonetumor.stage": "train", "bonetumor.arch": arch}) as parent:
-        mlflow.log_params({**flatten_params(config, TRAIN_SECTIONS), "arch": arch, "augment.policy_digest": policy.digest()})
+    with mlflow.start_run(
+        run_name=f"cv-{arch}", tags={**tags, "bonetumor.stage": "train", "bonetumor.arch": arch}
+    ) as parent:
+        mlflow.log_params(
+            {**flatten_params(config, TRAIN_SECTIONS), "arch": arch, "augment.policy_digest": policy.digest()}
+        )
         for artifact in artifacts:
             if artifact.is_file():
                 mlflow.log_artifact(str(artifact))
@@ -328,7 +351,9 @@ def _cross_validate_arch(
             val_set = eval_dataset(val_files, list(val_rows["label"]), config)
             seed_everything(config.train.seed + k)
             model = build_model(arch, len(classes), config.train.dropout, config.train.weights, config.train.trainable)
-            with mlflow.start_run(run_name=f"cv-{arch}-fold{k}", nested=True, tags={**tags, "bonetumor.fold": str(k)}) as run:
+            with mlflow.start_run(
+                run_name=f"cv-{arch}-fold{k}", nested=True, tags={**tags, "bonetumor.fold": str(k)}
+            ) as run:
                 mlflow.log_params(
                     {
                         "fold": k,
@@ -342,7 +367,9 @@ def _cross_validate_arch(
                 def log_epoch(stats: dict[str, float]) -> None:
                     mlflow.log_metrics({k2: v for k2, v in stats.items() if k2 != "epoch"}, step=int(stats["epoch"]))
 
-                result = fit(model, train_set, val_set, config.train, device, config.train.epochs, name, log_epoch, timer)
+                result = fit(
+                    model, train_set, val_set, config.train, device, config.train.epochs, name, log_epoch, timer
+                )
                 logits = predict_logits(result.model, val_set, config.train, device)
                 best = result.history[result.best_epoch - 1]
                 mlflow.log_metrics(
@@ -353,7 +380,14 @@ def _cross_validate_arch(
                         "best_val_accuracy": best["val_accuracy"],
                     }
                 )
-            fold_runs.append({"fold": k, "run_id": run.info.run_id, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early})
+            fold_runs.append(
+                {
+                    "fold": k,
+                    "run_id": run.info.run_id,
+                    "best_epoch": result.best_epoch,
+                    "stopped_early": result.stopped_early,
+                }
+            )
             histories[f"fold {k}"] = result.history
             oof_parts.append(_oof_frame(val_rows, k, logits, classes))
         oof = pd.concat(oof_parts).sort_values("path").reset_index(drop=True)
@@ -401,6 +435,8 @@ def refit(
     table = load_training_table(balance_dir, "full", dataset_dir)
     train_set = training_dataset(table, config, policy)
     seed_everything(config.train.seed)
-    model = build_model(arch, len(config.data.classes), config.train.dropout, config.train.weights, config.train.trainable)
+    model = build_model(
+        arch, len(config.data.classes), config.train.dropout, config.train.weights, config.train.trainable
+    )
     timer = EtaTimer(epochs)
     return fit(model, train_set, None, config.train, device, epochs, f"{arch} refit on all tiles", on_epoch, timer)

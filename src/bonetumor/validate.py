@@ -60,7 +60,7 @@ def inspect_tiles(manifest: pd.DataFrame, manifest_dir: str | Path) -> pd.DataFr
 
 
 def build_suite(classes: Sequence[str], min_size: int) -> gx.ExpectationSuite:
-    """Return the tile expectation suite: schema, label set, unique checksums, decodable 8-bit RGB tiles of a minimum size.
+    """Return the tile suite: schema, label set, unique checksums, decodable 8-bit RGB tiles of a minimum size.
 
     GX needs an active data context to build a suite, so call this after ``gx.get_context`` (as
     :func:`run_suite` does).
@@ -85,7 +85,11 @@ def run_suite(table: pd.DataFrame, classes: Sequence[str], min_size: int) -> Any
     """Run the tile suite on a dataframe in an ephemeral GX context and return the validation result."""
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = context.data_sources.add_pandas("tiles").add_dataframe_asset("tiles").add_batch_definition_whole_dataframe("all")
+    batch = (
+        context.data_sources.add_pandas("tiles")
+        .add_dataframe_asset("tiles")
+        .add_batch_definition_whole_dataframe("all")
+    )
     suite = context.suites.add(build_suite(classes, min_size))
     definition = context.validation_definitions.add(gx.ValidationDefinition(name=SUITE_NAME, data=batch, suite=suite))
     return definition.run(
@@ -129,7 +133,9 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def validate_dataset(manifest: pd.DataFrame, manifest_dir: str | Path, config: Config, report_path: str | Path) -> dict[str, Any]:
+def validate_dataset(
+    manifest: pd.DataFrame, manifest_dir: str | Path, config: Config, report_path: str | Path
+) -> dict[str, Any]:
     """Validate the data set and write the JSON report.
 
     Args:

@@ -1,0 +1,132 @@
+"""Shared fixtures: the real sample tiles, generated tiles with a known answer, and tiny configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bonetumor.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+CLASSES = ("Non-Tumor", "Non-Viable-Tumor", "Viable-Tumor")
+#: A distinct mean colour per class, so generated tiles carry a learnable class signal.
+CLASS_COLOURS = {"Non-Tumor": (225, 120, 160), "Non-Viable-Tumor": (150, 60, 200), "Viable-Tumor": (90, 40, 120)}
+
+# Telemetry off and no progress bars in every test and the subprocesses they start.
+for key, value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test may write to the developer's MLflow database: unset the override, reset the client URI."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sample_images() -> Path:
+    """The 30 real TCIA tiles committed with the project (class sub-folders)."""
+    return SAMPLE / "images"
+
+
+@pytest.fixture
+def sample_copy(tmp_path: Path) -> Path:
+    """A writable copy of the sample class folders."""
+    target = tmp_path / "images"
+    shutil.copytree(SAMPLE / "images", target)
+    for path in target.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+def write_tile(path: Path, colour: tuple[int, int, int], size: int = 64, seed: int = 0, noise: float = 12.0) -> Path:
+    """Write a JPEG tile of one colour plus noise."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode="RGB").save(path, quality=95)
+    return path
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Build a class-folder data set of generated TCIA-named tiles with a clear colour signal per class.
+
+    Each class gets ``slides`` slides of ``per_slide`` tiles; slide names follow the TCIA scheme so ingest
+    parses case and slide. Returns the folder holding the class sub-folders.
+    """
+
+    def build(per_slide: int = 3, slides: int = 3, size: int = 64, root: Path | None = None) -> Path:
+        root = root or tmp_path / "generated"
+        for c, label in enumerate(CLASSES):
+            for s in range(slides):
+                case = f"Case-{10 + s % 2}"
+                for t in range(per_slide):
+                    name = f"{case}-P1-C{c}{s}-{100 * t + 7}-{200 + t}.jpg"
+                    write_tile(root / label / name, CLASS_COLOURS[label], size, seed=hash((c, s, t)) % 10_000)
+        return root
+
+    return build
+
+
+def tiny_params(**overrides: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Params small enough for a test: 32 px, 2 folds, 1 epoch, a 5-step GAN."""
+    params: dict[str, dict[str, object]] = {
+        "preprocess": {"image_size": 32},
+        "validate": {"min_size": 32},
+        "split": {"n_folds": 2},
+        "augment": {"preview_tiles": 3, "preview_samples": 2},
+        "balance": {"steps": 5, "image_size": 16, "batch_size": 8},
+        "train": {"architectures": ["resnet50", "vgg19"], "epochs": 1, "batch_size": 16, "patience": 1},
+    }
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    return params
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """A validated tiny config."""
+    return Config.from_dict(tiny_params())
+
+
+@pytest.fixture
+def repo_params() -> Config:
+    """The project's params.yaml."""
+    return load_config(REPO / "params.yaml")
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin folder first on PATH (dvc, bentoml, bonetumor)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env

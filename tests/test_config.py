@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonetumor.config import Config, load_config, save_resolved
+from bonetumor.errors import ConfigError
+from conftest import REPO
+
+
+def test_params_yaml_mirrors_the_dataclass_defaults() -> None:
+    # params.yaml and the dataclasses are two spellings of one config: they must not drift apart.
+    assert load_config(REPO / "params.yaml") == Config()
+
+
+def test_unknown_field_and_out_of_range_value_are_both_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"train": {"epochs": 0, "epochz": 3}}, source="params.yaml")
+    message = str(info.value)
+    assert "params.yaml" in message
+    assert "train.epochs" in message
+    assert "train.epochz" in message
+
+
+def test_unknown_section_lists_the_expected_sections() -> None:
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trian'\].*'train'"):
+        Config.from_dict({"trian": {}})
+
+
+def test_unknown_architecture_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"alexnet.*resnet50.*vgg19"):
+        Config.from_dict({"train": {"architectures": ["alexnet"]}})
+
+
+def test_frozen_layers_without_pretrained_weights_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="trainable='head'"):
+        Config.from_dict({"train": {"trainable": "head", "weights": "none"}})
+    assert Config.from_dict({"train": {"trainable": "head", "weights": "imagenet"}}).train.trainable == "head"
+
+
+def test_duplicate_classes_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        Config.from_dict({"data": {"classes": ["a", "a"]}})
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    config = Config.from_dict({"split": {"n_folds": 4}})
+    written = save_resolved(config, tmp_path)
+    assert Config.from_dict(yaml.safe_load(written.read_text())) == config
+    only = save_resolved(config, tmp_path / "x", ("split",))
+    assert set(yaml.safe_load(only.read_text())) == {"split"}
+
+
+def test_section_hash_changes_only_with_its_sections() -> None:
+    base = Config()
+    changed = Config.from_dict({"train": {"epochs": 2}})
+    assert base.section_hash("split") == changed.section_hash("split")
+    assert base.section_hash("train") != changed.section_hash("train")

@@ -1,0 +1,78 @@
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bonetumor.errors import ArtifactError, InvalidImageError
+from bonetumor.inference import ModelMetadata, Predictor, load_bundle, save_bundle
+from bonetumor.models import build_model
+from bonetumor.preprocess import build_eval_transform, decode_image
+from conftest import CLASSES, SAMPLE
+
+
+def metadata(arch: str = "resnet50", size: int = 32) -> ModelMetadata:
+    return ModelMetadata(
+        arch=arch,
+        classes=CLASSES,
+        image_size=size,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        dropout=0.5,
+        provenance={"data_version": "abc"},
+        versions=ModelMetadata.current_versions(),
+    )
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_bundle(build_model("resnet50", 3).eval(), metadata(), tmp_path / "bundle")
+
+
+def test_bundle_round_trip_gives_identical_outputs(bundle: Path) -> None:
+    torch.manual_seed(0)
+    original = build_model("resnet50", 3).eval()
+    loaded, meta = load_bundle(bundle)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(original(x), loaded(x))
+    assert meta == metadata()
+
+
+def test_predictor_uses_the_training_preprocessing(bundle: Path) -> None:
+    predictor = Predictor.from_bundle(bundle, name="m", version="7")
+    tile = SAMPLE / "images" / "Viable-Tumor" / "Case-4-C29-29639-16570.jpg"
+    answer = predictor.predict_bytes(tile.read_bytes())
+    assert answer["label"] in CLASSES
+    assert set(answer["probabilities"]) == set(CLASSES)
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert answer["model"] == {"name": "m", "version": "7"}
+    # Same numbers as running the model by hand on the shared eval transform.
+    x = build_eval_transform(metadata().preprocess)(decode_image(tile))[None]
+    with torch.no_grad():
+        expected = torch.softmax(predictor.model(x), dim=1)[0]
+    assert answer["probabilities"][answer["label"]] == pytest.approx(float(expected.max()), abs=1e-6)
+
+
+def test_predictor_accepts_png_and_tiff_and_refuses_junk(bundle: Path) -> None:
+    predictor = Predictor.from_bundle(bundle)
+    for fmt in ("PNG", "TIFF"):
+        buffer = io.BytesIO()
+        Image.new("RGBA", (50, 50), (200, 100, 150, 255)).save(buffer, format=fmt)
+        assert predictor.predict_bytes(buffer.getvalue())["label"] in CLASSES
+    with pytest.raises(InvalidImageError, match="not a recognised image"):
+        predictor.predict_bytes(b"hello")
+
+
+def test_bundle_whose_weights_do_not_fit_is_refused(bundle: Path) -> None:
+    (bundle / "metadata.json").write_text((bundle / "metadata.json").read_text().replace('"resnet50"', '"vgg19"'))
+    with pytest.raises(ArtifactError, match="do not fit a vgg19"):
+        load_bundle(bundle)
+
+
+def test_half_written_bundle_is_refused(bundle: Path) -> None:
+    (bundle / "metadata.json").write_text('{"arch": ')
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_bundle(bundle)

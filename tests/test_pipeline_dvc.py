@@ -1,0 +1,138 @@
+"""The whole DVC pipeline, for real, on the real sample tiles, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from bonetumor.utils import sha256_file
+from conftest import REPO, tiny_params, venv_env
+
+pytestmark = pytest.mark.integration
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the repository (tracked and new files, no outputs) with tiny params, reproduced once."""
+    root = tmp_path_factory.mktemp("project")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for name in listed:
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in tiny_params().items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["git", "init", "-q"], ["git", "add", "-A"]):
+        run(args, root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
+    result = run(["dvc", "repro"], root)
+    assert stages_run(result.stdout) == ["ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register"]
+    return root
+
+
+def test_every_stage_wrote_its_outputs(project: Path) -> None:
+    out = project / "outputs"
+    for path in (
+        "ingest/manifest.csv",
+        "validate/report.json",
+        "split/folds.json",
+        "augment/policy.json",
+        "augment/preview.png",
+        "balance/summary.json",
+        "balance/fold-0/train_manifest.csv",
+        "balance/full/train_manifest.csv",
+        "train/runs.json",
+        "train/resnet50/oof.csv",
+        "train/vgg19/oof.csv",
+        "evaluate/metrics.json",
+        "evaluate/comparison.md",
+        "evaluate/plots/resnet50_confusion_matrix.png",
+        "evaluate/plots/vgg19_confusion_matrix.png",
+        "register/bundle/weights.pt",
+        "register/bundle/metadata.json",
+        "register/champion.json",
+    ):
+        assert (out / path).is_file(), path
+    # The resolved config is saved beside every output.
+    for stage in ("ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register"):
+        assert (out / stage / "config.resolved.yaml").is_file(), stage
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"resnet50", "vgg19"}
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics.values())
+    folds = json.loads((out / "split" / "folds.json").read_text())
+    assert folds["n_folds"] == 2
+    assert folds["group_by"] == "slide"
+
+
+def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("bone-tumor")
+    assert experiment is not None
+    assert experiment.artifact_location == (project / "mlartifacts").as_uri()
+    runs = json.loads((project / "outputs" / "train" / "runs.json").read_text())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    data_version = sha256_file(project / "outputs" / "ingest" / "manifest.csv")
+    for arch, info in runs["architectures"].items():
+        parent = client.get_run(info["run_id"])
+        assert parent.data.tags["bonetumor.arch"] == arch
+        assert parent.data.tags["bonetumor.data_version"] == data_version
+        assert parent.data.tags["bonetumor.git_commit"].startswith(commit)
+        assert parent.data.params["split.n_folds"] == "2"
+        assert "oof_f1_macro" in parent.data.metrics  # logged by the evaluate stage
+        artifacts = {a.path for a in client.list_artifacts(info["run_id"], "evaluation")}
+        assert f"evaluation/{arch}_confusion_matrix.png" in artifacts
+        children = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{info['run_id']}'"
+        )
+        assert len(children) == 2
+        for child in children:
+            history = client.get_metric_history(child.info.run_id, "val_macro_f1")
+            assert [m.step for m in history] == [1]
+
+    champion = json.loads((project / "outputs" / "register" / "champion.json").read_text())
+    version = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
+    assert str(version.version) == champion["version"]
+    assert version.run_id == champion["run_id"]
+    assert version.tags["bonetumor.arch"] == champion["arch"]
+    assert version.tags["bonetumor.data_version"] == data_version
+    assert version.tags["bonetumor.cv_run_id"] == runs["architectures"][champion["arch"]]["run_id"]
+    refit = client.get_run(champion["run_id"])
+    assert refit.data.tags["bonetumor.stage"] == "register"
+    comparison = json.loads((project / "outputs" / "evaluate" / "comparison.json").read_text())
+    assert champion["arch"] == comparison["winner"]
+
+
+def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:
+    assert stages_run(run(["dvc", "repro"], project).stdout) == []
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["register"]["alias"] = "staging"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], project).stdout) == ["register"]
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient()
+    staging = client.get_model_version_by_alias("bone-tumor-classifier", "staging")
+    champion = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
+    assert int(staging.version) == int(champion.version) + 1  # a new version; the champion alias did not move

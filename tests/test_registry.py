@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bonetumor.config import TrackingConfig
+from bonetumor.errors import ModelNotFoundError
+from bonetumor.inference import save_bundle
+from bonetumor.models import build_model
+from bonetumor.registry import load_predictor, log_and_register, resolve_version
+from bonetumor.tracking import resolve_tracking_uri, setup_mlflow
+from conftest import CLASSES, SAMPLE
+from test_inference import metadata
+
+
+def test_relative_sqlite_uri_is_resolved_against_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_tracking_uri(TrackingConfig(uri="sqlite:///x/m.db"), tmp_path) == f"sqlite:///{tmp_path}/x/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://mlflow:5000"
+
+
+def test_register_load_and_predict_through_a_real_sqlite_registry(tmp_path: Path) -> None:
+    setup_mlflow(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t"), tmp_path)
+    torch.manual_seed(0)
+    bundle = save_bundle(build_model("resnet50", 3).eval(), metadata(), tmp_path / "bundle")
+    with mlflow.start_run() as run:
+        first = log_and_register(bundle, metadata(), "m", "champion", {"bonetumor.data_version": "abc"})
+        second = log_and_register(bundle, metadata(), "m", "champion", {"bonetumor.data_version": "def"})
+    assert (str(first.version), str(second.version)) == ("1", "2")
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert client.get_model_version("m", "1").tags["bonetumor.data_version"] == "abc"
+    assert client.get_model_version("m", "2").run_id == run.info.run_id
+
+    predictor = load_predictor("m", "champion")
+    assert (predictor.name, predictor.version) == ("m", "2")
+    tile = (SAMPLE / "images" / "Non-Tumor" / "P9-B6-5195-29864.jpg").read_bytes()
+    answer = predictor.predict_bytes(tile)
+    assert answer["model"] == {"name": "m", "version": "2"}
+
+    # Any MLflow client can use the same registered model as a pyfunc on a dataframe of encoded images.
+    pyfunc = mlflow.pyfunc.load_model("models:/m@champion")
+    out = pyfunc.predict(pd.DataFrame({"image": [tile]}))
+    assert out.loc[0, "label"] == answer["label"]
+    assert out.loc[0, f"prob_{CLASSES[0]}"] == pytest.approx(answer["probabilities"][CLASSES[0]], abs=1e-6)
+
+
+def test_missing_model_or_alias_says_how_to_get_one(tmp_path: Path) -> None:
+    setup_mlflow(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"no model version nothing@champion at sqlite.*make pipeline"):
+        resolve_version("nothing", "champion")

@@ -1,0 +1,113 @@
+"""The BentoML service as a real `bentoml serve` subprocess answering HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+import torch
+import yaml
+
+from bonetumor.config import TrackingConfig
+from bonetumor.inference import save_bundle
+from bonetumor.models import build_model
+from bonetumor.registry import log_and_register
+from bonetumor.tracking import setup_mlflow
+from conftest import CLASSES, REPO, SAMPLE, free_port, venv_env
+from test_inference import metadata
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Register an (untrained, 32 px) model in a fresh sqlite registry and serve it; yields (URL, version)."""
+    root = tmp_path_factory.mktemp("serving")
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "sqlite:///mlflow.db"}}))
+    setup_mlflow(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db"), root)
+    torch.manual_seed(0)
+    bundle = save_bundle(build_model("resnet50", 3).eval(), metadata(), root / "bundle")
+    with mlflow.start_run():
+        version = log_and_register(bundle, metadata(), "bone-tumor-classifier", "champion", {})
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+    port = free_port()
+    log = (root / "bentoml.log").open("w")
+    process = subprocess.Popen(
+        ["bentoml", "serve", "service:BoneTumorClassifier", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO / "serving",
+        env=venv_env(BONETUMOR_PROJECT_DIR=str(root), BENTOML_HOME=str(root / "bentoml-home")),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve did not become ready:\n{(root / 'bentoml.log').read_text()[-5000:]}")
+            time.sleep(1)
+        yield url, str(version.version)
+    finally:
+        import os
+        import signal
+
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+def post(url: str, name: str, data: bytes, content_type: str = "application/octet-stream") -> requests.Response:
+    return requests.post(f"{url}/predict", files={"image": (name, data, content_type)}, timeout=60)
+
+
+def test_a_real_tile_gets_a_label_probabilities_and_the_model_version(server: tuple[str, str]) -> None:
+    url, version = server
+    tile = SAMPLE / "images" / "Viable-Tumor" / "Case-48-P5-C20-15162-19423.jpg"
+    response = post(url, tile.name, tile.read_bytes(), "image/jpeg")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["label"] in CLASSES
+    assert set(answer["probabilities"]) == set(CLASSES)
+    assert abs(sum(answer["probabilities"].values()) - 1.0) < 1e-5
+    assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
+    assert answer["model"] == {"name": "bone-tumor-classifier", "version": version}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("notes.txt", b"this is not an image", "not a recognised image file"),
+        ("empty.jpg", b"", "empty file"),
+        ("cut.jpg", (SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg").read_bytes()[:1500], "corrupt or truncated"),
+    ],
+)
+def test_bad_uploads_get_400_with_the_reason_and_the_service_keeps_serving(
+    server: tuple[str, str], name: str, data: bytes, message: str
+) -> None:
+    url, _ = server
+    response = post(url, name, data)
+    assert response.status_code == 400
+    assert message in response.text
+    tile = SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg"
+    assert post(url, tile.name, tile.read_bytes(), "image/jpeg").status_code == 200
+
+
+def test_model_info_names_the_served_version_and_its_preprocessing(server: tuple[str, str]) -> None:
+    url, version = server
+    info = requests.post(f"{url}/model_info", json={}, timeout=30).json()
+    assert info["version"] == version
+    assert info["classes"] == list(CLASSES)
+    assert info["image_size"] == 32
+    assert info["provenance"] == {"data_version": "abc"}
