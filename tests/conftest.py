@@ -6,8 +6,9 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pytest
@@ -69,8 +70,14 @@ def write_tile(path: Path, colour: tuple[int, int, int], size: int = 64, seed: i
     return path
 
 
+class DatasetFactory(Protocol):
+    """Signature of the ``make_dataset`` fixture."""
+
+    def __call__(self, per_slide: int = 3, slides: int = 3, size: int = 64, root: Path | None = None) -> Path: ...
+
+
 @pytest.fixture
-def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+def make_dataset(tmp_path: Path) -> DatasetFactory:
     """Build a class-folder data set of generated TCIA-named tiles with a clear colour signal per class.
 
     Each class gets ``slides`` slides of ``per_slide`` tiles; slide names follow the TCIA scheme so ingest

@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLASSES
 from PIL import Image
 
 from bonetumor.augment import AugmentPolicy, build_train_transform, load_policy, run_augment, save_policy
 from bonetumor.config import AugmentConfig, Config, PreprocessConfig
 from bonetumor.errors import ArtifactError
 from bonetumor.ingest import ingest
-from conftest import CLASSES
 
 
 def test_policy_artifact_round_trips_and_detects_tampering(tmp_path: Path) -> None:

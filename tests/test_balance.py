@@ -3,13 +3,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import CLASSES, DatasetFactory
 
 from bonetumor.balance import deficits, generate, run_balance, train_gan
 from bonetumor.config import BalanceConfig, Config, SplitConfig
 from bonetumor.datasets import load_training_table, split_tables
 from bonetumor.ingest import ingest
 from bonetumor.split import make_folds, write_folds
-from conftest import CLASSES
 
 
 def test_deficits_fill_up_to_the_target_ratio() -> None:
@@ -28,12 +28,16 @@ def test_conditional_gan_learns_the_colour_of_each_class() -> None:
     result = train_gan(images, labels, 3, config)
     targets = (colours + 1) * 127.5
     for label in range(3):
-        mean = torch.from_numpy(generate(result.generator, label, 8, config.latent_dim, seed=1)).float().mean(dim=(0, 1, 2))
+        mean = (
+            torch.from_numpy(generate(result.generator, label, 8, config.latent_dim, seed=1))
+            .float()
+            .mean(dim=(0, 1, 2))
+        )
         assert int(torch.cdist(mean[None], targets).argmin()) == label, (label, mean)
 
 
 def test_balance_stage_marks_synthetic_tiles_and_keeps_them_out_of_validation(
-    make_dataset, tmp_path: Path
+    make_dataset: DatasetFactory, tmp_path: Path
 ) -> None:
     # Unbalanced on purpose: Viable-Tumor has one slide only.
     source = make_dataset(per_slide=2, slides=4, size=48)
@@ -65,7 +69,7 @@ def test_balance_stage_marks_synthetic_tiles_and_keeps_them_out_of_validation(
     assert full["synthetic"].sum() == summary["sets"]["full"]["generated"]["Viable-Tumor"] > 0
 
 
-def test_disabled_balancing_writes_real_tiles_only(make_dataset, tmp_path: Path) -> None:
+def test_disabled_balancing_writes_real_tiles_only(make_dataset: DatasetFactory, tmp_path: Path) -> None:
     manifest_path = tmp_path / "manifest.csv"
     manifest = ingest(make_dataset(per_slide=2, slides=2, size=32), CLASSES, manifest_path)
     write_folds(make_folds(manifest, SplitConfig(n_folds=2), CLASSES), tmp_path / "folds.json", manifest_path)

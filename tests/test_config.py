@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from bonetumor.config import Config, load_config, save_resolved
 from bonetumor.errors import ConfigError
-from conftest import REPO
 
 
 def test_params_yaml_mirrors_the_dataclass_defaults() -> None:

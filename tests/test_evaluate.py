@@ -4,16 +4,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CLASSES
 from PIL import Image
 
 from bonetumor.errors import ArtifactError
 from bonetumor.evaluate import plot_confusion, rank_architectures, read_oof, score_oof
 from bonetumor.metrics import classification_metrics, macro_f1
-from conftest import CLASSES
 
 
 def oof_frame(labels: list[str], predictions: list[str], folds: list[int]) -> pd.DataFrame:
-    frame = pd.DataFrame({"path": [f"t{i}.jpg" for i in range(len(labels))], "label": labels, "prediction": predictions})
+    frame = pd.DataFrame(
+        {"path": [f"t{i}.jpg" for i in range(len(labels))], "label": labels, "prediction": predictions}
+    )
     frame["fold"] = folds
     for c in CLASSES:
         frame[f"prob_{c}"] = (frame["prediction"] == c).astype(float)
@@ -26,7 +28,12 @@ def test_metrics_known_answer() -> None:
     m = classification_metrics(y_true, y_pred, CLASSES)
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert m["per_class"]["Non-Viable-Tumor"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert m["per_class"]["Non-Viable-Tumor"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
     assert m["per_class"]["Viable-Tumor"]["recall"] == 0.5
     assert m["f1_macro"] == pytest.approx(np.mean([0.5, 0.8, 2 / 3]))
 

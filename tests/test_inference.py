@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLASSES, SAMPLE
 from PIL import Image
 
 from bonetumor.errors import ArtifactError, InvalidImageError
 from bonetumor.inference import ModelMetadata, Predictor, load_bundle, save_bundle
 from bonetumor.models import build_model
 from bonetumor.preprocess import build_eval_transform, decode_image
-from conftest import CLASSES, SAMPLE
 
 
 def metadata(arch: str = "resnet50", size: int = 32) -> ModelMetadata:

@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CLASSES, SAMPLE
 
 from bonetumor.errors import DatasetError, TileNameError
 from bonetumor.ingest import ingest, normalise_tile_name, parse_tile_name
 from bonetumor.manifest import read_manifest, resolve_paths
 from bonetumor.utils import sha256_file
-from conftest import CLASSES, SAMPLE
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,9 @@ def test_ingest_sample_agrees_with_the_published_manifest(tmp_path: Path) -> Non
     assert all(f.is_file() for f in files)
 
 
-def test_ingest_copy_makes_a_self_contained_dataset_and_leaves_the_source_alone(sample_copy: Path, tmp_path: Path) -> None:
+def test_ingest_copy_makes_a_self_contained_dataset_and_leaves_the_source_alone(
+    sample_copy: Path, tmp_path: Path
+) -> None:
     before = {p: sha256_file(p) for p in sample_copy.rglob("*.jpg")}
     out = tmp_path / "artifact"
     frame = ingest(sample_copy, CLASSES, out / "manifest.csv", copy_images_to=out / "images")

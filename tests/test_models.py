@@ -15,11 +15,14 @@ def test_every_architecture_outputs_one_logit_per_class(arch: str) -> None:
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    assert dropouts and all(d.p == 0.3 for d in dropouts)
+    assert dropouts
+    assert all(d.p == 0.3 for d in dropouts)
     assert isinstance(cam_layer(model, arch), torch.nn.Module)
 
 
-@pytest.mark.parametrize(("arch", "trainable", "frozen_name"), [("resnet50", "top", "layer3"), ("vgg19", "head", "features")])
+@pytest.mark.parametrize(
+    ("arch", "trainable", "frozen_name"), [("resnet50", "top", "layer3"), ("vgg19", "head", "features")]
+)
 def test_trainable_freezes_everything_below(arch: str, trainable: str, frozen_name: str, tmp_path: Path) -> None:
     path = tmp_path / f"{arch}.pth"
     torch.save(ARCHITECTURES[arch].build().state_dict(), path)

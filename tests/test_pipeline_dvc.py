@@ -10,10 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import REPO, tiny_params, venv_env
 from mlflow.tracking import MlflowClient
 
 from bonetumor.utils import sha256_file
-from conftest import REPO, tiny_params, venv_env
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,16 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run(args, root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
     result = run(["dvc", "repro"], root)
-    assert stages_run(result.stdout) == ["ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register"]
+    assert stages_run(result.stdout) == [
+        "ingest",
+        "validate",
+        "split",
+        "augment",
+        "balance",
+        "train",
+        "evaluate",
+        "register",
+    ]
     return root
 
 

@@ -10,9 +10,9 @@ from bonetumor.errors import InvalidImageError
 from bonetumor.preprocess import build_eval_transform, decode_image, denormalise, inspect_image
 
 
-def encoded(mode: str, fmt: str, size: tuple[int, int] = (40, 30), colour: object = None) -> bytes:
+def encoded(mode: str, fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
     buffer = io.BytesIO()
-    Image.new(mode, size, colour if colour is not None else 128).save(buffer, format=fmt)
+    Image.new(mode, size, 128).save(buffer, format=fmt)
     return buffer.getvalue()
 
 

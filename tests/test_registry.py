@@ -4,7 +4,9 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from conftest import CLASSES, SAMPLE
 from mlflow.tracking import MlflowClient
+from test_inference import metadata
 
 from bonetumor.config import TrackingConfig
 from bonetumor.errors import ModelNotFoundError
@@ -12,8 +14,6 @@ from bonetumor.inference import save_bundle
 from bonetumor.models import build_model
 from bonetumor.registry import load_predictor, log_and_register, resolve_version
 from bonetumor.tracking import resolve_tracking_uri, setup_mlflow
-from conftest import CLASSES, SAMPLE
-from test_inference import metadata
 
 
 def test_relative_sqlite_uri_is_resolved_against_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

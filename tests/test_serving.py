@@ -5,21 +5,20 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import mlflow
 import pytest
 import requests
 import torch
 import yaml
+from conftest import CLASSES, REPO, SAMPLE, free_port, venv_env
+from test_inference import metadata
 
 from bonetumor.config import TrackingConfig
 from bonetumor.inference import save_bundle
 from bonetumor.models import build_model
 from bonetumor.registry import log_and_register
 from bonetumor.tracking import setup_mlflow
-from conftest import CLASSES, REPO, SAMPLE, free_port, venv_env
-from test_inference import metadata
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +89,11 @@ def test_a_real_tile_gets_a_label_probabilities_and_the_model_version(server: tu
     [
         ("notes.txt", b"this is not an image", "not a recognised image file"),
         ("empty.jpg", b"", "empty file"),
-        ("cut.jpg", (SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg").read_bytes()[:1500], "corrupt or truncated"),
+        (
+            "cut.jpg",
+            (SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg").read_bytes()[:1500],
+            "corrupt or truncated",
+        ),
     ],
 )
 def test_bad_uploads_get_400_with_the_reason_and_the_service_keeps_serving(

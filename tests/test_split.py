@@ -1,13 +1,14 @@
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import pytest
+from conftest import CLASSES
 
 from bonetumor.config import SplitConfig
 from bonetumor.errors import SplitError
 from bonetumor.ingest import ingest
 from bonetumor.split import check_no_leakage, fold_membership, make_folds, read_folds, write_folds
-from conftest import CLASSES
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def manifest(sample_images: Path, tmp_path: Path) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("group_by", ["slide", "case"])
-def test_no_group_is_on_both_sides_of_any_fold(manifest: pd.DataFrame, group_by: str) -> None:
+def test_no_group_is_on_both_sides_of_any_fold(manifest: pd.DataFrame, group_by: Literal["slide", "case"]) -> None:
     n_folds = 3 if group_by == "slide" else 2
     folds = make_folds(manifest, SplitConfig(n_folds=n_folds, group_by=group_by), CLASSES)
     membership = fold_membership(manifest, folds)

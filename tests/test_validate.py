@@ -3,13 +3,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CLASSES
 from PIL import Image
 
 from bonetumor.config import Config
 from bonetumor.errors import DataValidationError
 from bonetumor.ingest import ingest
 from bonetumor.validate import run_validation
-from conftest import CLASSES
 
 
 def test_sample_passes_and_the_report_counts_everything(sample_images: Path, tmp_path: Path) -> None:
@@ -46,12 +46,19 @@ def test_every_broken_tile_is_named_with_its_expectation(sample_copy: Path, tmp_
         "P9-B7-22066-28200.jpg",
         "P9-B7-1-1.jpg",
     }
-    assert [Path(p).name for p in failed[("expect_column_values_to_be_in_set", "mode")]["failing_files"]] == ["P9-B7-5-5.png"]
+    assert [Path(p).name for p in failed[("expect_column_values_to_be_in_set", "mode")]["failing_files"]] == [
+        "P9-B7-5-5.png"
+    ]
     assert [Path(p).name for p in failed[("expect_column_values_to_be_between", "decoded_width")]["failing_files"]] == [
         "P9-B7-6-6.png"
     ]
     # The exception message alone tells the user what to fix.
-    for text in ("Case-48-P5-C22-1-2.jpg", "not a recognised image file", "truncated", "expect_column_values_to_be_unique"):
+    for text in (
+        "Case-48-P5-C22-1-2.jpg",
+        "not a recognised image file",
+        "truncated",
+        "expect_column_values_to_be_unique",
+    ):
         assert text in message
 
 

@@ -8,8 +8,6 @@ exit with status 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +15,7 @@ import typer
 
 from bonetumor.config import Config, load_config
 from bonetumor.errors import BoneTumorError, InvalidImageError
-from bonetumor.tracking import disable_telemetry
+from bonetumor.runtime import configure_process
 
 app = typer.Typer(
     name="bonetumor",
@@ -52,15 +50,7 @@ def _run(func: object) -> None:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     """Configure logging and switch telemetry off before any command runs."""
-    disable_telemetry()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("alembic", "mlflow", "great_expectations", "matplotlib", "PIL", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_process(verbose)
 
 
 @app.command()

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 COMPARISON_FILE = "comparison.json"
+COMPARISON_MD_FILE = "comparison.md"
 
 
 def read_oof(path: str | Path, classes: Sequence[str]) -> pd.DataFrame:
@@ -189,7 +190,7 @@ def run_evaluation(
             "scores": scores,
         }
         write_json(tmp / COMPARISON_FILE, comparison)
-        (tmp / "comparison.md").write_text(_comparison_markdown(scores, ranking, classes), encoding="utf-8")
+        (tmp / COMPARISON_MD_FILE).write_text(_comparison_markdown(scores, ranking, classes), encoding="utf-8")
         write_json(tmp / METRICS_FILE, {arch: _dvc_metrics(scores[arch]) for arch in archs})
         for arch in archs:
             run_id = runs["architectures"][arch]["run_id"]
@@ -202,6 +203,6 @@ def run_evaluation(
                 mlflow.set_tag("bonetumor.rank", str(ranking.index(arch) + 1))
                 mlflow.log_artifact(str(tmp / "plots" / f"{arch}_confusion_matrix.png"), "evaluation")
                 mlflow.log_artifact(str(tmp / "reports" / f"{arch}.json"), "evaluation")
-                mlflow.log_artifact(str(tmp / "comparison.md"), "evaluation")
+                mlflow.log_artifact(str(tmp / COMPARISON_MD_FILE), "evaluation")
     log.info("winner: %s (ranking %s)", ranking[0], ranking)
     return comparison

@@ -18,25 +18,10 @@ from mlflow.exceptions import MlflowException
 from bonetumor import __version__
 from bonetumor.config import Config, TrackingConfig
 from bonetumor.errors import ArtifactError
+from bonetumor.runtime import disable_telemetry
 from bonetumor.utils import git_commit, sha256_file
 
-#: Environment switches that keep the tools from phoning home (set only when the user has not chosen).
-TELEMETRY_OFF: dict[str, str] = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    # Not telemetry, but noise: per-file download progress bars in stage logs.
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-
 TAG_PREFIX = "bonetumor."
-
-
-def disable_telemetry() -> None:
-    """Turn off MLflow, BentoML and DVC telemetry for this process and its children, unless set otherwise."""
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
 
 
 def resolve_tracking_uri(config: TrackingConfig, base_dir: str | Path) -> str:
@@ -67,8 +52,8 @@ def configure_tracking(config: TrackingConfig, base_dir: str | Path) -> str:
 def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
     """Point MLflow at the tracking URI and make sure the experiment exists.
 
-    For a local sqlite store, artifacts go to ``<base_dir>/mlartifacts`` (not MLflow's default of the current
-    working folder), so stages run from anywhere share them.
+    For a local sqlite store, artifacts go to ``mlartifacts/`` beside the database file (not MLflow's default
+    of the current working folder), so stages run from any folder share them.
 
     Returns:
         The experiment id.
@@ -77,8 +62,8 @@ def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is None:
         location = None
-        if uri.startswith("sqlite:"):
-            location = (Path(base_dir).resolve() / "mlartifacts").as_uri()
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         experiment_id = mlflow.create_experiment(config.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id

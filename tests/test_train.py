@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, DatasetFactory
+
+from bonetumor.augment import AugmentPolicy
+from bonetumor.config import Config, SplitConfig
+from bonetumor.datasets import TileDataset, split_tables
+from bonetumor.errors import ConfigError
+from bonetumor.ingest import ingest
+from bonetumor.manifest import resolve_paths
+from bonetumor.models import build_model
+from bonetumor.split import make_folds
+from bonetumor.train import _improved, eval_dataset, fit, predict_logits, select_device, training_dataset
+
+
+def test_known_answer_the_loop_learns_a_clear_class_signal(make_dataset: DatasetFactory, tmp_path: Path) -> None:
+    # Generated tiles whose class is their colour: held-out slides must be classified (almost) perfectly.
+    source = make_dataset(per_slide=8, slides=4, size=48)
+    manifest = ingest(source, CLASSES, tmp_path / "manifest.csv")
+    folds = make_folds(manifest, SplitConfig(n_folds=2), CLASSES)
+    train_rows, val_rows = split_tables(manifest, folds, 0)
+    config = Config.from_dict(
+        {
+            "preprocess": {"image_size": 32},
+            "train": {"architectures": ["resnet50"], "epochs": 8, "lr": 1e-3, "batch_size": 8, "patience": 8},
+        }
+    )
+    policy = AugmentPolicy(rotation_degrees=90, hflip_p=0.5, vflip_p=0.5, zoom_max=1.25)
+    train_set = training_dataset(
+        train_rows.assign(file=list(map(str, resolve_paths(train_rows, tmp_path)))), config, policy
+    )
+    val_set = eval_dataset(resolve_paths(val_rows, tmp_path), list(val_rows["label"]), config)
+    torch.manual_seed(0)
+    model = build_model("resnet50", 3, dropout=0.2)
+    result = fit(model, train_set, val_set, config.train, torch.device("cpu"), 8, "known-answer")
+
+    predictions = predict_logits(result.model, val_set, config.train, torch.device("cpu")).argmax(1)
+    accuracy = float(np.mean(predictions == np.array(val_set.labels)))
+    assert accuracy >= 0.95, result.history
+    assert 1 <= result.best_epoch <= len(result.history) <= 8
+    assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"} <= set(result.history[0])
+
+
+def test_improvement_rule_breaks_macro_f1_ties_on_loss() -> None:
+    best = {"val_macro_f1": 0.5, "val_loss": 1.0}
+    assert _improved({"val_macro_f1": 0.6, "val_loss": 2.0}, best, "val_macro_f1")
+    assert _improved({"val_macro_f1": 0.5, "val_loss": 0.9}, best, "val_macro_f1")  # tie broken by loss
+    assert not _improved({"val_macro_f1": 0.5, "val_loss": 1.1}, best, "val_macro_f1")
+    assert not _improved({"val_macro_f1": 0.9, "val_loss": 1.1}, best, "val_loss")
+
+
+class ConstantLogits(torch.nn.Module):
+    """Uniform logits from one bias: on a balanced batch its gradient is exactly zero, so nothing ever improves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], 3)
+
+
+@pytest.fixture
+def small_sets(make_dataset: DatasetFactory, tmp_path: Path) -> tuple[Config, TileDataset]:
+    manifest = ingest(make_dataset(per_slide=1, slides=2, size=32), CLASSES, tmp_path / "manifest.csv")
+    config = Config.from_dict({"preprocess": {"image_size": 32}, "train": {"patience": 1, "batch_size": 8}})
+    return config, eval_dataset(resolve_paths(manifest, tmp_path), list(manifest["label"]), config)
+
+
+def test_patience_stops_after_that_many_epochs_without_improvement(small_sets: tuple[Config, TileDataset]) -> None:
+    config, data = small_sets
+    result = fit(ConstantLogits(), data, data, config.train, torch.device("cpu"), 5, "patience")
+    assert result.stopped_early
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.best_epoch == 1
+
+
+def test_the_best_epochs_weights_are_restored(small_sets: tuple[Config, TileDataset]) -> None:
+    config, data = small_sets
+    torch.manual_seed(0)
+    result = fit(
+        build_model("resnet50", 3),
+        data,
+        data,
+        config.train.__class__(patience=5, lr=1e-3),
+        torch.device("cpu"),
+        4,
+        "best",
+    )
+    logits = torch.from_numpy(predict_logits(result.model, data, config.train, torch.device("cpu")))
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(data.labels)))
+    assert loss == pytest.approx(result.history[result.best_epoch - 1]["val_loss"], rel=1e-5)
+
+
+def test_cuda_requested_without_a_gpu_is_a_config_error() -> None:
+    if torch.cuda.is_available():
+        assert select_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            select_device("cuda")
+    assert select_device("cpu").type == "cpu"
