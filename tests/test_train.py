@@ -8,12 +8,12 @@ from conftest import CLASSES, DatasetFactory
 from bonetumor.augment import AugmentPolicy
 from bonetumor.config import Config, SplitConfig
 from bonetumor.datasets import TileDataset, split_tables
+from bonetumor.engine import _improved, eval_dataset, fit, predict_logits, select_device, training_dataset
 from bonetumor.errors import ConfigError
 from bonetumor.ingest import ingest
 from bonetumor.manifest import resolve_paths
 from bonetumor.models import build_model
 from bonetumor.split import make_folds
-from bonetumor.train import _improved, eval_dataset, fit, predict_logits, select_device, training_dataset
 
 
 def test_known_answer_the_loop_learns_a_clear_class_signal(make_dataset: DatasetFactory, tmp_path: Path) -> None:
