@@ -7,7 +7,7 @@ ratio: the overhead of our loop. Tiles are generated (random 256 px JPEGs): this
 Usage::
 
     python -m benchmarks.train_throughput [--archs resnet50 vgg19] [--sizes 128 224] [--images 32]
-        [--batch-size 16] [--device auto] [--threads 0]
+        [--batch-size 16] [--device auto] [--threads 0] [--workers 0]
 """
 
 from __future__ import annotations
@@ -88,12 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding tiles (train.num_workers)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.images} images per epoch, batch {args.batch_size}")
+    print(
+        f"device: {name}; torch {torch.__version__}; {args.images} images per epoch, batch {args.batch_size}, "
+        f"{args.workers} loader workers"
+    )
     print(f"{'arch':<10} {'size':>5} {'loop img/s':>11} {'bare img/s':>11} {'loop/bare':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         files = make_tiles(Path(tmp), args.images)
