@@ -1,7 +1,7 @@
 # Two commands on a fresh clone: `make run` (pipeline on the sample data, then serve the champion) and
 # `make test`. Everything else is a step of those.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1

@@ -84,7 +84,7 @@ def provenance_tags(config: Config, manifest_path: str | Path, code_dir: str | P
         "mlflow.source.git.commit": commit.removesuffix("-dirty"),
         f"{TAG_PREFIX}data_version": data_version(manifest_path),
         f"{TAG_PREFIX}params_hash": config.section_hash(),
-        f"{TAG_PREFIX}version": __version__,
+        f"{TAG_PREFIX}package_version": __version__,
     }
 
 
