@@ -65,3 +65,16 @@ def test_section_hash_changes_only_with_its_sections() -> None:
     changed = Config.from_dict({"train": {"epochs": 2}})
     assert base.section_hash("split") == changed.section_hash("split")
     assert base.section_hash("train") != changed.section_hash("train")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"balance": {"batch_size": 1}}, "balance.batch_size"),  # the generator's batch norm needs 2
+        ({"preprocess": {"image_size": 16}}, "preprocess.image_size"),  # VGG19 pools 5 times
+        ({"train": {"inner_val_fraction": 0.8}}, "train.inner_val_fraction"),
+    ],
+)
+def test_values_that_would_crash_later_are_refused_up_front(raw: dict[str, dict[str, object]], field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Config.from_dict(raw)

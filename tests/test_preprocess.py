@@ -54,11 +54,11 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_eval_transform_resizes_and_normalises_exactly() -> None:
-    config = PreprocessConfig(image_size=24, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    config = PreprocessConfig(image_size=40, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
     # Pixel values chosen so that (value/255 - mean) / std is exactly 1, 1 and 0.2.
     image = Image.new("RGB", (100, 60), (255, 128, 51))
     tensor = build_eval_transform(config)(image)
-    assert tensor.shape == (3, 24, 24)
+    assert tensor.shape == (3, 40, 40)
     assert tensor.dtype == torch.float32
     expected = torch.tensor([1.0, (128 / 255 - 0.25) / 0.25, 0.2])
     assert torch.allclose(tensor.mean(dim=(1, 2)), expected, atol=1e-4)
@@ -74,3 +74,11 @@ def test_inspect_reports_mode_without_converting(tmp_path: Path) -> None:
     truncated.write_bytes(encoded("RGB", "JPEG", (300, 300))[:600])
     assert inspect_image(truncated).decodes is False
     assert "truncated" in str(inspect_image(truncated).error)
+
+
+def test_a_non_square_tile_is_centre_cropped_not_squashed() -> None:
+    config = PreprocessConfig(image_size=32)
+    wide = Image.effect_noise((128, 64), 50).convert("RGB")
+    centre = wide.crop((32, 0, 96, 64))
+    transform = build_eval_transform(config)
+    assert torch.allclose(transform(wide), transform(centre))

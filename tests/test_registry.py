@@ -1,13 +1,17 @@
+import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import CLASSES, SAMPLE
 from mlflow.tracking import MlflowClient
 from test_inference import metadata
+from typer.testing import CliRunner
 
+from bonetumor.cli import app
 from bonetumor.config import TrackingConfig
 from bonetumor.errors import ModelNotFoundError
 from bonetumor.inference import save_bundle
@@ -40,6 +44,20 @@ def test_register_load_and_predict_through_a_real_sqlite_registry(tmp_path: Path
     tile = (SAMPLE / "images" / "Non-Tumor" / "P9-B6-5195-29864.jpg").read_bytes()
     answer = predictor.predict_bytes(tile)
     assert answer["model"] == {"name": "m", "version": "2"}
+
+    # The CLI answers per tile: a bad file gets an error line, the good one is still classified, exit status 1.
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"register": {"model_name": "m"}, "tracking": {"uri": "sqlite:///mlflow.db"}})
+    )
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    good.write_bytes(tile)
+    bad.write_bytes(b"not a jpeg")
+    result = CliRunner().invoke(app, ["predict", "--params", str(tmp_path / "params.yaml"), str(bad), str(good)])
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert "not a recognised image" in lines[0]["error"]
+    assert lines[1]["label"] == answer["label"]
+    assert lines[1]["model"] == {"name": "m", "version": "2"}
 
     # Any MLflow client can use the same registered model as a pyfunc on a dataframe of encoded images.
     pyfunc = mlflow.pyfunc.load_model("models:/m@champion")

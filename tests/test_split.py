@@ -6,9 +6,9 @@ import pytest
 from conftest import CLASSES
 
 from bonetumor.config import SplitConfig
-from bonetumor.errors import SplitError
+from bonetumor.errors import ArtifactError, SplitError
 from bonetumor.ingest import ingest
-from bonetumor.split import check_no_leakage, fold_membership, make_folds, read_folds, write_folds
+from bonetumor.split import check_no_leakage, fold_membership, inner_split, make_folds, read_folds, write_folds
 
 
 @pytest.fixture
@@ -56,5 +56,40 @@ def test_round_trip_checks_the_file(manifest: pd.DataFrame, tmp_path: Path) -> N
     path = write_folds(folds, tmp_path / "folds.json", tmp_path / "manifest.csv")
     assert read_folds(path, manifest)["folds"] == folds["folds"]
     path.write_text(path.read_text()[:100])  # a half-written file
-    with pytest.raises(Exception, match="not valid JSON"):
+    with pytest.raises(ArtifactError, match="not valid JSON"):
         read_folds(path, manifest)
+
+
+def test_folds_of_another_manifest_are_refused(manifest: pd.DataFrame, tmp_path: Path) -> None:
+    path = write_folds(make_folds(manifest, SplitConfig(), CLASSES), tmp_path / "folds.json", tmp_path / "manifest.csv")
+    other = tmp_path / "other.csv"
+    other.write_text((tmp_path / "manifest.csv").read_text().replace("Case-3,", "Case-33,"))
+    with pytest.raises(ArtifactError, match="made from another manifest"):
+        read_folds(path, manifest, other)
+
+
+def grouped(sizes: list[int], labels: list[str]) -> pd.DataFrame:
+    groups = [f"s{g}" for g, n in enumerate(sizes) for _ in range(n)]
+    return pd.DataFrame({"path": [f"t{i}.jpg" for i in range(len(labels))], "label": labels, "slide": groups})
+
+
+def test_a_fold_left_without_validation_tiles_is_an_error() -> None:
+    # Uneven groups: scikit-learn's StratifiedGroupKFold leaves fold 1 empty with this seed.
+    labels = ["A", "A", "A", "A", "A", "B", "A", "B", "B", "C", "B"]
+    with pytest.raises(SplitError, match=r"folds \[1\] of 5 got no validation tiles"):
+        make_folds(grouped([3, 1, 5, 1, 1], labels), SplitConfig(n_folds=5, seed=110), ["A", "B", "C"])
+
+
+def test_more_folds_than_tiles_per_class_is_a_split_error_not_a_traceback() -> None:
+    frame = grouped([1] * 6, ["A", "A", "B", "B", "C", "C"])
+    with pytest.raises(SplitError, match="cannot make 5 stratified folds"):
+        make_folds(frame, SplitConfig(n_folds=5), ["A", "B", "C"])
+
+
+def test_inner_split_holds_out_whole_groups(manifest: pd.DataFrame) -> None:
+    fit_rows, stop_rows = inner_split(manifest, "slide", 0.25, seed=3)
+    assert len(fit_rows) + len(stop_rows) == len(manifest)
+    assert len(stop_rows) > 0
+    assert not set(fit_rows["slide"]) & set(stop_rows["slide"])
+    with pytest.raises(SplitError, match="inner_val_fraction: 0"):
+        inner_split(manifest[manifest["slide"] == "P9-B12"], "slide", 0.25, seed=3)

@@ -1,12 +1,14 @@
+import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import CLASSES, DatasetFactory
 
 from bonetumor.augment import AugmentPolicy
-from bonetumor.config import Config, SplitConfig
+from bonetumor.config import Config, SplitConfig, TrainConfig
 from bonetumor.datasets import TileDataset, split_tables
 from bonetumor.engine import _improved, eval_dataset, fit, predict_logits, select_device, training_dataset
 from bonetumor.errors import ConfigError
@@ -14,6 +16,7 @@ from bonetumor.ingest import ingest
 from bonetumor.manifest import resolve_paths
 from bonetumor.models import build_model
 from bonetumor.split import make_folds
+from bonetumor.train import early_stopping_split
 
 
 def test_known_answer_the_loop_learns_a_clear_class_signal(make_dataset: DatasetFactory, tmp_path: Path) -> None:
@@ -102,3 +105,29 @@ def test_cuda_requested_without_a_gpu_is_a_config_error() -> None:
         with pytest.raises(ConfigError, match="no CUDA device"):
             select_device("cuda")
     assert select_device("cpu").type == "cpu"
+
+
+def test_refit_follows_the_folds_learning_rate_schedule(small_sets: tuple[Config, TileDataset]) -> None:
+    _, data = small_sets
+    train_config = TrainConfig(lr=1e-3, scheduler="cosine", epochs=6)
+    # A 2-epoch refit of a 6-epoch recipe uses the folds' first two learning rates, not a 2-epoch annealing.
+    result = fit(ConstantLogits(), data, None, train_config, torch.device("cpu"), 2, "refit", schedule_epochs=6)
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-3, 1e-3 * (1 + math.cos(math.pi / 6)) / 2])
+    assert result.best_epoch == 2  # without validation the last epoch is kept
+
+
+def test_early_stopping_tiles_are_whole_real_slides_and_synthetic_tiles_stay_in_training(
+    make_dataset: DatasetFactory, tmp_path: Path
+) -> None:
+    manifest = ingest(make_dataset(per_slide=2, slides=4, size=32), CLASSES, tmp_path / "manifest.csv")
+    synthetic = manifest.head(3).assign(slide="synthetic-fold-0", case="synthetic", synthetic=True)
+    table = pd.concat([manifest.assign(synthetic=False), synthetic], ignore_index=True)
+    config = Config.from_dict({"train": {"inner_val_fraction": 0.25}})
+    fit_rows, stop_rows = early_stopping_split(table, config, seed=0)
+    assert stop_rows is not None
+    assert not stop_rows["synthetic"].any()
+    assert fit_rows["synthetic"].sum() == 3
+    assert not set(fit_rows["slide"]) & set(stop_rows["slide"])
+    assert len(fit_rows) + len(stop_rows) == len(table)
+    no_stop = Config.from_dict({"train": {"inner_val_fraction": 0}})
+    assert early_stopping_split(table, no_stop, seed=0) == (table, None)

@@ -141,7 +141,6 @@ def train_gan(
     present = sorted(set(labels.tolist()))
     by_class = {c: torch.nonzero(labels == c).flatten() for c in present}
     timer = EtaTimer(config.steps)
-    d_loss = g_loss = torch.tensor(float("nan"))
     for step in range(1, config.steps + 1):
         # Class-balanced batch: draw a class uniformly, then a tile of that class.
         classes = torch.tensor(present)[torch.randint(len(present), (config.batch_size,))]
@@ -302,7 +301,7 @@ def run_balance(
     """
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
-    folds = read_folds(folds_path, manifest)
+    folds = read_folds(folds_path, manifest, manifest_path)
     names = training_set_names(len(folds["folds"]))
     summary: dict[str, Any] = {
         "target_ratio": config.balance.target_ratio,

@@ -218,19 +218,31 @@ def predict(
     params: ParamsOption = Path("params.yaml"),
     model: Annotated[str, typer.Option(help="Alias or version number of the registered model.")] = "",
 ) -> None:
-    """Classify tiles with the registered model and print one JSON answer per tile."""
+    """Classify tiles with the registered model and print one JSON answer per tile.
+
+    A tile that cannot be read or decoded gets an ``error`` answer; the others are still classified, and the
+    exit status is 1 when any tile failed.
+    """
+    from bonetumor.preprocess import decode_image
     from bonetumor.registry import load_configured_predictor
 
+    failed = 0
+
     def stage() -> None:
+        nonlocal failed
         predictor = load_configured_predictor(params, model or None)
         for tile in tiles:
             try:
-                data = tile.read_bytes()
-            except OSError as exc:
-                raise InvalidImageError(f"{tile}: cannot read file ({exc.strerror or exc})") from exc
-            typer.echo(json.dumps({"file": str(tile), **predictor.predict_bytes(data, source=str(tile))}))
+                answer = predictor.predict_image(decode_image(tile))
+            except InvalidImageError as exc:
+                failed += 1
+                typer.echo(json.dumps({"file": str(tile), "error": str(exc)}))
+                continue
+            typer.echo(json.dumps({"file": str(tile), **answer}))
 
     _run(stage)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,12 +59,12 @@ class PreprocessConfig:
     """Preprocessing shared by training and serving: resize to a square and normalise.
 
     Attributes:
-        image_size: Side in pixels of the square model input (the paper uses 224).
+        image_size: Side in pixels of the square model input (the paper uses 224; VGG19 needs at least 32).
         mean: Per-channel mean subtracted after scaling to [0, 1].
         std: Per-channel standard deviation divided after subtracting the mean.
     """
 
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 128
+    image_size: Annotated[int, Field(ge=32, le=1024)] = 128
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -146,7 +146,7 @@ class BalanceConfig:
     image_size: Literal[16, 32, 64, 128] = 32
     latent_dim: PositiveInt = 64
     steps: PositiveInt = 300
-    batch_size: PositiveInt = 16
+    batch_size: Annotated[int, Field(ge=2)] = 16  # the generator's batch norm needs 2 or more
     lr: Annotated[float, Field(gt=0.0)] = 2e-4
     seed: int = 0
 
@@ -169,6 +169,8 @@ class TrainConfig:
             validation loss stalls) or ``none``.
         monitor: Validation quantity for early stopping and best-epoch selection.
         patience: Epochs without improvement of ``monitor`` before stopping.
+        inner_val_fraction: Share of each fold's training slides held out for early stopping (the outer
+            validation fold only scores, never picks the epoch). 0 disables early stopping: every epoch runs.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         num_threads: CPU threads for torch; 0 keeps torch's default.
         num_workers: DataLoader worker processes decoding tiles; 0 decodes in the training process.
@@ -186,6 +188,7 @@ class TrainConfig:
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     monitor: Literal["val_macro_f1", "val_loss"] = "val_macro_f1"
     patience: PositiveInt = 3
+    inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.25
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] = 0

@@ -98,6 +98,7 @@ def fit(
     name: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     timer: EtaTimer | None = None,
+    schedule_epochs: int | None = None,
 ) -> FitResult:
     """Train with Adam, a learning-rate schedule, cross-entropy and (given a validation set) early stopping.
 
@@ -111,6 +112,8 @@ def fit(
         name: Label for progress lines, e.g. ``resnet50 fold 1/3``.
         on_epoch: Called with each epoch's metrics (for MLflow logging).
         timer: Shared ETA timer counting epochs over the whole job.
+        schedule_epochs: Length of the cosine schedule (default ``epochs``). The refit runs fewer epochs than
+            the folds did but must see the same learning rates, so it passes the folds' epoch budget here.
 
     Returns:
         The model with the best epoch's weights, its history and the best epoch (1-based).
@@ -120,7 +123,7 @@ def fit(
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler: Any = None
     if config.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule_epochs or epochs)
     elif config.scheduler == "plateau" and val_set is not None:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
     criterion = nn.CrossEntropyLoss()
@@ -162,8 +165,10 @@ def fit(
             stats["val_accuracy"] = float((predictions == targets).float().mean())
             stats["val_macro_f1"] = macro_f1(targets.numpy(), predictions.numpy())
         stats["seconds"] = time.monotonic() - started
-        if scheduler is not None:
-            scheduler.step(stats["val_loss"]) if config.scheduler == "plateau" else scheduler.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(stats["val_loss"])
+        elif scheduler is not None:
+            scheduler.step()
         result.history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
@@ -172,8 +177,9 @@ def fit(
         improved = val_set is None or _improved(stats, best, config.monitor)
         if improved:
             best, stale = stats, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             result.best_epoch = epoch
+            if val_set is not None:  # without validation the last epoch is kept: nothing to restore
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             stale += 1
         log.info(

@@ -31,10 +31,6 @@ class InvalidImageError(BoneTumorError):
 class DataValidationError(BoneTumorError):
     """The Great Expectations suite failed; the message names the expectations and the failing files."""
 
-    def __init__(self, message: str, report_path: str | None = None) -> None:
-        super().__init__(message)
-        self.report_path = report_path
-
 
 class SplitError(BoneTumorError):
     """Folds cannot be made as asked (too few groups) or a folds file breaks the grouping rule."""

@@ -154,7 +154,9 @@ def run_evaluation(
     train_dir = Path(train_dir)
     classes = config.data.classes
     runs = read_json(train_dir / RUNS_FILE, "training runs file")
-    archs = [a for a in config.train.architectures if a in runs.get("architectures", {})]
+    if not isinstance(runs, dict) or not isinstance(runs.get("architectures"), dict):
+        raise ArtifactError(f"{train_dir / RUNS_FILE}: no 'architectures' mapping; rerun `bonetumor train`")
+    archs = [a for a in config.train.architectures if a in runs["architectures"]]
     if not archs:
         raise ArtifactError(
             f"{train_dir / RUNS_FILE} lists none of {list(config.train.architectures)}; rerun `bonetumor train`"
@@ -184,6 +186,8 @@ def run_evaluation(
             )
         ranking = rank_architectures(scores, config.train.architectures)
         comparison = {
+            # The training runs these scores come from: register refuses a comparison of other runs.
+            "cv_run_ids": {arch: runs["architectures"][arch]["run_id"] for arch in archs},
             "ranking": ranking,
             "winner": ranking[0],
             "selection": "fold_f1_macro_mean, then accuracy",

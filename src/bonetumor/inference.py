@@ -144,15 +144,16 @@ class Predictor:
             for p in probabilities
         ]
 
-    def predict_bytes(self, data: bytes, source: str = "upload") -> dict[str, Any]:
-        """Decode an uploaded JPEG, PNG or TIFF and classify it.
+    def predict_image(self, image: Image.Image) -> dict[str, Any]:
+        """Classify one RGB image: ``label``, ``probabilities`` and ``model`` (registered name and version)."""
+        answer = self.predict_images([image])[0]
+        answer["model"] = {"name": self.name, "version": self.version}
+        return answer
 
-        Returns:
-            ``label``, ``probabilities`` and ``model`` (registered name and version).
+    def predict_bytes(self, data: bytes, source: str = "upload") -> dict[str, Any]:
+        """Decode an uploaded JPEG, PNG or TIFF and classify it (see :meth:`predict_image`).
 
         Raises:
             InvalidImageError: The bytes are not a decodable image.
         """
-        answer = self.predict_images([decode_image(data, source=source)])[0]
-        answer["model"] = {"name": self.name, "version": self.version}
-        return answer
+        return self.predict_image(decode_image(data, source=source))

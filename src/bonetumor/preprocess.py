@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -86,10 +87,27 @@ def build_eval_transform(config: PreprocessConfig) -> v2.Compose:
     return v2.Compose(tensor_tail(config))
 
 
-def tensor_tail(config: PreprocessConfig) -> list[v2.Transform]:
-    """Return the resize-and-normalise steps that end both the training and the evaluation transform."""
+class CenterSquareCrop:
+    """Crop a PIL image to the largest centred square, so a non-square tile is cropped, never squashed.
+
+    Training's zoom step already cuts square crops; this keeps evaluation and serving consistent with it.
+    """
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """Return the centred square crop (the image itself when already square)."""
+        width, height = image.size
+        if width == height:
+            return image
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return image.crop((left, top, left + side, top + side))
+
+
+def tensor_tail(config: PreprocessConfig) -> list[Any]:
+    """Return the crop, resize and normalise steps that end both the training and the evaluation transform."""
     size = config.image_size
     return [
+        CenterSquareCrop(),
         v2.ToImage(),
         v2.Resize((size, size), antialias=True),
         v2.ToDtype(torch.float32, scale=True),

@@ -16,10 +16,11 @@ import mlflow
 
 from bonetumor.augment import load_policy
 from bonetumor.config import Config, save_resolved
+from bonetumor.errors import ArtifactError
 from bonetumor.evaluate import COMPARISON_FILE
 from bonetumor.inference import ModelMetadata, save_bundle
 from bonetumor.registry import log_and_register
-from bonetumor.tracking import TAG_PREFIX, flatten_params, provenance_tags, require_run, setup_mlflow
+from bonetumor.tracking import TAG_PREFIX, flatten_params, log_epoch_metrics, provenance_tags, require_run, setup_mlflow
 from bonetumor.train import RUNS_FILE, TRAIN_SECTIONS, refit
 from bonetumor.utils import atomic_dir, read_json, write_json
 
@@ -53,11 +54,24 @@ def run_registration(
     Returns:
         The content of ``champion.json``: model name, version, alias, run id, architecture and scores.
     """
-    comparison = read_json(Path(evaluate_dir) / COMPARISON_FILE, "architecture comparison")
-    runs = read_json(Path(train_dir) / RUNS_FILE, "training runs file")
-    winner = comparison["winner"]
-    cv = runs["architectures"][winner]
-    scores = comparison["scores"][winner]
+    comparison_path, runs_path = Path(evaluate_dir) / COMPARISON_FILE, Path(train_dir) / RUNS_FILE
+    comparison = read_json(comparison_path, "architecture comparison")
+    runs = read_json(runs_path, "training runs file")
+    try:
+        winner = comparison["winner"]
+        cv = runs["architectures"][winner]
+        scores = comparison["scores"][winner]
+        evaluated_runs = comparison["cv_run_ids"]
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(
+            f"{comparison_path} and {runs_path} do not fit together (missing {exc}); rerun `bonetumor evaluate`"
+        ) from exc
+    trained_runs = {arch: info["run_id"] for arch, info in runs["architectures"].items()}
+    if evaluated_runs != trained_runs:
+        raise ArtifactError(
+            f"{comparison_path} scored the runs {evaluated_runs} but {runs_path} holds {trained_runs}: the evaluation "
+            "is stale. Rerun `bonetumor evaluate` (dvc repro does this)."
+        )
     setup_mlflow(config.tracking, project_dir)
     require_run(cv["run_id"], f"{winner} cross-validation run")
     policy = load_policy(policy_path)
@@ -82,12 +96,8 @@ def run_registration(
                     "refit_epochs": cv["refit_epochs"],
                 }
             )
-
-            def log_epoch(stats: dict[str, float]) -> None:
-                mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
-
             result = refit(
-                config, winner, cv["refit_epochs"], balance_dir, Path(manifest_path).parent, policy, log_epoch
+                config, winner, cv["refit_epochs"], balance_dir, Path(manifest_path).parent, policy, log_epoch_metrics
             )
             mlflow.log_metrics({f"cv_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
             provenance = {

@@ -8,12 +8,13 @@ every folds file before anything trains on it.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from bonetumor.config import Config, SplitConfig, save_resolved
 from bonetumor.errors import ArtifactError, SplitError
@@ -54,16 +55,26 @@ def make_folds(manifest: pd.DataFrame, config: SplitConfig, classes: Sequence[st
             f"expected at least one {config.group_by} per fold. Lower split.n_folds or group by a finer column."
         )
     splitter = StratifiedGroupKFold(n_splits=config.n_folds, shuffle=True, random_state=config.seed)
+    try:
+        splits = list(splitter.split(manifest, manifest["label"], groups))
+    except ValueError as exc:
+        raise SplitError(f"cannot make {config.n_folds} stratified folds grouped by {config.group_by}: {exc}") from exc
+    empty = [index for index, (_, val_idx) in enumerate(splits) if len(val_idx) == 0]
+    if empty:
+        raise SplitError(
+            f"folds {empty} of {config.n_folds} got no validation tiles ({n_groups} {config.group_by} groups of "
+            f"uneven size); expected every fold to hold at least one group. Lower split.n_folds or change split.seed."
+        )
     folds: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    for index, (train_idx, val_idx) in enumerate(splitter.split(manifest, manifest["label"], groups)):
+    notes: list[str] = []
+    for index, (train_idx, val_idx) in enumerate(splits):
         train, val = manifest.iloc[train_idx], manifest.iloc[val_idx]
         val_counts = _counts(val, classes)
         train_counts = _counts(train, classes)
         for side, counts in (("validation", val_counts), ("training", train_counts)):
             missing = [c for c, n in counts.items() if n == 0]
             if missing:
-                warnings.append(f"fold {index}: {side} set has no tiles of {missing}")
+                notes.append(f"fold {index}: {side} set has no tiles of {missing}")
         folds.append(
             {
                 "fold": index,
@@ -73,8 +84,8 @@ def make_folds(manifest: pd.DataFrame, config: SplitConfig, classes: Sequence[st
                 "counts": {"train": train_counts, "val": val_counts},
             }
         )
-    for warning in warnings:
-        log.warning("%s", warning)
+    for note in notes:
+        log.warning("%s", note)
     document = {
         "format_version": FOLDS_FORMAT_VERSION,
         "method": "StratifiedGroupKFold",
@@ -84,7 +95,7 @@ def make_folds(manifest: pd.DataFrame, config: SplitConfig, classes: Sequence[st
         "n_tiles": len(manifest),
         "n_groups": n_groups,
         "folds": folds,
-        "warnings": warnings,
+        "warnings": notes,
     }
     check_no_leakage(manifest, document)
     return document
@@ -138,11 +149,16 @@ def write_folds(folds: dict[str, Any], path: str | Path, manifest_path: str | Pa
     return write_json(path, folds)
 
 
-def read_folds(path: str | Path, manifest: pd.DataFrame) -> dict[str, Any]:
+def read_folds(path: str | Path, manifest: pd.DataFrame, manifest_path: str | Path | None = None) -> dict[str, Any]:
     """Read a folds file and re-check it against the manifest (format, coverage, leakage).
 
+    Args:
+        path: The folds file.
+        manifest: The manifest the folds must cover.
+        manifest_path: The manifest's file; when given, it must be the file the folds were made from.
+
     Raises:
-        ArtifactError: The file is missing, half-written or of an unknown format.
+        ArtifactError: The file is missing, half-written, of an unknown format, or made from another manifest.
         SplitError: The folds do not fit the manifest or break the grouping rule.
     """
     folds = read_json(path, "folds file")
@@ -150,8 +166,47 @@ def read_folds(path: str | Path, manifest: pd.DataFrame) -> dict[str, Any]:
         raise ArtifactError(
             f"{path}: not a folds file of format version {FOLDS_FORMAT_VERSION}; rerun `bonetumor split`"
         )
+    if manifest_path is not None and folds.get("manifest_sha256") != sha256_file(manifest_path):
+        raise ArtifactError(f"{path} was made from another manifest than {manifest_path}; rerun `bonetumor split`")
     check_no_leakage(manifest, folds)
     return folds
+
+
+def inner_split(rows: pd.DataFrame, group_by: str, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out about ``fraction`` of a fold's training groups as an inner validation set for early stopping.
+
+    The outer validation fold must not choose the epoch it is scored with, or out-of-fold scores are optimistic.
+    The inner split is stratified and grouped like the outer one, so no group is on both sides.
+
+    Args:
+        rows: The fold's real training tiles.
+        group_by: The grouping column (``slide`` or ``case``).
+        fraction: Share of groups to hold out (``1/fraction`` inner folds, the first one is used).
+        seed: Seed of the assignment.
+
+    Returns:
+        The inner training rows and the inner validation rows.
+
+    Raises:
+        SplitError: Fewer than two groups, so nothing can be held out.
+    """
+    groups = rows[group_by].astype(str)
+    n_groups = groups.nunique()
+    if n_groups < 2:
+        raise SplitError(
+            f"a fold's training set has {n_groups} {group_by} group(s); early stopping needs at least 2 to hold one "
+            "out. Set train.inner_val_fraction: 0 (train every epoch, no early stopping) or use fewer folds."
+        )
+    n_splits = min(max(2, round(1 / fraction)), n_groups)
+    with warnings.catch_warnings():
+        # Few tiles per class per group is normal here; the split stays grouped, only less stratified.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            train_idx, val_idx = next(splitter.split(rows, rows["label"], groups))
+        except ValueError:
+            train_idx, val_idx = next(GroupKFold(n_splits=n_splits).split(rows, rows["label"], groups))
+    return rows.iloc[train_idx], rows.iloc[val_idx]
 
 
 def run_split(config: Config, manifest_path: str | Path, out_dir: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ can walk from a served prediction to the model version, its run, the data and th
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,8 +19,9 @@ from mlflow.exceptions import MlflowException
 from bonetumor import __version__
 from bonetumor.config import Config, TrackingConfig
 from bonetumor.errors import ArtifactError
+from bonetumor.manifest import read_manifest
 from bonetumor.runtime import disable_telemetry
-from bonetumor.utils import git_commit, sha256_file
+from bonetumor.utils import git_commit
 
 TAG_PREFIX = "bonetumor."
 
@@ -72,8 +74,27 @@ def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
 
 
 def data_version(manifest_path: str | Path) -> str:
-    """Return the data version: the SHA-256 of the data set manifest (tile checksums, labels, cases, slides)."""
-    return sha256_file(manifest_path)
+    """Return the data version: a SHA-256 over the sorted (tile sha256, label, case, slide) rows of the manifest.
+
+    File paths are left out on purpose: the same tiles ingested from another folder, or copied into a Kubeflow
+    artifact, are the same data and get the same version.
+    """
+    manifest = read_manifest(manifest_path)
+    rows = sorted(
+        zip(
+            manifest["sha256"].astype(str),
+            manifest["label"].astype(str),
+            manifest["case"].astype(str),
+            manifest["slide"].astype(str),
+            strict=True,
+        )
+    )
+    return hashlib.sha256("\n".join(",".join(row) for row in rows).encode()).hexdigest()
+
+
+def log_epoch_metrics(stats: dict[str, float]) -> None:
+    """Log one epoch's metrics to the active MLflow run, with the epoch as the step."""
+    mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
 
 
 def provenance_tags(config: Config, manifest_path: str | Path, code_dir: str | Path | None = None) -> dict[str, str]:

@@ -24,9 +24,10 @@ from bonetumor.config import Config, save_resolved
 from bonetumor.datasets import load_training_table, split_tables
 from bonetumor.engine import FitResult, eval_dataset, fit, plot_history, predict_logits, select_device, training_dataset
 from bonetumor.manifest import read_manifest, resolve_paths
+from bonetumor.metrics import macro_f1
 from bonetumor.models import build_model
-from bonetumor.split import read_folds
-from bonetumor.tracking import flatten_params, provenance_tags, setup_mlflow
+from bonetumor.split import inner_split, read_folds
+from bonetumor.tracking import flatten_params, log_epoch_metrics, provenance_tags, setup_mlflow
 from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def run_cross_validation(
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
     dataset_dir = manifest_path.parent
-    folds = read_folds(folds_path, manifest)
+    folds = read_folds(folds_path, manifest, manifest_path)
     policy = load_policy(policy_path)
     device = select_device(config.train.device)
     if config.train.num_threads:
@@ -140,9 +141,12 @@ def _cross_validate_arch(
             name = f"{arch} fold {k + 1}/{n_folds}"
             _, val_rows = split_tables(manifest, folds, k)
             train_table = load_training_table(balance_dir, f"fold-{k}", dataset_dir)
-            val_files = resolve_paths(val_rows, dataset_dir)
-            train_set = training_dataset(train_table, config, policy)
-            val_set = eval_dataset(val_files, list(val_rows["label"]), config)
+            fit_table, stop_rows = early_stopping_split(train_table, config, seed=config.train.seed + k)
+            train_set = training_dataset(fit_table, config, policy)
+            stop_set = (
+                None if stop_rows is None else eval_dataset(list(stop_rows["file"]), list(stop_rows["label"]), config)
+            )
+            val_set = eval_dataset(resolve_paths(val_rows, dataset_dir), list(val_rows["label"]), config)
             seed_everything(config.train.seed + k)
             model = build_model(arch, len(classes), config.train.dropout, config.train.weights, config.train.trainable)
             with mlflow.start_run(
@@ -151,27 +155,35 @@ def _cross_validate_arch(
                 mlflow.log_params(
                     {
                         "fold": k,
-                        "n_train_real": int((~train_table["synthetic"]).sum()),
-                        "n_train_synthetic": int(train_table["synthetic"].sum()),
+                        "n_train_real": int((~fit_table["synthetic"]).sum()),
+                        "n_train_synthetic": int(fit_table["synthetic"].sum()),
+                        "n_early_stopping": 0 if stop_rows is None else len(stop_rows),
                         "n_val": len(val_rows),
                         "val_groups": ",".join(fold_info["val_groups"])[:6000],
                     }
                 )
-
-                def log_epoch(stats: dict[str, float]) -> None:
-                    mlflow.log_metrics({k2: v for k2, v in stats.items() if k2 != "epoch"}, step=int(stats["epoch"]))
-
+                # val_* metrics per epoch are the early-stopping set's; the fold's own validation tiles are
+                # predicted once, with the chosen epoch, and only scored (fold_* metrics, oof.csv).
                 result = fit(
-                    model, train_set, val_set, config.train, device, config.train.epochs, name, log_epoch, timer
+                    model,
+                    train_set,
+                    stop_set,
+                    config.train,
+                    device,
+                    config.train.epochs,
+                    name,
+                    log_epoch_metrics,
+                    timer,
                 )
                 logits = predict_logits(result.model, val_set, config.train, device)
                 best = result.history[result.best_epoch - 1]
+                predictions = logits.argmax(1)
                 mlflow.log_metrics(
                     {
                         "best_epoch": result.best_epoch,
-                        "best_val_macro_f1": best["val_macro_f1"],
-                        "best_val_loss": best["val_loss"],
-                        "best_val_accuracy": best["val_accuracy"],
+                        **{f"best_{k2}": v for k2, v in best.items() if k2.startswith("val_")},
+                        "fold_accuracy": float(np.mean(predictions == np.array(val_set.labels))),
+                        "fold_macro_f1": macro_f1(val_set.labels, predictions),
                     }
                 )
             fold_runs.append(
@@ -194,6 +206,19 @@ def _cross_validate_arch(
         refit_epochs = max(1, math.ceil(statistics.median(best_epochs)))
         mlflow.log_metric("refit_epochs", refit_epochs)
     return {"run_id": parent.info.run_id, "folds": fold_runs, "refit_epochs": refit_epochs}
+
+
+def early_stopping_split(table: pd.DataFrame, config: Config, seed: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Split a fold's training table into the tiles to fit on and the held-out tiles to early-stop on.
+
+    The held-out tiles are real tiles of whole groups (slides or cases); synthetic tiles always stay in the fit
+    set. With ``train.inner_val_fraction: 0`` nothing is held out and there is no early stopping.
+    """
+    if config.train.inner_val_fraction == 0:
+        return table, None
+    synthetic = table["synthetic"]
+    fit_rows, stop_rows = inner_split(table[~synthetic], config.split.group_by, config.train.inner_val_fraction, seed)
+    return pd.concat([fit_rows, table[synthetic]]), stop_rows
 
 
 def _oof_frame(val_rows: pd.DataFrame, fold: int, logits: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
@@ -224,7 +249,12 @@ def refit(
     policy: AugmentPolicy,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train ``arch`` on every tile (the balanced ``full`` training set) for a fixed number of epochs."""
+    """Train ``arch`` on every tile (the balanced ``full`` training set) for a fixed number of epochs.
+
+    The cosine schedule spans ``train.epochs`` as in the folds, so epoch ``e`` of the refit uses the learning
+    rate epoch ``e`` of a fold used. (With ``scheduler: plateau`` there is no validation set to react to, so the
+    refit keeps the initial rate.)
+    """
     device = select_device(config.train.device)
     table = load_training_table(balance_dir, "full", dataset_dir)
     train_set = training_dataset(table, config, policy)
@@ -233,4 +263,5 @@ def refit(
         arch, len(config.data.classes), config.train.dropout, config.train.weights, config.train.trainable
     )
     timer = EtaTimer(epochs)
-    return fit(model, train_set, None, config.train, device, epochs, f"{arch} refit on all tiles", on_epoch, timer)
+    name = f"{arch} refit on all tiles"
+    return fit(model, train_set, None, config.train, device, epochs, name, on_epoch, timer, config.train.epochs)

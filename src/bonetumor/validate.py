@@ -166,7 +166,7 @@ def validate_dataset(
     }
     write_json(report_path, report)
     if not report["success"]:
-        raise DataValidationError(format_failures(report, str(report_path)), report_path=str(report_path))
+        raise DataValidationError(format_failures(report, str(report_path)))
     log.info("data validation passed: %d expectations on %d tiles", len(expectations), len(table))
     return report
 
