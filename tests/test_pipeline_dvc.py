@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, tiny_params, venv_env
 from mlflow.tracking import MlflowClient
 
-from bonetumor.utils import sha256_file
+from bonetumor.tracking import data_version
 
 pytestmark = pytest.mark.integration
 
@@ -103,11 +103,11 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
     assert experiment.artifact_location == (project / "mlartifacts").as_uri()
     runs = json.loads((project / "outputs" / "train" / "runs.json").read_text())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
-    data_version = sha256_file(project / "outputs" / "ingest" / "manifest.csv")
+    version = data_version(project / "outputs" / "ingest" / "manifest.csv")
     for arch, info in runs["architectures"].items():
         parent = client.get_run(info["run_id"])
         assert parent.data.tags["bonetumor.arch"] == arch
-        assert parent.data.tags["bonetumor.data_version"] == data_version
+        assert parent.data.tags["bonetumor.data_version"] == version
         assert parent.data.tags["bonetumor.git_commit"].startswith(commit)
         assert parent.data.params["split.n_folds"] == "2"
         assert "oof_f1_macro" in parent.data.metrics  # logged by the evaluate stage
@@ -118,16 +118,17 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
         )
         assert len(children) == 2
         for child in children:
-            history = client.get_metric_history(child.info.run_id, "val_macro_f1")
+            history = client.get_metric_history(child.info.run_id, "val_macro_f1")  # the early-stopping set
             assert [m.step for m in history] == [1]
+            assert 0.0 <= child.data.metrics["fold_macro_f1"] <= 1.0  # the fold's own validation tiles
 
     champion = json.loads((project / "outputs" / "register" / "champion.json").read_text())
-    version = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
-    assert str(version.version) == champion["version"]
-    assert version.run_id == champion["run_id"]
-    assert version.tags["bonetumor.arch"] == champion["arch"]
-    assert version.tags["bonetumor.data_version"] == data_version
-    assert version.tags["bonetumor.cv_run_id"] == runs["architectures"][champion["arch"]]["run_id"]
+    registered = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
+    assert str(registered.version) == champion["version"]
+    assert registered.run_id == champion["run_id"]
+    assert registered.tags["bonetumor.arch"] == champion["arch"]
+    assert registered.tags["bonetumor.data_version"] == version
+    assert registered.tags["bonetumor.cv_run_id"] == runs["architectures"][champion["arch"]]["run_id"]
     refit = client.get_run(champion["run_id"])
     assert refit.data.tags["bonetumor.stage"] == "register"
     comparison = json.loads((project / "outputs" / "evaluate" / "comparison.json").read_text())
