@@ -218,17 +218,23 @@ def eval_dataset(files: Sequence[Path], labels: Sequence[str], config: Config) -
 
 
 def plot_history(histories: dict[str, list[dict[str, float]]], title: str, out_png: str | Path) -> Path:
-    """Plot training and validation loss and validation macro-F1 per epoch for each fold."""
+    """Plot per fold and epoch the training loss, and the loss and macro-F1 of the early-stopping set."""
     fig = Figure(figsize=(10, 3.4))
     ax_loss, ax_f1 = fig.subplots(1, 2)
     for name, history in histories.items():
         epochs = [h["epoch"] for h in history]
         line = ax_loss.plot(epochs, [h["train_loss"] for h in history], label=f"{name} train")[0]
         if history and "val_loss" in history[0]:
-            ax_loss.plot(epochs, [h["val_loss"] for h in history], "--", color=line.get_color(), label=f"{name} val")
+            ax_loss.plot(
+                epochs,
+                [h["val_loss"] for h in history],
+                "--",
+                color=line.get_color(),
+                label=f"{name} early-stopping set",
+            )
             ax_f1.plot(epochs, [h["val_macro_f1"] for h in history], color=line.get_color(), label=name)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_f1.set(xlabel="epoch", ylabel="macro-F1", title="validation macro-F1", ylim=(0, 1.02))
+    ax_f1.set(xlabel="epoch", ylabel="macro-F1", title="early-stopping set macro-F1", ylim=(0, 1.02))
     ax_loss.legend(fontsize=6)
     ax_f1.legend(fontsize=6)
     fig.suptitle(title)
