@@ -1,6 +1,7 @@
 """Evaluate: score the out-of-fold predictions of every architecture and pick the best.
 
-Out-of-fold (OOF) predictions come from models that never saw the tile's slide, so they are honest estimates.
+Out-of-fold (OOF) predictions come from models that never saw the tile's slide and whose epoch was chosen on
+other slides, so the fold's tiles neither trained nor selected the model that scores them.
 Metrics are computed pooled over all folds and per fold; the ranking uses the mean per-fold macro-F1 (each
 fold is one draw of held-out slides), then pooled accuracy, then the order of ``train.architectures``.
 """

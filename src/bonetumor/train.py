@@ -1,8 +1,10 @@
 """Train: every architecture on every fold, with early stopping, tracked in MLflow (the loop is in ``engine``).
 
 Per architecture, one parent MLflow run holds the cross-validation; each fold is a nested run with per-epoch
-metrics. The best epoch of each fold (by ``train.monitor``) gives the out-of-fold predictions that evaluation
-scores, and the median best epoch sets the length of the final refit on all tiles (see ``register``).
+metrics. Each fold early-stops on a grouped hold-out of its own training slides (``train.inner_val_fraction``);
+the model of its best epoch (by ``train.monitor``) then predicts the fold's validation tiles once, which gives
+the out-of-fold predictions that evaluation scores. The median best epoch sets the length of the final refit
+on all tiles (see ``register``).
 """
 
 from __future__ import annotations
