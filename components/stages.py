@@ -25,18 +25,6 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, M
 #: The project image (infra/Dockerfile): the bonetumor package, kfp, and the sample tiles under /app/data/sample.
 BASE_IMAGE = "ghcr.io/bonetumor/bonetumor:0.1.0"
 
-__all__ = [
-    "BASE_IMAGE",
-    "augment",
-    "balance",
-    "evaluate",
-    "ingest",
-    "register",
-    "split",
-    "train",
-    "validate",
-]
-
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def ingest(source_dir: str, params: dict, dataset: Output[Dataset]) -> None:

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import CLASSES, REPO, SAMPLE, tiny_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 PIPELINE_YAML = ROOT / "pipelines" / "training_pipeline.yaml"
-SAMPLE_IMAGES = ROOT / "data" / "sample" / "images"
+SAMPLE_IMAGES = SAMPLE / "images"
 
-CLASSES = ("Non-Tumor", "Non-Viable-Tumor", "Viable-Tumor")
 STAGES = ("ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register")
 #: Every task's upstream tasks, as in dvc.yaml's deps.
 EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
@@ -35,15 +35,8 @@ EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
     "register": {"ingest", "augment", "balance", "train", "evaluate"},
 }
 
-#: Small enough for about a minute on 2 CPU cores.
-TINY_PARAMS: dict[str, Any] = {
-    "preprocess": {"image_size": 32},
-    "validate": {"min_size": 32},
-    "split": {"n_folds": 2},
-    "balance": {"steps": 5, "image_size": 16},
-    "train": {"architectures": ["resnet50"], "epochs": 1, "batch_size": 16},
-    "augment": {"preview_tiles": 2, "preview_samples": 1},
-}
+#: Small enough for about a minute on 2 CPU cores: the shared tiny params, one architecture.
+TINY_PARAMS: dict[str, Any] = tiny_params(train={"architectures": ["resnet50"]})
 
 
 def _spec() -> dict[str, Any]:

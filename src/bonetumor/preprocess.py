@@ -115,13 +115,6 @@ def tensor_tail(config: PreprocessConfig) -> list[Any]:
     ]
 
 
-def denormalise(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
-    """Undo :func:`build_eval_transform`'s normalisation, for previews and heatmap overlays (values in [0, 1])."""
-    mean = torch.tensor(config.mean, dtype=batch.dtype).view(-1, 1, 1)
-    std = torch.tensor(config.std, dtype=batch.dtype).view(-1, 1, 1)
-    return (batch * std + mean).clamp(0.0, 1.0)
-
-
 @dataclass(frozen=True)
 class ImageInfo:
     """What decoding a tile file revealed, for data validation (no conversion applied).
