@@ -54,6 +54,35 @@ class DataConfig:
         return value
 
 
+#: How source labels of the Kaggle/TCIA downloads map to the model's classes (``None`` = leave the tiles out).
+#: ML_Features_1144.csv says ``Viable`` and the mixed ``viable: non-viable``; the Kaggle folders use the class names.
+DEFAULT_LABEL_MAP: dict[str, str | None] = {
+    "Non-Tumor": "Non-Tumor",
+    "Non-Viable-Tumor": "Non-Viable-Tumor",
+    "Viable-Tumor": "Viable-Tumor",
+    "Viable": "Viable-Tumor",
+    "viable: non-viable": None,
+}
+
+
+@dataclass(config=_STRICT)
+class DataImportConfig:
+    """How ``bonetumor data import`` turns a downloaded data set into class folders under ``data/raw``.
+
+    Attributes:
+        target: Folder the imported data sets go to (one sub-folder per data set, DVC-tracked).
+        label_map: Source label to class name; ``null`` leaves those tiles out (the mixed class by default).
+            Labels not in the map are an error that lists them. Keeping the mixed class as a class of its own
+            means mapping it to a name that is also in ``data.classes``.
+        image_modes: What to do with tiles that are not 8-bit RGB (CMYK, 16-bit, RGBA, grayscale): ``convert``
+            them to 8-bit RGB (each conversion is listed in the import report) or ``reject`` the import.
+    """
+
+    target: str = "data/raw"
+    label_map: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LABEL_MAP))
+    image_modes: Literal["convert", "reject"] = "convert"
+
+
 @dataclass(config=_STRICT)
 class PreprocessConfig:
     """Preprocessing shared by training and serving: resize to a square and normalise.
@@ -82,23 +111,44 @@ class ValidateConfig:
 
     Attributes:
         min_size: Smallest accepted tile width and height, in pixels.
+        near_duplicate_distance: Largest Hamming distance between the 64-bit perceptual hashes of two tiles that
+            counts as a near-duplicate (0 = only identical hashes). Near-duplicates are reported, and the split
+            keeps each near-duplicate cluster on one side of every fold.
+        min_tissue_fraction: Share of a tile's pixels that must be tissue (not white glass or a blank area);
+            tiles below it are flagged as near-blank.
+        max_low_tissue_share: Largest share of flagged near-blank tiles that still passes (they are listed).
+        min_class_count: Fewest tiles a class may have.
+        max_imbalance_ratio: Largest allowed ratio of the biggest to the smallest class.
+        workers: Processes decoding tiles; 0 = one per CPU core.
     """
 
     min_size: PositiveInt = 128
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=32)] = 4
+    min_tissue_fraction: Probability = 0.25
+    max_low_tissue_share: Probability = 0.05
+    min_class_count: PositiveInt = 5
+    max_imbalance_ratio: Annotated[float, Field(ge=1.0)] = 4.0
+    workers: Annotated[int, Field(ge=0)] = 0
 
 
 @dataclass(config=_STRICT)
 class SplitConfig:
-    """Grouped, stratified k-fold cross-validation.
+    """Grouped cross-validation, and an optional held-out test set of whole groups.
 
     Attributes:
-        n_folds: Number of folds (the paper uses 5).
-        group_by: Manifest column whose values never straddle training and validation.
-        seed: Seed of the fold assignment.
+        method: ``stratified_group_kfold`` (scikit-learn's StratifiedGroupKFold, ``n_folds`` folds) or
+            ``leave_one_group_out`` (one fold per group: leave-one-patient-out with ``group_by: case``).
+        n_folds: Number of folds for ``stratified_group_kfold`` (the paper uses 5); ignored otherwise.
+        group_by: Manifest column whose values never straddle training and validation: ``slide`` or ``case``
+            (the patient).
+        test_fraction: Share of groups held out as a test set that no fold, GAN or refit ever sees (0 = none).
+        seed: Seed of the test hold-out and the fold assignment.
     """
 
+    method: Literal["stratified_group_kfold", "leave_one_group_out"] = "stratified_group_kfold"
     n_folds: Annotated[int, Field(ge=2)] = 3
     group_by: Literal["slide", "case"] = "slide"
+    test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     seed: int = 42
 
 
@@ -111,6 +161,11 @@ class AugmentConfig:
         hflip_p: Probability of a horizontal flip.
         vflip_p: Probability of a vertical flip.
         zoom_max: Largest zoom factor; a random crop of 1/zoom of the tile side is resized back.
+        hed_jitter: Strength of H&E stain augmentation: each of the haematoxylin, eosin and DAB channels (colour
+            deconvolution) is scaled by 1 +/- and shifted by +/- this amount (0 = off).
+        stain_normalization: ``none``, ``reinhard`` or ``macenko``. The target stain is fitted on the training
+            tiles only (each fold's, and all training tiles for the final model), stored with the model, and
+            applied to every tile in training, evaluation and serving.
         preview_tiles: How many tiles the preview grid shows (rows).
         preview_samples: How many augmented versions of each tile the preview shows (columns after the original).
         seed: Seed of the preview's random draws.
@@ -120,6 +175,8 @@ class AugmentConfig:
     hflip_p: Probability = 0.5
     vflip_p: Probability = 0.5
     zoom_max: Annotated[float, Field(ge=1.0, le=4.0)] = 1.25
+    hed_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
+    stain_normalization: Literal["none", "reinhard", "macenko"] = "reinhard"
     preview_tiles: PositiveInt = 6
     preview_samples: PositiveInt = 5
     seed: int = 0
@@ -160,6 +217,10 @@ class TrainConfig:
         weights: ``none`` (random init), ``imagenet`` (torchvision weights from TORCH_HOME, never downloaded),
             or a path to a state-dict file.
         trainable: ``all`` layers, the ``top`` block plus the head, or the ``head`` only.
+        head_epochs: Two-phase fine-tuning: the first ``head_epochs`` epochs train the head only (at ``lr``), then
+            the layers named by ``trainable`` are unfrozen at ``lr * finetune_lr_factor``. 0 = one phase. Needs
+            pretrained weights.
+        finetune_lr_factor: Learning-rate multiplier of the unfrozen layers in the second phase.
         dropout: Dropout probability before the classification layer.
         epochs: Maximum epochs per fold.
         batch_size: Mini-batch size.
@@ -174,12 +235,20 @@ class TrainConfig:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         num_threads: CPU threads for torch; 0 keeps torch's default.
         num_workers: DataLoader worker processes decoding tiles; 0 decodes in the training process.
+        class_weighted_loss: Weight the cross-entropy by inverse class frequency of the (balanced) training set.
+        mixed_precision: Use automatic mixed precision (bfloat16/float16 autocast) when training on a GPU.
+        channels_last: Memory format of conv activations: ``auto`` (channels_last where measured faster),
+            ``on`` or ``off``.
+        checkpoint: Save a checkpoint after every epoch; a killed run resumes from the last one.
+        progress: Show progress bars (fold, epoch, loss, ETA) on stderr.
         seed: Seed of initialisation, shuffling and augmentation.
     """
 
     architectures: tuple[str, ...] = ("resnet50", "vgg19")
     weights: str = "none"
     trainable: Literal["all", "top", "head"] = "all"
+    head_epochs: Annotated[int, Field(ge=0)] = 0
+    finetune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     epochs: PositiveInt = 6
     batch_size: PositiveInt = 8
@@ -192,6 +261,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] = 0
+    class_weighted_loss: bool = False
+    mixed_precision: bool = True
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    checkpoint: bool = True
+    progress: bool = True
     seed: int = 42
 
     @field_validator("architectures")
@@ -216,7 +290,53 @@ class TrainConfig:
                 f"trainable={self.trainable!r} freezes layers of a randomly initialised network, which cannot learn; "
                 "use trainable: all with weights: none, or weights: imagenet (or a path) to fine-tune"
             )
+        if self.weights == "none" and self.head_epochs > 0:
+            raise ValueError(
+                f"head_epochs={self.head_epochs} trains a head on random features; use head_epochs: 0 with "
+                "weights: none, or pretrained weights for two-phase fine-tuning"
+            )
+        if self.head_epochs > 0 and self.head_epochs >= self.epochs:
+            raise ValueError(
+                f"head_epochs={self.head_epochs} leaves no fine-tuning epoch of epochs={self.epochs}; "
+                "expected head_epochs < epochs"
+            )
         return self
+
+
+@dataclass(config=_STRICT)
+class EvaluateConfig:
+    """Evaluation artifacts.
+
+    Attributes:
+        confidence_level: Level of the confidence intervals of per-fold metrics (t-distribution over folds).
+        gradcam_per_class: Validation tiles per class in each architecture's Grad-CAM gallery (0 = none).
+        calibration_bins: Bins of the reliability diagram and the expected calibration error.
+    """
+
+    confidence_level: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    gradcam_per_class: Annotated[int, Field(ge=0)] = 2
+    calibration_bins: Annotated[int, Field(ge=2)] = 10
+
+
+@dataclass(config=_STRICT)
+class ReferralConfig:
+    """Calibration and the rule that refers uncertain tiles to a pathologist.
+
+    Attributes:
+        calibrate: Fit temperature scaling on the out-of-fold logits (else the temperature is 1).
+        target_class: The class whose recall the rule protects (viable tumour drives treatment response).
+        target_recall: Recall of ``target_class`` that the accepted (not referred) predictions must reach; the
+            confidence threshold is the lowest one that meets it on out-of-fold predictions.
+        safe_class: A prediction of this class is also referred when P(``target_class``) exceeds
+            ``max_target_prob_when_safe`` (the paper: a Non-Tumor call with a real chance of viable tumour).
+        max_target_prob_when_safe: See ``safe_class``.
+    """
+
+    calibrate: bool = True
+    target_class: str = "Viable-Tumor"
+    target_recall: Probability = 0.95
+    safe_class: str = "Non-Tumor"
+    max_target_prob_when_safe: Probability = 0.2
 
 
 @dataclass(config=_STRICT)
@@ -225,11 +345,14 @@ class RegisterConfig:
 
     Attributes:
         model_name: Registered model name.
-        alias: Alias set on the new version (serving loads ``models:/<model_name>@<alias>``).
+        alias: Alias a new version gets when it passes the champion gate (serving loads
+            ``models:/<model_name>@<alias>``).
+        challenger_alias: Alias a new version gets when it does not beat the current champion.
     """
 
     model_name: Annotated[str, Field(min_length=1)] = "bone-tumor-classifier"
     alias: Annotated[str, Field(min_length=1)] = "champion"
+    challenger_alias: Annotated[str, Field(min_length=1)] = "challenger"
 
 
 @dataclass(config=_STRICT)
@@ -251,14 +374,28 @@ class Config:
     """The whole of params.yaml."""
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data_import: DataImportConfig = dataclasses.field(default_factory=DataImportConfig)
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    referral: ReferralConfig = dataclasses.field(default_factory=ReferralConfig)
     register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # Cross-section rules; ValueError becomes a ConfigError naming the field in from_dict.
+        for name in ("target_class", "safe_class"):
+            value = getattr(self.referral, name)
+            if value not in self.data.classes:
+                raise ValueError(f"referral.{name}={value!r} is not a class; expected one of {list(self.data.classes)}")
+        if self.referral.target_class == self.referral.safe_class:
+            raise ValueError("referral.target_class and referral.safe_class must differ")
+        if self.register.alias == self.register.challenger_alias:
+            raise ValueError("register.alias and register.challenger_alias must differ")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
@@ -282,7 +419,7 @@ class Config:
         try:
             return cls(**{name: _SECTIONS[name](**(value or {})) for name, value in raw.items()})
         except ValidationError as exc:
-            section = exc.title.removesuffix("Config").lower()
+            section = next((name for name, kind in _SECTIONS.items() if kind.__name__ == exc.title), "params")
             problems = "; ".join(
                 f"{section}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
                 if err["loc"]
@@ -290,7 +427,7 @@ class Config:
                 for err in exc.errors()
             )
             raise ConfigError(f"{source}: {problems}") from exc
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,12 +443,15 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
+    "data_import": DataImportConfig,
     "preprocess": PreprocessConfig,
     "validate": ValidateConfig,
     "split": SplitConfig,
     "augment": AugmentConfig,
     "balance": BalanceConfig,
     "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "referral": ReferralConfig,
     "register": RegisterConfig,
     "tracking": TrackingConfig,
 }
