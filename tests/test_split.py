@@ -6,9 +6,19 @@ import pytest
 from conftest import CLASSES
 
 from bonetumor.config import SplitConfig
+from bonetumor.datasets import split_tables
 from bonetumor.errors import ArtifactError, SplitError
 from bonetumor.ingest import ingest
-from bonetumor.split import check_no_leakage, fold_membership, inner_split, make_folds, read_folds, write_folds
+from bonetumor.split import (
+    check_no_leakage,
+    development_rows,
+    fold_membership,
+    held_out_rows,
+    inner_split,
+    make_folds,
+    read_folds,
+    write_folds,
+)
 
 
 @pytest.fixture
@@ -93,3 +103,63 @@ def test_inner_split_holds_out_whole_groups(manifest: pd.DataFrame) -> None:
     assert not set(fit_rows["slide"]) & set(stop_rows["slide"])
     with pytest.raises(SplitError, match="inner_val_fraction: 0"):
         inner_split(manifest[manifest["slide"] == "P9-B12"], "slide", 0.25, seed=3)
+
+
+def test_leave_one_patient_out_makes_one_fold_per_case(manifest: pd.DataFrame) -> None:
+    folds = make_folds(manifest, SplitConfig(method="leave_one_group_out", group_by="case"), CLASSES)
+    cases = sorted(manifest["case"].unique())
+    assert folds["method"] == "LeaveOneGroupOut"
+    assert folds["n_folds"] == len(cases)
+    assert [f["val_groups"] for f in folds["folds"]] == [[c] for c in cases]
+    membership = fold_membership(manifest, folds)
+    for fold in folds["folds"]:
+        assert set(manifest.loc[membership == fold["fold"], "case"]) == set(fold["val_groups"])
+    # Patients of this collection are dominated by one or two classes: the folds say which classes they lack.
+    assert any("validation set has no tiles of" in w for w in folds["warnings"])
+
+
+@pytest.mark.parametrize("group_by", ["slide", "case"])
+def test_held_out_test_groups_are_in_no_fold(manifest: pd.DataFrame, group_by: Literal["slide", "case"]) -> None:
+    config = SplitConfig(n_folds=2, group_by=group_by, test_fraction=0.25, seed=1)
+    folds = make_folds(manifest, config, CLASSES)
+    test = held_out_rows(manifest, folds)
+    dev = development_rows(manifest, folds)
+    assert len(test) > 0
+    assert len(test) + len(dev) == len(manifest)
+    assert set(folds["test_paths"]) == set(test["path"])
+    assert not set(test[group_by]) & set(dev[group_by])
+    assert sum(folds["test_counts"].values()) == len(test)
+    for fold in folds["folds"]:
+        train, val = split_tables(manifest, folds, fold["fold"])
+        assert not set(train["path"]) & set(folds["test_paths"])
+        assert not set(val["path"]) & set(folds["test_paths"])
+    # Moving a test tile into a fold puts its group on both sides: refused.
+    tampered = {**folds, "test_paths": folds["test_paths"][1:]}
+    tampered["folds"] = [dict(f) for f in folds["folds"]]
+    tampered["folds"][0]["val_paths"] = [*folds["folds"][0]["val_paths"], folds["test_paths"][0]]
+    with pytest.raises(SplitError, match="test set and in the folds"):
+        check_no_leakage(manifest, tampered)
+
+
+def test_near_duplicates_link_their_groups(manifest: pd.DataFrame) -> None:
+    slides = sorted(manifest["slide"].unique())
+    # Pretend one tile of the first slide has a near-copy on the last slide: both slides must share a side.
+    clusters = pd.Series("", index=manifest.index)
+    first = manifest.index[manifest["slide"] == slides[0]][0]
+    last = manifest.index[manifest["slide"] == slides[-1]][0]
+    clusters[[first, last]] = "dup-1"
+    for seed in range(5):
+        folds = make_folds(manifest, SplitConfig(n_folds=3, seed=seed), CLASSES, clusters)
+        membership = fold_membership(manifest, folds)
+        assert membership[first] == membership[last]
+        assert any(f"{slides[0]}+{slides[-1]}" in w for w in folds["warnings"])
+
+
+def test_folds_record_groups_seed_and_counts(manifest: pd.DataFrame) -> None:
+    folds = make_folds(manifest, SplitConfig(seed=5), CLASSES)
+    assert folds["seed"] == 5
+    assert folds["groups"] == sorted(manifest["slide"].unique())
+    assert folds["counts"] == {c: 10 for c in CLASSES}
+    for fold in folds["folds"]:
+        assert sorted(fold["train_groups"] + fold["val_groups"]) == folds["groups"]
+        assert {c: fold["counts"]["train"][c] + fold["counts"]["val"][c] for c in CLASSES} == folds["counts"]

@@ -33,7 +33,7 @@ from bonetumor.datasets import FULL_SET, TRAIN_MANIFEST, label_indices, split_ta
 from bonetumor.errors import DatasetError
 from bonetumor.manifest import read_manifest, resolve_paths, write_manifest
 from bonetumor.preprocess import decode_image
-from bonetumor.split import read_folds
+from bonetumor.split import development_rows, read_folds
 from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,9 @@ def render_samples(synthetic_dir: Path, classes: Sequence[str], out_png: Path, t
 def run_balance(
     config: Config, manifest_path: str | Path, folds_path: str | Path, out_dir: str | Path
 ) -> dict[str, Any]:
-    """The balance stage: one balanced training manifest per fold, plus ``full`` (all tiles) for the refit.
+    """The balance stage: one balanced training manifest per fold, plus ``full`` for the refit.
+
+    ``full`` holds every tile outside the held-out test set.
 
     Writes ``<out_dir>/<set>/train_manifest.csv``, ``<out_dir>/<set>/synthetic/`` and ``<out_dir>/summary.json``.
     Each GAN sees only its own training set's tiles.
@@ -311,7 +313,11 @@ def run_balance(
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("data", "balance"))
         for offset, name in enumerate(names):
-            rows = manifest if name == FULL_SET else split_tables(manifest, folds, int(name.split("-")[1]))[0]
+            rows = (
+                development_rows(manifest, folds)
+                if name == FULL_SET
+                else split_tables(manifest, folds, int(name.split("-")[1]))[0]
+            )
             summary["sets"][name] = balance_training_set(
                 rows,
                 manifest_path.parent,

@@ -30,6 +30,7 @@ OUT = Path("outputs")
 MANIFEST = OUT / "ingest" / "manifest.csv"
 FOLDS = OUT / "split" / "folds.json"
 POLICY = OUT / "augment" / "policy.json"
+TILES = OUT / "validate" / "tiles.csv"
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml; its folder is the project folder.")]
 
@@ -95,15 +96,21 @@ def validate(
 def split(
     params: ParamsOption = Path("params.yaml"),
     manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
-    out: Annotated[Path, typer.Option(help="Output folder (folds.json).")] = OUT / "split",
+    tiles: Annotated[Path, typer.Option(help="tiles.csv from `validate` (near-duplicate clusters).")] = TILES,
+    out: Annotated[Path, typer.Option(help="Output folder (folds.json, folds_report.json).")] = OUT / "split",
 ) -> None:
-    """Make stratified k folds grouped by slide (or case)."""
+    """Make folds grouped by slide or patient (and a held-out test set); check them with the folds suite."""
     from bonetumor.split import run_split
 
     def stage() -> None:
         config, _ = _config(params)
-        folds = run_split(config, manifest, out)
-        typer.echo(f"{folds['n_folds']} folds grouped by {folds['group_by']} (seed {folds['seed']}) -> {out}")
+        folds = run_split(config, manifest, out, tiles)
+        typer.echo(
+            f"{folds['n_folds']} folds ({folds['method']}) grouped by {folds['group_by']} (seed {folds['seed']}), "
+            f"{len(folds['test_paths'])} test tiles -> {out}"
+        )
+        for warning in folds["warnings"]:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
     _run(stage)
 

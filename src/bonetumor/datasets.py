@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from bonetumor.errors import ArtifactError, DatasetError
 from bonetumor.manifest import read_manifest, resolve_paths
 from bonetumor.preprocess import decode_image
-from bonetumor.split import fold_membership
+from bonetumor.split import TEST_FOLD, fold_membership
 
 TRAIN_MANIFEST = "train_manifest.csv"
 FULL_SET = "full"
@@ -61,9 +61,9 @@ def label_indices(labels: Sequence[str] | pd.Series, classes: Sequence[str]) -> 
 
 
 def split_tables(manifest: pd.DataFrame, folds: dict[str, Any], fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return the real training and validation rows of one fold."""
+    """Return the real training and validation rows of one fold (tiles of the held-out test set are in neither)."""
     membership = fold_membership(manifest, folds)
-    return manifest[membership != fold], manifest[membership == fold]
+    return manifest[(membership != fold) & (membership != TEST_FOLD)], manifest[membership == fold]
 
 
 def load_training_table(balance_dir: str | Path, set_name: str, dataset_dir: str | Path) -> pd.DataFrame:

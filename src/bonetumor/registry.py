@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,16 @@ from PIL import Image
 
 from bonetumor import __version__
 from bonetumor.config import load_config
-from bonetumor.errors import ModelNotFoundError
+from bonetumor.errors import ArtifactError, ModelNotFoundError
+from bonetumor.gate import GATE_PREFIX, GateMetrics
 from bonetumor.inference import ModelMetadata, Predictor
 from bonetumor.tracking import configure_tracking
 
 log = logging.getLogger(__name__)
 
 BUNDLE_ARTIFACT = "bundle"
+#: Model-version tag: ``pending`` while a registration runs, ``ready`` once it finished (aliases only move then).
+STATUS_TAG = "bonetumor.status"
 MODEL_CODE = Path(__file__).with_name("_mlflow_model.py")
 
 
@@ -88,7 +92,9 @@ def log_and_register(
 ) -> ModelVersion:
     """Log the bundle as a pyfunc model in the active run, register a new version and point ``alias`` at it.
 
-    The alias moves last, after the version exists with all its tags, so a failure on the way never moves it.
+    The version is created with ``bonetumor.status=pending``; only when the model is logged and every tag is set
+    does the status become ``ready`` and, last of all, the alias move. A run that fails or is killed on the way
+    leaves at most a pending version that no alias points at.
 
     Returns:
         The new model version.
@@ -119,12 +125,58 @@ def log_and_register(
         model_name,
         source=info.model_uri,
         run_id=run.info.run_id if run else None,
-        tags=version_tags,
+        tags={**version_tags, STATUS_TAG: "pending"},
         description=description,
     )
+    client.set_model_version_tag(model_name, version.version, STATUS_TAG, "ready")
     client.set_registered_model_alias(model_name, alias, version.version)
     log.info("registered %s version %s (alias %s) from %s", model_name, version.version, alias, info.model_uri)
     return version
+
+
+def champion_metrics(model_name: str, alias: str) -> GateMetrics | None:
+    """Return the gate figures of the version ``alias`` points at, or None when the alias is not set.
+
+    A version registered without gate tags (before the gate existed) cannot be compared: its figures come back
+    with an empty data version, so the gate keeps new models as challengers until someone promotes one.
+    """
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    try:
+        return GateMetrics.from_tags(dict(version.tags), str(version.version))
+    except ArtifactError as exc:
+        log.warning("%s", exc)
+        return GateMetrics(str(version.version), float("nan"), None, False, "", "")
+
+
+def promote(model_name: str, version: str, alias: str, reason: str) -> ModelVersion:
+    """Point ``alias`` at ``version`` by hand (after review), recording who decided and why on the version.
+
+    Raises:
+        ModelNotFoundError: The version does not exist.
+        ArtifactError: The version is not ``ready`` (its registration never finished).
+    """
+    client = MlflowClient()
+    try:
+        found = client.get_model_version(model_name, version)
+    except MlflowException as exc:
+        raise ModelNotFoundError(
+            f"no model version {model_name} {version} at {mlflow.get_tracking_uri()}; expected an existing version"
+        ) from exc
+    status = found.tags.get(STATUS_TAG, "ready")  # versions from before the status tag were complete
+    if status != "ready":
+        raise ArtifactError(
+            f"{model_name} version {version} is {status!r}, not 'ready': its registration never finished"
+        )
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+    client.set_model_version_tag(model_name, version, f"{GATE_PREFIX}decision", alias)
+    client.set_model_version_tag(model_name, version, f"{GATE_PREFIX}reason", f"promoted by hand by {user}: {reason}")
+    client.set_registered_model_alias(model_name, alias, version)
+    log.info("promoted %s version %s to @%s", model_name, version, alias)
+    return client.get_model_version(model_name, version)
 
 
 def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException
 
 from bonetumor import __version__
@@ -92,15 +93,66 @@ def data_version(manifest_path: str | Path) -> str:
     return hashlib.sha256("\n".join(",".join(row) for row in rows).encode()).hexdigest()
 
 
+def dvc_data_version(source: str | Path, project_dir: str | Path) -> dict[str, str]:
+    """Return the DVC version of the data source: the md5 DVC recorded for it, and where it was recorded.
+
+    Looked up, in order, in a ``.dvc`` file tracking the source or a folder above it (``dvc add``, as
+    ``bonetumor data import`` does) and in ``dvc.lock``'s ingest stage (``dvc repro`` records its data dependency).
+    Only the YAML files are read: the package does not import DVC.
+
+    Args:
+        source: The data source folder (``data.source``; relative paths are relative to ``project_dir``).
+        project_dir: The DVC project folder.
+
+    Returns:
+        ``{"md5": ..., "recorded_in": ...}``; md5 ``untracked`` when DVC knows nothing of the source.
+    """
+    project = Path(project_dir).resolve()
+    path = Path(source)
+    path = (path if path.is_absolute() else project / path).resolve()
+    for candidate in (path, *path.parents):
+        if project not in candidate.parents:
+            break  # only .dvc files inside the project describe it
+        dvc_file = candidate.with_name(candidate.name + ".dvc")
+        if dvc_file.is_file():
+            md5 = _first_md5(yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}, "outs", None)
+            if md5:
+                suffix = "" if candidate == path else f" ({path.relative_to(candidate).as_posix()} inside it)"
+                return {"md5": md5, "recorded_in": f"{dvc_file.relative_to(project).as_posix()}{suffix}"}
+    lock = project / "dvc.lock"
+    if lock.is_file() and project in (path, *path.parents):
+        stage = ((yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}).get("ingest") or {}
+        md5 = _first_md5(stage, "deps", path.relative_to(project).as_posix())
+        if md5:
+            return {"md5": md5, "recorded_in": "dvc.lock (stage ingest)"}
+    return {"md5": "untracked", "recorded_in": ""}
+
+
+def _first_md5(document: dict[str, Any], key: str, path: str | None) -> str:
+    for entry in document.get(key) or []:
+        if isinstance(entry, dict) and (path is None or entry.get("path") == path) and entry.get("md5"):
+            return str(entry["md5"])
+    return ""
+
+
 def log_epoch_metrics(stats: dict[str, float]) -> None:
     """Log one epoch's metrics to the active MLflow run, with the epoch as the step."""
     mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
 
 
 def provenance_tags(config: Config, manifest_path: str | Path, code_dir: str | Path | None = None) -> dict[str, str]:
-    """Return the tags that tie a run to code, data and params."""
+    """Return the tags that tie a run to code, data and params.
+
+    Two data versions: ``data_version`` hashes the tiles' content and labels (the same wherever they live), and
+    ``dvc_data_md5`` is DVC's md5 of the source folder (``dvc add`` / ``dvc.lock``), which ``dvc checkout`` of
+    that commit restores.
+    """
     commit = git_commit(code_dir)
+    dvc = dvc_data_version(config.data.source, code_dir or Path.cwd())
     return {
+        f"{TAG_PREFIX}data_source": config.data.source,
+        f"{TAG_PREFIX}dvc_data_md5": dvc["md5"],
+        f"{TAG_PREFIX}dvc_data_recorded_in": dvc["recorded_in"],
         f"{TAG_PREFIX}git_commit": commit,
         "mlflow.source.git.commit": commit.removesuffix("-dirty"),
         f"{TAG_PREFIX}data_version": data_version(manifest_path),
