@@ -48,6 +48,13 @@ def _run(func: object) -> None:
         raise typer.Exit(code=1) from exc
 
 
+def _add_subcommands() -> None:
+    # Imported here: cli_data imports this module's helpers.
+    from bonetumor.cli_data import data_app
+
+    app.add_typer(data_app, name="data", help="Import and version data sets (Kaggle/TCIA downloads, folders, CSVs).")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     """Configure logging and switch telemetry off before any command runs."""
@@ -220,6 +227,25 @@ def register(
 
 
 @app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered model version to serve.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version for the audit trail).")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Point the champion alias at a version by hand, after review (the gate kept it as challenger)."""
+    from bonetumor.registry import promote as promote_version
+    from bonetumor.tracking import configure_tracking
+
+    def stage() -> None:
+        config, project = _config(params)
+        configure_tracking(config.tracking, project)
+        promote_version(config.register.model_name, version, config.register.alias, reason)
+        typer.echo(f"{config.register.model_name} version {version} is now @{config.register.alias}")
+
+    _run(stage)
+
+
+@app.command()
 def predict(
     tiles: Annotated[list[Path], typer.Argument(help="Tile image files (JPEG, PNG, TIFF).")],
     params: ParamsOption = Path("params.yaml"),
@@ -251,6 +277,8 @@ def predict(
     if failed:
         raise typer.Exit(code=1)
 
+
+_add_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     app()

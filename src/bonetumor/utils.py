@@ -54,9 +54,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target)
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    # Move the old output aside first: there is never a moment without a complete folder at a known name, and a
+    # crash between the two renames leaves the old output recoverable beside the new one.
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
     os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any) -> Path:
