@@ -1,8 +1,9 @@
 """Image decoding and the preprocessing shared by training, evaluation and serving.
 
 One function builds the tensor a model sees from an image (:func:`build_eval_transform`); the training
-transform is the augmentation policy followed by exactly that function, and the served model carries the same
-parameters in its metadata. There is no second implementation to drift.
+transform is the augmentation policy followed by exactly that function's steps, and the served model carries the
+same parameters (and its fitted stain normaliser, :mod:`bonetumor.stain`) in its metadata. There is no second
+implementation to drift.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -18,6 +19,10 @@ from torchvision.transforms import v2
 
 from bonetumor.config import PreprocessConfig
 from bonetumor.errors import InvalidImageError
+
+if TYPE_CHECKING:
+    # Only for the annotation: stain imports decode_image from here at call time.
+    from bonetumor.stain import StainNormalizer
 
 #: Container formats accepted for tiles and uploads (Pillow format names).
 SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF"})
@@ -79,12 +84,18 @@ def decode_image(data: bytes | str | Path, source: str | None = None) -> Image.I
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def build_eval_transform(config: PreprocessConfig) -> v2.Compose:
+def build_eval_transform(config: PreprocessConfig, stain: StainNormalizer | None = None) -> v2.Compose:
     """Return the deterministic transform from an RGB PIL image to the model's input tensor.
 
-    Resize to ``image_size`` squared (antialiased), scale to [0, 1], normalise with ``mean``/``std``.
+    Stain normalisation first (when the model was trained with a fitted normaliser), then the shared tail:
+    centre square crop, resize to ``image_size`` squared (antialiased), scale to [0, 1], normalise with
+    ``mean``/``std``.
+
+    Args:
+        config: The preprocess section the model was trained with.
+        stain: The model's fitted stain normaliser, or None when it was trained without one.
     """
-    return v2.Compose(tensor_tail(config))
+    return v2.Compose(([stain] if stain is not None else []) + tensor_tail(config))
 
 
 class CenterSquareCrop:
