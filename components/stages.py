@@ -83,8 +83,9 @@ def split(params: dict, dataset: Input[Dataset], validation_report: Input[Artifa
     Args:
         params: params.yaml content (sections may be missing).
         dataset: The ingest output.
-        validation_report: The validate output; taken only so that validation gates this stage.
-        folds: Output folder: ``folds.json`` and ``config.resolved.yaml``.
+        validation_report: The validate output: it gates this stage, and its ``tiles.csv`` names the
+            near-duplicate clusters that must stay on one side of every fold.
+        folds: Output folder: ``folds.json``, ``folds_report.json`` and ``config.resolved.yaml``.
     """
     from pathlib import Path
 
@@ -92,10 +93,13 @@ def split(params: dict, dataset: Input[Dataset], validation_report: Input[Artifa
     from bonetumor.manifest import MANIFEST_FILE
     from bonetumor.runtime import configure_process
     from bonetumor.split import run_split
+    from bonetumor.validate import TILES_FILE
 
     configure_process()
     config = Config.from_dict(params, source="pipeline params")
-    result = run_split(config, Path(dataset.path) / MANIFEST_FILE, folds.path)
+    result = run_split(
+        config, Path(dataset.path) / MANIFEST_FILE, folds.path, Path(validation_report.path) / TILES_FILE
+    )
     folds.metadata.update(
         {"n_folds": result["n_folds"], "group_by": result["group_by"], "validated_by": validation_report.uri}
     )
@@ -265,9 +269,10 @@ def register(
     balanced: Input[Dataset],
     training: Input[Artifact],
     evaluation: Input[Artifact],
+    folds: Input[Artifact],
     model: Output[Model],
 ) -> None:
-    """Refit the winner on all tiles, register it in MLflow and point the alias at the new version.
+    """Refit the winner, register it in MLflow, and set the alias the champion gate decides.
 
     Args:
         params: params.yaml content (sections may be missing).
@@ -277,6 +282,7 @@ def register(
         balanced: The balance output.
         training: The train output.
         evaluation: The evaluate output.
+        folds: The split output (the gate compares models on the same folds; test tiles are scored).
         model: Output folder: ``bundle/`` (weights and metadata) and ``champion.json``.
     """
     import os
@@ -287,6 +293,7 @@ def register(
     from bonetumor.manifest import MANIFEST_FILE
     from bonetumor.register import run_registration
     from bonetumor.runtime import configure_process
+    from bonetumor.split import FOLDS_FILE
 
     configure_process()
     if mlflow_tracking_uri:
@@ -301,6 +308,7 @@ def register(
         evaluate_dir=evaluation.path,
         out_dir=model.path,
         project_dir=os.getcwd(),
+        folds_path=Path(folds.path) / FOLDS_FILE,
     )
     model.metadata.update(
         {key: champion[key] for key in ("model_name", "version", "alias", "model_uri", "arch", "run_id", "cv_run_id")}

@@ -89,6 +89,7 @@ def training_pipeline(
         balanced=balance_task.outputs["balanced"],
         training=train_task.outputs["training"],
         evaluation=evaluate_task.outputs["evaluation"],
+        folds=split_task.outputs["folds"],
     )
     # Refits the winner on all tiles, like one fold of train.
     register_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8Gi").set_memory_limit("16Gi")

@@ -85,16 +85,13 @@ def validate(
     out: Annotated[Path, typer.Option(help="Output folder (report.json).")] = OUT / "validate",
 ) -> None:
     """Run the Great Expectations suite on the manifest and the images; exit 1 naming failing files."""
-    from bonetumor.validate import run_validation
+    from bonetumor.validate import DOCS_DIR, REPORT_FILE, run_validation, summarise
 
     def stage() -> None:
         config, _ = _config(params)
         report = run_validation(config, manifest, out)
-        counts = ", ".join(f"{k}: {v}" for k, v in report["class_counts"].items())
-        typer.echo(
-            f"data validation passed: {len(report['expectations'])} expectations, {report['n_tiles']} tiles "
-            f"({counts}), {report['n_slides']} slides, {report['n_cases']} cases"
-        )
+        typer.echo(summarise(report))
+        typer.echo(f"report: {out / REPORT_FILE}, Data Docs: {out / DOCS_DIR / 'index.html'}")
 
     _run(stage)
 
@@ -210,18 +207,21 @@ def register(
     balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
     trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
     evaluated: Annotated[Path, typer.Option("--evaluate", help="Output of `evaluate`.")] = OUT / "evaluate",
+    folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
     out: Annotated[Path, typer.Option(help="Output folder (bundle/, champion.json).")] = OUT / "register",
 ) -> None:
-    """Refit the winning architecture on all tiles and register it in MLflow with the champion alias."""
+    """Refit the winner on all training tiles, register it; the champion gate decides champion or challenger."""
     from bonetumor.register import run_registration
 
     def stage() -> None:
         config, project = _config(params)
-        champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project)
+        champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project, folds)
         typer.echo(
             f"registered {champion['model_name']} version {champion['version']} "
-            f"as @{champion['alias']} ({champion['arch']})"
+            f"as @{champion['alias']} ({champion['arch']}): {champion['gate']['reason']}"
         )
+        if champion["test"]:
+            typer.echo(f"held-out test set: accuracy {champion['test']['accuracy']:.3f} (n={champion['test']['n']})")
 
     _run(stage)
 

@@ -1,8 +1,9 @@
 """The model bundle (weights plus metadata, as in MONAI bundles) and the predictor that serves it.
 
 A bundle folder holds ``weights.pt`` (a state dict, loaded with ``weights_only=True``, no pickled code) and
-``metadata.json``: architecture, class order, input size, mean/std, dropout, library versions and provenance.
-Everything a server needs to rebuild the model and preprocess an image exactly as in training is in there.
+``metadata.json``: architecture, class order, input size, mean/std, dropout, the stain normaliser fitted on the
+training tiles, the calibrated referral rule, library versions and provenance. Everything a server needs to
+rebuild the model, preprocess an image exactly as in training, and decide whether to refer it is in there.
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torch import nn
 
 from bonetumor import __version__
+from bonetumor.calibration import ReferralPolicy
 from bonetumor.config import PreprocessConfig
 from bonetumor.errors import ArtifactError
 from bonetumor.models import build_model
 from bonetumor.preprocess import build_eval_transform, decode_image
+from bonetumor.stain import StainNormalizer
 from bonetumor.utils import read_json, write_json
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
+#: Earlier formats that still load (version 1 had no stain normaliser and no referral rule).
+READABLE_FORMATS = (1, 2)
 WEIGHTS_FILE = "weights.pt"
 METADATA_FILE = "metadata.json"
 
@@ -42,6 +48,8 @@ class ModelMetadata:
         dropout: Dropout of the head (needed to rebuild the same module tree).
         provenance: Data version, git commit, params hash, run ids and scores of the training that made it.
         versions: Library versions it was trained with.
+        stain: The stain normaliser fitted on the training tiles (``StainNormalizer.to_dict``), or None.
+        referral: The calibrated referral rule (``ReferralPolicy.to_dict``), or None.
         format_version: Bundle format version.
     """
 
@@ -53,6 +61,8 @@ class ModelMetadata:
     dropout: float
     provenance: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    stain: dict[str, Any] | None = None
+    referral: dict[str, Any] | None = None
     format_version: int = BUNDLE_FORMAT_VERSION
 
     @property
@@ -88,9 +98,9 @@ def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
     """
     bundle_dir = Path(bundle_dir)
     raw = read_json(bundle_dir / METADATA_FILE, "model metadata")
-    if not isinstance(raw, dict) or raw.get("format_version") != BUNDLE_FORMAT_VERSION:
+    if not isinstance(raw, dict) or raw.get("format_version") not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{bundle_dir / METADATA_FILE}: not a model bundle of format version {BUNDLE_FORMAT_VERSION}"
+            f"{bundle_dir / METADATA_FILE}: not a model bundle of format version {list(READABLE_FORMATS)}"
         )
     try:
         metadata = ModelMetadata(
@@ -120,7 +130,13 @@ class Predictor:
         self.metadata = metadata
         self.name = name
         self.version = version
-        self.transform = build_eval_transform(metadata.preprocess)
+        self.stain = None if metadata.stain is None else StainNormalizer.from_dict(metadata.stain)
+        self.transform = build_eval_transform(metadata.preprocess, stain=self.stain)
+        self.referral = (
+            None
+            if metadata.referral is None
+            else ReferralPolicy.from_dict(metadata.referral, source="the model's referral rule")
+        )
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, name: str = "", version: str = "") -> Predictor:
@@ -130,18 +146,31 @@ class Predictor:
 
     @torch.no_grad()
     def predict_images(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        """Classify RGB images; each answer has ``label`` and ``probabilities`` (class to probability)."""
+        """Classify RGB images.
+
+        Each answer has ``label``, ``probabilities`` (class to probability, temperature-calibrated when the model
+        carries a referral rule), ``confidence`` (the top probability) and ``referral``: ``{"refer": bool,
+        "reason": str}``: whether a pathologist should review the tile, and why (empty when not referred).
+        """
         if not images:
             return []
         batch = torch.stack([self.transform(image) for image in images])
-        probabilities = torch.softmax(self.model(batch), dim=1).tolist()
+        logits = self.model(batch).double().numpy()
         classes = self.metadata.classes
+        if self.referral is None:
+            probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            confidence, refer, reasons = probs.max(1), np.zeros(len(probs), dtype=bool), [""] * len(probs)
+        else:
+            probs = self.referral.calibrated_probs(logits)
+            confidence, refer, reasons = self.referral.decide_batch(probs)
         return [
             {
-                "label": classes[max(range(len(p)), key=p.__getitem__)],
-                "probabilities": dict(zip(classes, p, strict=True)),
+                "label": classes[int(p.argmax())],
+                "probabilities": dict(zip(classes, map(float, p), strict=True)),
+                "confidence": float(c),
+                "referral": {"refer": bool(r), "reason": reason},
             }
-            for p in probabilities
+            for p, c, r, reason in zip(probs, confidence, refer, reasons, strict=True)
         ]
 
     def predict_image(self, image: Image.Image) -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""Register: refit the winning architecture on all tiles and register it as the champion.
+"""Register: refit the winning architecture on all training tiles, pass it through the champion gate, register it.
 
 Why refit rather than keep the best fold's model: each fold model saw only (k-1)/k of the slides, and picking
 the fold with the best validation score would pick partly on luck. The cross-validation estimates how well the
-*recipe* generalises; the served model is that recipe applied to every tile (GAN-balanced the same way), trained
-for the median best epoch over the folds, since without a validation set there is nothing to stop early on.
+*recipe* generalises; the served model is that recipe applied to every training tile (GAN-balanced the same way,
+stain-normalised to a target fitted on those tiles), trained for the median best epoch over the folds, since
+without a validation set there is nothing to stop early on.
+
+The bundle carries the referral rule the evaluate stage chose on the winner's out-of-fold predictions (temperature
+and thresholds). With a held-out test set (``split.test_fraction``), the refit model is scored on it once, here.
+
+The champion gate (:mod:`bonetumor.gate`) then decides the alias: ``register.alias`` (champion) only when the new
+model beats the current champion on the same data and folds and meets the referral recall target, otherwise
+``register.challenger_alias``. The decision and both sides' figures are tags on the new version.
 """
 
 from __future__ import annotations
@@ -13,20 +21,50 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 
 from bonetumor.augment import load_policy
+from bonetumor.calibration import ReferralPolicy
 from bonetumor.config import Config, save_resolved
+from bonetumor.datasets import load_training_table
 from bonetumor.errors import ArtifactError
-from bonetumor.evaluate import COMPARISON_FILE
-from bonetumor.inference import ModelMetadata, save_bundle
-from bonetumor.registry import log_and_register
+from bonetumor.evaluate import COMPARISON_FILE, REFERRAL_DIR
+from bonetumor.gate import GateMetrics, decide, gate_document
+from bonetumor.inference import ModelMetadata, Predictor, save_bundle
+from bonetumor.manifest import read_manifest, resolve_paths
+from bonetumor.metrics import classification_metrics
+from bonetumor.preprocess import decode_image
+from bonetumor.registry import champion_metrics, log_and_register
+from bonetumor.split import held_out_rows, read_folds
+from bonetumor.stain import fit_from_files
 from bonetumor.tracking import TAG_PREFIX, flatten_params, log_epoch_metrics, provenance_tags, require_run, setup_mlflow
 from bonetumor.train import RUNS_FILE, TRAIN_SECTIONS, refit
-from bonetumor.utils import atomic_dir, read_json, write_json
+from bonetumor.utils import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
 CHAMPION_FILE = "champion.json"
+
+
+def score_test_set(predictor: Predictor, rows: Any, dataset_dir: Path, classes: tuple[str, ...]) -> dict[str, Any]:
+    """Score the refit model on the held-out test tiles (never seen by any fold, GAN or refit).
+
+    Returns:
+        Accuracy, macro/weighted P/R/F1, per-class figures, the confusion matrix, and the referral rule's
+        coverage and accepted accuracy on the test tiles.
+    """
+    answers = []
+    files = resolve_paths(rows, dataset_dir)
+    for start in range(0, len(files), 16):
+        answers += predictor.predict_images([decode_image(f) for f in files[start : start + 16]])
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[str(label)] for label in rows["label"]])
+    y_pred = np.array([index[a["label"]] for a in answers])
+    result = classification_metrics(y_true, y_pred, classes)
+    accepted = np.array([not a["referral"]["refer"] for a in answers])
+    result["referral_coverage"] = float(accepted.mean())
+    result["accepted_accuracy"] = float((y_true == y_pred)[accepted].mean()) if accepted.any() else None
+    return result
 
 
 def run_registration(
@@ -38,8 +76,9 @@ def run_registration(
     evaluate_dir: str | Path,
     out_dir: str | Path,
     project_dir: str | Path,
+    folds_path: str | Path,
 ) -> dict[str, Any]:
-    """Refit the winner, log it to MLflow, register a version and set the alias.
+    """Refit the winner, log it to MLflow, register a version and set the alias the champion gate decides.
 
     Args:
         config: Uses ``register``, ``train``, ``preprocess``, ``data`` and ``tracking``.
@@ -47,12 +86,14 @@ def run_registration(
         policy_path: The augmentation policy.
         balance_dir: The balance output (the ``full`` training set).
         train_dir: The train output (``runs.json``: CV run ids and refit epochs).
-        evaluate_dir: The evaluate output (``comparison.json``: the winner).
+        evaluate_dir: The evaluate output (``comparison.json``: the winner; ``referral/<winner>.json``).
         out_dir: Output folder: ``bundle/`` (weights and metadata) and ``champion.json``.
         project_dir: Base folder for a relative tracking URI and the git commit.
+        folds_path: The folds file (its hash identifies the folds for the gate; its test tiles are scored).
 
     Returns:
-        The content of ``champion.json``: model name, version, alias, run id, architecture and scores.
+        The content of ``champion.json``: model name, version, the alias set, the gate's decision, run id,
+        architecture, scores, and the test-set figures when there is a test set.
     """
     comparison_path, runs_path = Path(evaluate_dir) / COMPARISON_FILE, Path(train_dir) / RUNS_FILE
     comparison = read_json(comparison_path, "architecture comparison")
@@ -66,12 +107,18 @@ def run_registration(
         raise ArtifactError(
             f"{comparison_path} and {runs_path} do not fit together (missing {exc}); rerun `bonetumor evaluate`"
         ) from exc
+    folds_path = Path(folds_path)
+    referral_path = Path(evaluate_dir) / REFERRAL_DIR / f"{winner}.json"
+    referral = ReferralPolicy.from_dict(read_json(referral_path, "referral rule"), source=str(referral_path))
     trained_runs = {arch: info["run_id"] for arch, info in runs["architectures"].items()}
     if evaluated_runs != trained_runs:
         raise ArtifactError(
             f"{comparison_path} scored the runs {evaluated_runs} but {runs_path} holds {trained_runs}: the evaluation "
             "is stale. Rerun `bonetumor evaluate` (dvc repro does this)."
         )
+    manifest_path = Path(manifest_path)
+    manifest = read_manifest(manifest_path)
+    folds = read_folds(folds_path, manifest, manifest_path)
     setup_mlflow(config.tracking, project_dir)
     require_run(cv["run_id"], f"{winner} cross-validation run")
     policy = load_policy(policy_path)
@@ -80,6 +127,19 @@ def run_registration(
         f"{winner} ranked first of {comparison['ranking']} by {comparison['selection']}: "
         f"mean per-fold macro-F1 {scores['fold_f1_macro_mean']:.4f}, pooled accuracy {scores['accuracy']:.4f}"
     )
+    candidate = GateMetrics(
+        version="",
+        fold_f1_macro_mean=float(scores["fold_f1_macro_mean"]),
+        target_recall=referral.accepted_target_recall,
+        target_met=referral.target_met,
+        data_version=tags[f"{TAG_PREFIX}data_version"],
+        folds_digest=sha256_file(folds_path),
+    )
+    champion_now = champion_metrics(config.register.model_name, config.register.alias)
+    decision = decide(candidate, champion_now, config.referral.target_recall, config.referral.target_class)
+    alias = config.register.alias if decision.promote else config.register.challenger_alias
+    log.info("champion gate: %s -> @%s", decision.reason, alias)
+    dataset_dir = manifest_path.parent
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp)
         run_tags = {
@@ -91,13 +151,18 @@ def run_registration(
         with mlflow.start_run(run_name=f"refit-{winner}", tags=run_tags) as run:
             mlflow.log_params(
                 {
-                    **flatten_params(config, (*TRAIN_SECTIONS, "register")),
+                    **flatten_params(config, (*TRAIN_SECTIONS, "referral", "register")),
                     "arch": winner,
                     "refit_epochs": cv["refit_epochs"],
                 }
             )
+            # The stain target is fitted on the refit's own real training tiles: every tile outside the test set.
+            real = load_training_table(balance_dir, "full", dataset_dir)
+            stain = fit_from_files(
+                policy.stain_normalization, list(real.loc[~real["synthetic"], "file"]), seed=config.train.seed
+            )
             result = refit(
-                config, winner, cv["refit_epochs"], balance_dir, Path(manifest_path).parent, policy, log_epoch_metrics
+                config, winner, cv["refit_epochs"], balance_dir, dataset_dir, policy, log_epoch_metrics, stain=stain
             )
             mlflow.log_metrics({f"cv_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
             provenance = {
@@ -108,6 +173,7 @@ def run_registration(
                 "oof_f1_macro": scores["f1_macro"],
                 "oof_accuracy": scores["accuracy"],
                 "fold_f1_macro_mean": scores["fold_f1_macro_mean"],
+                "folds_digest": candidate.folds_digest,
                 "selection": reason,
             }
             metadata = ModelMetadata(
@@ -119,8 +185,20 @@ def run_registration(
                 dropout=config.train.dropout,
                 provenance=provenance,
                 versions=ModelMetadata.current_versions(),
+                stain=None if stain is None else stain.to_dict(),
+                referral=referral.to_dict(),
             )
             bundle = save_bundle(result.model, metadata, tmp / "bundle")
+            test = held_out_rows(manifest, folds)
+            test_scores = None
+            if len(test):
+                test_scores = score_test_set(Predictor(result.model, metadata), test, dataset_dir, config.data.classes)
+                mlflow.log_metrics(
+                    {f"test_{k}": float(v) for k, v in test_scores.items() if isinstance(v, (int, float))}
+                    | {f"test_recall_{c}": float(v["recall"]) for c, v in test_scores["per_class"].items()}
+                )
+                write_json(tmp / "test_metrics.json", test_scores)
+                mlflow.log_artifact(str(tmp / "test_metrics.json"), "evaluation")
             version_tags = {
                 **tags,
                 f"{TAG_PREFIX}arch": winner,
@@ -129,21 +207,28 @@ def run_registration(
                 f"{TAG_PREFIX}fold_f1_macro_mean": f"{scores['fold_f1_macro_mean']:.4f}",
                 f"{TAG_PREFIX}oof_accuracy": f"{scores['accuracy']:.4f}",
                 f"{TAG_PREFIX}selection_reason": reason,
+                **candidate.to_tags("candidate"),
+                **({} if champion_now is None else champion_now.to_tags("champion")),
+                **decision.to_tags(alias),
             }
+            if test_scores is not None:
+                version_tags[f"{TAG_PREFIX}test_accuracy"] = f"{test_scores['accuracy']:.4f}"
             version = log_and_register(
-                bundle, metadata, config.register.model_name, config.register.alias, version_tags, description=reason
+                bundle, metadata, config.register.model_name, alias, version_tags, description=reason
             )
         champion = {
             "model_name": config.register.model_name,
             "version": str(version.version),
-            "alias": config.register.alias,
-            "model_uri": f"models:/{config.register.model_name}@{config.register.alias}",
+            "alias": alias,
+            "model_uri": f"models:/{config.register.model_name}@{alias}",
             "run_id": run.info.run_id,
             "cv_run_id": cv["run_id"],
             "arch": winner,
             "selection": reason,
+            "gate": gate_document(candidate, champion_now, decision),
+            "test": test_scores,
             "tracking_uri": mlflow.get_tracking_uri(),
         }
         write_json(tmp / CHAMPION_FILE, champion)
-    log.info("champion: %s version %s (%s)", config.register.model_name, version.version, winner)
+    log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner, alias)
     return champion

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 FOLDS_FORMAT_VERSION = 2
 FOLDS_FILE = "folds.json"
 FOLDS_REPORT_FILE = "folds_report.json"
+FOLDS_DOCS_DIR = "data_docs"
 
 
 def _counts(frame: pd.DataFrame, classes: Sequence[str]) -> dict[str, int]:
@@ -378,8 +379,9 @@ def run_split(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("data", "split", "validate"))
-        report = validate_folds(manifest, folds, table, config)
-        write_json(tmp / FOLDS_REPORT_FILE, report)
+        validate_folds(
+            manifest, folds, table, config, docs_dir=tmp / FOLDS_DOCS_DIR, report_path=tmp / FOLDS_REPORT_FILE
+        )
         write_folds(folds, tmp / FOLDS_FILE, manifest_path)
     for fold in folds["folds"]:
         log.info(
