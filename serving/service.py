@@ -50,7 +50,7 @@ class BoneTumorClassifier:
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:
-        """The served model: registered name and version, architecture, classes, input size and provenance.
+        """The served model: name and version, architecture, classes, preprocessing, referral rule and provenance.
 
         Provenance (data version, git commit, params hash, MLflow run ids) lets an auditor trace any answer.
         """
@@ -65,4 +65,6 @@ class BoneTumorClassifier:
             "std": list(meta.std),
             "provenance": meta.provenance,
             "versions": meta.versions,
+            "stain_normalization": None if meta.stain is None else meta.stain.get("method"),
+            "referral": meta.referral,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,13 +15,41 @@ import yaml
 from conftest import CLASSES, REPO, SAMPLE, free_port, venv_env
 from test_inference import metadata
 
+from bonetumor.calibration import ReferralPolicy
 from bonetumor.config import TrackingConfig
-from bonetumor.inference import save_bundle
+from bonetumor.inference import ModelMetadata, save_bundle
 from bonetumor.models import build_model
 from bonetumor.registry import log_and_register
+from bonetumor.stain import fit_from_files
 from bonetumor.tracking import setup_mlflow
 
 pytestmark = pytest.mark.integration
+
+
+#: A referral rule that refers every tile below 0.99 confidence: an untrained model is never that sure.
+REFER_BELOW = 0.99
+
+
+def served_metadata() -> ModelMetadata:
+    """The test model's metadata with a Reinhard stain target and a referral rule, as the pipeline writes them."""
+    stain = fit_from_files("reinhard", sorted((SAMPLE / "images").rglob("*.jpg"))[:8])
+    referral = ReferralPolicy(
+        classes=CLASSES,
+        temperature=1.5,
+        confidence_threshold=REFER_BELOW,
+        target_class="Viable-Tumor",
+        target_recall=0.95,
+        safe_class="Non-Tumor",
+        max_target_prob_when_safe=0.2,
+        n_tiles=30,
+        coverage=0.1,
+        accepted_accuracy=1.0,
+        accepted_target_recall=1.0,
+        target_met=True,
+    )
+    return dataclasses.replace(
+        metadata(), stain=None if stain is None else stain.to_dict(), referral=referral.to_dict()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +59,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "sqlite:///mlflow.db"}}))
     setup_mlflow(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db"), root)
     torch.manual_seed(0)
-    bundle = save_bundle(build_model("resnet50", 3).eval(), metadata(), root / "bundle")
+    served = served_metadata()
+    bundle = save_bundle(build_model("resnet50", 3).eval(), served, root / "bundle")
     with mlflow.start_run():
-        version = log_and_register(bundle, metadata(), "bone-tumor-classifier", "champion", {})
+        version = log_and_register(bundle, served, "bone-tumor-classifier", "champion", {})
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
     port = free_port()
@@ -82,6 +112,10 @@ def test_a_real_tile_gets_a_label_probabilities_and_the_model_version(server: tu
     assert abs(sum(answer["probabilities"].values()) - 1.0) < 1e-5
     assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
     assert answer["model"] == {"name": "bone-tumor-classifier", "version": version}
+    # Calibrated confidence, and the model's referral rule applied: below 0.99 the tile goes to a pathologist.
+    assert answer["confidence"] == pytest.approx(max(answer["probabilities"].values()))
+    assert answer["referral"]["refer"] is True
+    assert f"does not exceed the referral threshold {REFER_BELOW:.2f}" in answer["referral"]["reason"]
 
 
 @pytest.mark.parametrize(
@@ -114,3 +148,6 @@ def test_model_info_names_the_served_version_and_its_preprocessing(server: tuple
     assert info["classes"] == list(CLASSES)
     assert info["image_size"] == 32
     assert info["provenance"] == {"data_version": "abc"}
+    assert info["stain_normalization"] == "reinhard"
+    assert info["referral"]["confidence_threshold"] == REFER_BELOW
+    assert info["referral"]["temperature"] == 1.5
