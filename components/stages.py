@@ -169,6 +169,7 @@ def train(
     folds: Input[Artifact],
     policy: Input[Artifact],
     balanced: Input[Dataset],
+    validation_report: Input[Artifact],
     training: Output[Artifact],
 ) -> None:
     """Cross-validate every architecture (MLflow: a parent run per architecture, a nested run per fold).
@@ -180,7 +181,8 @@ def train(
         folds: The split output.
         policy: The augment output.
         balanced: The balance output.
-        training: Output folder: ``runs.json`` and ``<arch>/oof.csv`` (out-of-fold predictions).
+        validation_report: The validate output (report and Data Docs, logged with the runs).
+        training: Output folder: ``runs.json``, ``<arch>/oof.csv`` (out-of-fold predictions), Grad-CAM galleries.
     """
     import os
     from pathlib import Path
@@ -204,6 +206,7 @@ def train(
         balance_dir=balanced.path,
         out_dir=training.path,
         project_dir=os.getcwd(),
+        validation_dir=validation_report.path,
     )
     training.metadata.update(
         {

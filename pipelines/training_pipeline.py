@@ -67,6 +67,7 @@ def training_pipeline(
         folds=split_task.outputs["folds"],
         policy=augment_task.outputs["policy"],
         balanced=balance_task.outputs["balanced"],
+        validation_report=report,
     )
     train_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8Gi").set_memory_limit("16Gi")
     train_task.set_caching_options(enable_caching=False)

@@ -1,12 +1,21 @@
 import hashlib
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from torchvision import models as tvm
 
 from bonetumor.errors import WeightsUnavailableError
-from bonetumor.models import ARCHITECTURES, build_model, cam_layer, imagenet_weights_path
+from bonetumor.models import (
+    ARCHITECTURES,
+    build_model,
+    cam_layer,
+    imagenet_weights_path,
+    param_groups,
+    set_trainable,
+    trainable_parameters,
+)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -21,7 +30,8 @@ def test_every_architecture_outputs_one_logit_per_class(arch: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("arch", "trainable", "frozen_name"), [("resnet50", "top", "layer3"), ("vgg19", "head", "features")]
+    ("arch", "trainable", "frozen_name"),
+    [("resnet50", "top", "layer3"), ("vgg19", "head", "features"), ("vgg19_bn", "head", "features")],
 )
 def test_trainable_freezes_everything_below(arch: str, trainable: str, frozen_name: str, tmp_path: Path) -> None:
     path = tmp_path / f"{arch}.pth"
@@ -65,3 +75,55 @@ def test_imagenet_file_with_a_wrong_hash_is_refused(tmp_path: Path, monkeypatch:
     assert not hashlib.sha256(path.read_bytes()).hexdigest().startswith(path.stem.rsplit("-", 1)[1])
     with pytest.raises(WeightsUnavailableError, match="does not match the hash prefix"):
         build_model("resnet50", 3, weights="imagenet")
+
+
+@pytest.mark.parametrize(("arch", "first_top", "cam_index"), [("vgg19", 28, 35), ("vgg19_bn", 40, 51)])
+def test_vgg_top_block_is_block_5_and_grad_cam_explains_its_last_relu(
+    arch: str, first_top: int, cam_index: int
+) -> None:
+    model = build_model(arch, 3, trainable="all")
+    features = cast(torch.nn.Sequential, model.get_submodule("features"))
+    # Block 5 starts after the 4th max-pooling with conv5_1.
+    assert isinstance(features[first_top - 1], torch.nn.MaxPool2d)
+    assert isinstance(features[first_top], torch.nn.Conv2d)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in features[:first_top]) == 4
+    set_trainable(model, arch, "top")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    top = {f"features.{n}" for n, _ in features[first_top:].named_parameters()}
+    head = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+    assert trainable == top | head
+    assert all(int(n.split(".")[1]) >= first_top for n in top)
+    assert cam_layer(model, arch) is features[cam_index]
+    assert isinstance(features[cam_index], torch.nn.ReLU)
+    assert isinstance(features[cam_index - 1], torch.nn.Conv2d if arch == "vgg19" else torch.nn.BatchNorm2d)
+    assert not features[cam_index].inplace  # Grad-CAM's backward hooks need out-of-place ReLUs
+
+
+def test_vgg19_bn_trains_one_step_and_its_imagenet_file_is_torchvisions() -> None:
+    torch.manual_seed(0)
+    model = build_model("vgg19_bn", 3).train()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before["features.0.weight"], model.get_parameter("features.0.weight"))
+    assert not torch.equal(before["classifier.2.weight"], model.get_parameter("classifier.2.weight"))
+    assert imagenet_weights_path("vgg19_bn").name == "vgg19_bn-c79401a0.pth"
+
+
+@pytest.mark.parametrize(("arch", "trainable"), [("resnet50", "top"), ("resnet50", "all"), ("vgg19", "head")])
+def test_param_groups_split_the_trainable_parameters_into_head_and_backbone(arch: str, trainable: str) -> None:
+    model = build_model(arch, 3)
+    head, backbone = param_groups(model, arch, trainable, lr=1e-3, finetune_lr_factor=0.1)
+    assert (head["name"], head["lr"]) == ("head", 1e-3)
+    assert (backbone["name"], backbone["lr"]) == ("backbone", pytest.approx(1e-4))
+    head_ids, backbone_ids = {id(p) for p in head["params"]}, {id(p) for p in backbone["params"]}
+    assert not head_ids & backbone_ids
+    assert head_ids | backbone_ids == {id(p) for p in trainable_parameters(model, arch, trainable)}
+    assert head_ids == {id(p) for p in ARCHITECTURES[arch].head(model).parameters()}
+    assert (len(backbone_ids) == 0) == (trainable == "head")
+    # param_groups only reads: the model's frozen/unfrozen state is left as it was.
+    assert all(p.requires_grad for p in model.parameters())

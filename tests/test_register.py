@@ -40,6 +40,7 @@ def test_a_stale_evaluation_never_registers(tmp_path: Path) -> None:
             tmp_path / "evaluate",
             tmp_path / "register",
             tmp_path,
+            tmp_path / "folds.json",
         )
     assert not (tmp_path / "register").exists()
     assert not (tmp_path / "mlflow.db").exists()  # refused before touching MLflow

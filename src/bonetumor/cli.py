@@ -162,6 +162,7 @@ def train(
     folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
     policy: Annotated[Path, typer.Option(help="Policy from `augment`.")] = POLICY,
     balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
+    validation: Annotated[Path, typer.Option(help="Output of `validate` (logged with the runs).")] = OUT / "validate",
     out: Annotated[Path, typer.Option(help="Output folder (runs.json, <arch>/oof.csv).")] = OUT / "train",
 ) -> None:
     """Train every architecture on every fold (MLflow: a parent run per architecture, a nested run per fold)."""
@@ -169,7 +170,7 @@ def train(
 
     def stage() -> None:
         config, project = _config(params)
-        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project)
+        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, validation)
         for arch, info in runs["architectures"].items():
             typer.echo(f"{arch}: MLflow run {info['run_id']}, best epochs {[f['best_epoch'] for f in info['folds']]}")
 

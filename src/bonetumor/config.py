@@ -304,6 +304,44 @@ class TrainConfig:
 
 
 @dataclass(config=_STRICT)
+class CandidatesConfig:
+    """Models built beside the plain architectures, each scored on the same folds (train stage).
+
+    Attributes:
+        two_stage: Train the paper's two-stage classifier per fold: tumour vs non-tumour, then viable vs
+            non-viable on tumour tiles, combined into the three class probabilities.
+        two_stage_arch: Architecture of both stages (must be in ``train.architectures`` order of preference; any
+            factory name works).
+        pruned_vgg19: Prune each fold's VGG19 (structured, channels removed) and fine-tune it (needs vgg19 in
+            ``train.architectures``).
+        prune_amount: Share of each conv layer's filters removed (lowest L1 norm first).
+        prune_finetune_epochs: Fine-tuning epochs of the pruned model.
+        int8: Export each fold's models to ONNX and quantise them to INT8 (static, calibrated on training
+            tiles), and score the quantised models too.
+        calibration_tiles: Training tiles used to calibrate the INT8 quantisation.
+        latency_batch: Batch size of the CPU latency measurement reported for every model.
+    """
+
+    two_stage: bool = True
+    two_stage_arch: str = "resnet50"
+    pruned_vgg19: bool = True
+    prune_amount: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    prune_finetune_epochs: PositiveInt = 2
+    int8: bool = True
+    calibration_tiles: PositiveInt = 32
+    latency_batch: PositiveInt = 8
+
+    @field_validator("two_stage_arch")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        from bonetumor.models import ARCHITECTURES
+
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {value!r}; expected one of {sorted(ARCHITECTURES)}")
+        return value
+
+
+@dataclass(config=_STRICT)
 class EvaluateConfig:
     """Evaluation artifacts.
 
@@ -381,6 +419,7 @@ class Config:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    candidates: CandidatesConfig = dataclasses.field(default_factory=CandidatesConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     referral: ReferralConfig = dataclasses.field(default_factory=ReferralConfig)
     register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
@@ -450,6 +489,7 @@ _SECTIONS: dict[str, type] = {
     "augment": AugmentConfig,
     "balance": BalanceConfig,
     "train": TrainConfig,
+    "candidates": CandidatesConfig,
     "evaluate": EvaluateConfig,
     "referral": ReferralConfig,
     "register": RegisterConfig,

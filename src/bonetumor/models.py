@@ -1,9 +1,9 @@
 """Model factory: every architecture is built by name through :func:`build_model` (as timm does).
 
 Each architecture is a torchvision backbone with a new head: global average pooling, dropout, and one linear
-layer with an output per class. VGG19's 120M-parameter ImageNet classifier is replaced by that head too (as in
-Keras-style transfer learning): it would dominate memory, optimiser state and artifact size (548 MB per model)
-while the convolutional features carry the transfer.
+layer with an output per class. The 120M-parameter ImageNet classifier of VGG19 and VGG19-BN is replaced by that
+head too (as in Keras-style transfer learning): it would dominate memory, optimiser state and artifact size
+(548 MB per model) while the convolutional features carry the transfer.
 
 Pretrained weights are never downloaded at run time: ``imagenet`` reads torchvision's file from TORCH_HOME's
 checkpoint cache and checks it against the hash in its name; a path loads a torchvision-layout state dict.
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -55,9 +55,19 @@ def _vgg_head(model: nn.Module, num_classes: int, dropout: float) -> None:
             module.inplace = False
 
 
-def _vgg19_top(model: nn.Module) -> nn.Module:
-    # Block 5 of VGG19's features: conv5_1..conv5_4 with their ReLUs and the last pooling.
-    return cast(nn.Module, cast(tvm.VGG, model).features[28:])
+def _vgg_top(model: nn.Module) -> nn.Module:
+    # Block 5 of VGG19's features: everything after the 4th max-pooling (conv5_1..conv5_4 with their ReLUs, and
+    # with the batch-norm variant their BatchNorms, and the last pooling): features[28:] of vgg19,
+    # features[40:] of vgg19_bn. Found by position of the pooling so that both variants share one rule.
+    features = cast(nn.Sequential, cast(tvm.VGG, model).features)
+    pools = [i for i, module in enumerate(features) if isinstance(module, nn.MaxPool2d)]
+    return cast(nn.Module, features[pools[3] + 1 :])
+
+
+def _vgg_cam(model: nn.Module) -> nn.Module:
+    # The ReLU after conv5_4 (and its BatchNorm in vgg19_bn): features[35] of vgg19, features[51] of vgg19_bn.
+    features = cast(nn.Sequential, cast(tvm.VGG, model).features)
+    return next(module for module in reversed(features) if isinstance(module, nn.ReLU))
 
 
 def _resnet(model: nn.Module) -> tvm.ResNet:
@@ -82,8 +92,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         imagenet_weights=tvm.VGG19_Weights.DEFAULT,
         replace_head=_vgg_head,
         head=lambda m: _vgg(m).classifier,
-        top_block=_vgg19_top,
-        cam_layer=lambda m: cast(nn.Module, _vgg(m).features[35]),  # the ReLU after conv5_4
+        top_block=_vgg_top,
+        cam_layer=_vgg_cam,
+    ),
+    # VGG19 with a BatchNorm after every convolution; same head, top block and Grad-CAM layer rules as vgg19.
+    "vgg19_bn": ArchSpec(
+        build=lambda: tvm.vgg19_bn(weights=None),
+        imagenet_weights=tvm.VGG19_BN_Weights.DEFAULT,  # vgg19_bn-c79401a0.pth
+        replace_head=_vgg_head,
+        head=lambda m: _vgg(m).classifier,
+        top_block=_vgg_top,
+        cam_layer=_vgg_cam,
     ),
 }
 
@@ -177,18 +196,63 @@ def build_model(
     return model
 
 
+TRAINABLE_CHOICES = ("all", "top", "head")
+
+
+def trainable_parameters(model: nn.Module, arch: str, trainable: str) -> list[nn.Parameter]:
+    """Return the parameters that ``trainable`` names (``all``, ``top`` block plus head, or ``head``), in model order.
+
+    Raises:
+        ConfigError: Unknown architecture or ``trainable`` value.
+    """
+    spec = _spec(arch)
+    if trainable not in TRAINABLE_CHOICES:
+        raise ConfigError(f"trainable={trainable!r}; expected one of {list(TRAINABLE_CHOICES)}")
+    if trainable == "all":
+        return list(model.parameters())
+    chosen = {id(p) for p in spec.head(model).parameters()}
+    if trainable == "top":
+        chosen |= {id(p) for p in spec.top_block(model).parameters()}
+    return [p for p in model.parameters() if id(p) in chosen]
+
+
 def set_trainable(model: nn.Module, arch: str, trainable: str) -> None:
     """Freeze all parameters except those ``trainable`` names (``all``, ``top`` block plus head, or ``head``)."""
-    spec = _spec(arch)
-    if trainable not in ("all", "top", "head"):
-        raise ConfigError(f"trainable={trainable!r}; expected one of ['all', 'top', 'head']")
-    if trainable == "all":
-        model.requires_grad_(True)
-        return
-    model.requires_grad_(False)
-    spec.head(model).requires_grad_(True)
-    if trainable == "top":
-        spec.top_block(model).requires_grad_(True)
+    chosen = {id(p) for p in trainable_parameters(model, arch, trainable)}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in chosen)
+
+
+def param_groups(
+    model: nn.Module, arch: str, trainable: str, lr: float, finetune_lr_factor: float
+) -> list[dict[str, Any]]:
+    """Return optimiser parameter groups for two-phase fine-tuning: the head, then the unfrozen backbone layers.
+
+    The head (new, randomly initialised) learns at ``lr``; the pretrained layers that ``trainable`` names besides
+    the head learn at ``lr * finetune_lr_factor``, so that fine-tuning adapts them without destroying the
+    ImageNet features. The backbone group is empty with ``trainable: head``.
+
+    Args:
+        model: A model built by :func:`build_model` for ``arch``.
+        arch: A key of :data:`ARCHITECTURES`.
+        trainable: ``all``, ``top`` or ``head``: which layers the second phase trains.
+        lr: Learning rate of the head.
+        finetune_lr_factor: Multiplier of ``lr`` for the backbone layers.
+
+    Returns:
+        ``[{"name": "head", "params": [...], "lr": lr}, {"name": "backbone", "params": [...], "lr": ...}]``,
+        ready for a ``torch.optim`` optimiser (which keeps the extra ``name`` key in its param groups).
+
+    Raises:
+        ConfigError: Unknown architecture or ``trainable`` value.
+    """
+    head = list(_spec(arch).head(model).parameters())
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in trainable_parameters(model, arch, trainable) if id(p) not in head_ids]
+    return [
+        {"name": "head", "params": head, "lr": lr},
+        {"name": "backbone", "params": backbone, "lr": lr * finetune_lr_factor},
+    ]
 
 
 def cam_layer(model: nn.Module, arch: str) -> nn.Module:

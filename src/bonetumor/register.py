@@ -17,6 +17,7 @@ model beats the current champion on the same data and folds and meets the referr
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +108,15 @@ def run_registration(
         raise ArtifactError(
             f"{comparison_path} and {runs_path} do not fit together (missing {exc}); rerun `bonetumor evaluate`"
         ) from exc
-    folds_path = Path(folds_path)
-    referral_path = Path(evaluate_dir) / REFERRAL_DIR / f"{winner}.json"
-    referral = ReferralPolicy.from_dict(read_json(referral_path, "referral rule"), source=str(referral_path))
     trained_runs = {arch: info["run_id"] for arch, info in runs["architectures"].items()}
     if evaluated_runs != trained_runs:
         raise ArtifactError(
             f"{comparison_path} scored the runs {evaluated_runs} but {runs_path} holds {trained_runs}: the evaluation "
             "is stale. Rerun `bonetumor evaluate` (dvc repro does this)."
         )
+    folds_path = Path(folds_path)
+    referral_path = Path(evaluate_dir) / REFERRAL_DIR / f"{winner}.json"
+    referral = ReferralPolicy.from_dict(read_json(referral_path, "referral rule"), source=str(referral_path))
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
     folds = read_folds(folds_path, manifest, manifest_path)
@@ -161,8 +162,19 @@ def run_registration(
             stain = fit_from_files(
                 policy.stain_normalization, list(real.loc[~real["synthetic"], "file"]), seed=config.train.seed
             )
+            # Outside the atomic output folder, which a killed run discards; removed once registered.
+            checkpoints = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints"
             result = refit(
-                config, winner, cv["refit_epochs"], balance_dir, dataset_dir, policy, log_epoch_metrics, stain=stain
+                config,
+                winner,
+                cv["refit_epochs"],
+                balance_dir,
+                dataset_dir,
+                policy,
+                log_epoch_metrics,
+                stain=stain,
+                checkpoint_dir=checkpoints,
+                fingerprint=f"{config.section_hash(*TRAIN_SECTIONS)}-{winner}-{cv['run_id']}-{policy.digest()}",
             )
             mlflow.log_metrics({f"cv_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
             provenance = {
@@ -230,5 +242,6 @@ def run_registration(
             "tracking_uri": mlflow.get_tracking_uri(),
         }
         write_json(tmp / CHAMPION_FILE, champion)
+    shutil.rmtree(Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints", ignore_errors=True)
     log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner, alias)
     return champion

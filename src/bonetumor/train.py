@@ -5,12 +5,19 @@ metrics. Each fold early-stops on a grouped hold-out of its own training slides 
 the model of its best epoch (by ``train.monitor``) then predicts the fold's validation tiles once, which gives
 the out-of-fold predictions that evaluation scores. The median best epoch sets the length of the final refit
 on all tiles (see ``register``).
+
+Each fold fits its own stain-normalisation target on its own training tiles (the validation tiles never inform
+it), draws a Grad-CAM gallery of a few of its validation tiles with its own model, and checkpoints every epoch:
+a killed stage, rerun, resumes each fold where it stopped (``train.checkpoint``). The Great Expectations Data Docs
+of the data set are logged with every architecture's run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,12 +32,15 @@ from bonetumor.augment import AugmentPolicy, load_policy
 from bonetumor.config import Config, save_resolved
 from bonetumor.datasets import load_training_table, split_tables
 from bonetumor.engine import FitResult, eval_dataset, fit, plot_history, predict_logits, select_device, training_dataset
+from bonetumor.explain import gradcam_gallery, select_gallery_tiles
 from bonetumor.manifest import read_manifest, resolve_paths
 from bonetumor.metrics import macro_f1
 from bonetumor.models import build_model
+from bonetumor.preprocess import build_eval_transform
 from bonetumor.split import inner_split, read_folds
+from bonetumor.stain import StainNormalizer, fit_from_files
 from bonetumor.tracking import flatten_params, log_epoch_metrics, provenance_tags, setup_mlflow
-from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, write_json
+from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ def run_cross_validation(
     balance_dir: str | Path,
     out_dir: str | Path,
     project_dir: str | Path,
+    validation_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train every architecture on every fold and write out-of-fold predictions.
 
@@ -58,6 +69,7 @@ def run_cross_validation(
         out_dir: Output folder: ``<arch>/oof.csv``, ``<arch>/history.json``, ``<arch>/learning_curves.png``
             and ``runs.json`` (MLflow run ids for the evaluate and register stages).
         project_dir: Base folder for relative tracking URIs and the git commit.
+        validation_dir: The validate stage's output; its report and Data Docs are logged with each run.
 
     Returns:
         The content of ``runs.json``.
@@ -87,6 +99,22 @@ def run_cross_validation(
         "tracking_uri": mlflow.get_tracking_uri(),
         "architectures": {},
     }
+    # Checkpoints live outside the atomic output folder, which a killed run discards.
+    out_dir = Path(out_dir)
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
+    # What the folds compute depends on these; a checkpoint made from anything else is not resumed.
+    fingerprint = hashlib.sha256(
+        "|".join(
+            [
+                config.section_hash(*TRAIN_SECTIONS, "evaluate"),
+                policy.digest(),
+                sha256_file(folds_path),
+                sha256_file(Path(balance_dir) / "summary.json")
+                if (Path(balance_dir) / "summary.json").is_file()
+                else "",
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, TRAIN_SECTIONS)
         for arch in config.train.architectures:
@@ -103,8 +131,12 @@ def run_cross_validation(
                 tags,
                 timer,
                 [tmp / "config.resolved.yaml", Path(policy_path)],
+                None if validation_dir is None else Path(validation_dir),
+                checkpoints / arch,
+                fingerprint,
             )
         write_json(tmp / RUNS_FILE, runs)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("cross-validation finished in %.0fs", timer.elapsed)
     return runs
 
@@ -122,6 +154,9 @@ def _cross_validate_arch(
     tags: dict[str, str],
     timer: EtaTimer,
     artifacts: Sequence[Path],
+    validation_dir: Path | None,
+    checkpoints: Path,
+    fingerprint: str,
 ) -> dict[str, Any]:
     classes = config.data.classes
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,17 +173,23 @@ def _cross_validate_arch(
         for artifact in artifacts:
             if artifact.is_file():
                 mlflow.log_artifact(str(artifact))
+        _log_validation(validation_dir)
         for fold_info in folds["folds"]:
             k = int(fold_info["fold"])
             name = f"{arch} fold {k + 1}/{n_folds}"
             _, val_rows = split_tables(manifest, folds, k)
             train_table = load_training_table(balance_dir, f"fold-{k}", dataset_dir)
             fit_table, stop_rows = early_stopping_split(train_table, config, seed=config.train.seed + k)
-            train_set = training_dataset(fit_table, config, policy)
+            # The stain target comes from this fold's real training tiles only.
+            real_train = train_table.loc[~train_table["synthetic"], "file"]
+            stain = fit_from_files(policy.stain_normalization, list(real_train), seed=config.train.seed + k)
+            train_set = training_dataset(fit_table, config, policy, stain=stain)
             stop_set = (
-                None if stop_rows is None else eval_dataset(list(stop_rows["file"]), list(stop_rows["label"]), config)
+                None
+                if stop_rows is None
+                else eval_dataset(list(stop_rows["file"]), list(stop_rows["label"]), config, stain=stain)
             )
-            val_set = eval_dataset(resolve_paths(val_rows, dataset_dir), list(val_rows["label"]), config)
+            val_set = eval_dataset(resolve_paths(val_rows, dataset_dir), list(val_rows["label"]), config, stain=stain)
             seed_everything(config.train.seed + k)
             model = build_model(arch, len(classes), config.train.dropout, config.train.weights, config.train.trainable)
             with mlflow.start_run(
@@ -176,6 +217,9 @@ def _cross_validate_arch(
                     name,
                     log_epoch_metrics,
                     timer,
+                    arch=arch,
+                    checkpoint_dir=checkpoints / f"fold-{k}" if config.train.checkpoint else None,
+                    fingerprint=f"{fingerprint}-{arch}-{k}",
                 )
                 logits = predict_logits(result.model, val_set, config.train, device)
                 best = result.history[result.best_epoch - 1]
@@ -188,26 +232,72 @@ def _cross_validate_arch(
                         "fold_macro_f1": macro_f1(val_set.labels, predictions),
                     }
                 )
+                fold_oof = _oof_frame(val_rows, k, logits, classes)
+                if config.evaluate.gradcam_per_class:
+                    gallery = _gradcam(result.model, arch, fold_oof, config, stain, device, dataset_dir, out_dir, k)
+                    mlflow.log_artifact(str(gallery), "gradcam")
             fold_runs.append(
                 {
                     "fold": k,
                     "run_id": run.info.run_id,
                     "best_epoch": result.best_epoch,
                     "stopped_early": result.stopped_early,
+                    "resumed_epochs": result.resumed_from,
+                    "stain": None if stain is None else stain.to_dict(),
                 }
             )
             histories[f"fold {k}"] = result.history
-            oof_parts.append(_oof_frame(val_rows, k, logits, classes))
+            oof_parts.append(fold_oof)
         oof = pd.concat(oof_parts).sort_values("path").reset_index(drop=True)
         oof.to_csv(out_dir / "oof.csv", index=False)
         write_json(out_dir / "history.json", {"folds": fold_runs, "history": histories})
         curves = plot_history(histories, f"{arch}: {n_folds}-fold cross-validation", out_dir / "learning_curves.png")
         mlflow.log_artifact(str(curves))
         mlflow.log_artifact(str(out_dir / "oof.csv"))
+        if (out_dir / "gradcam").is_dir():
+            mlflow.log_artifacts(str(out_dir / "gradcam"), "gradcam")
         best_epochs = [f["best_epoch"] for f in fold_runs]
         refit_epochs = max(1, math.ceil(statistics.median(best_epochs)))
         mlflow.log_metric("refit_epochs", refit_epochs)
     return {"run_id": parent.info.run_id, "folds": fold_runs, "refit_epochs": refit_epochs}
+
+
+def _log_validation(validation_dir: Path | None) -> None:
+    """Log the data validation report and its Data Docs with the active run (what data this run trusted)."""
+    if validation_dir is None:
+        return
+    report = validation_dir / "report.json"
+    if report.is_file():
+        mlflow.log_artifact(str(report), "data_validation")
+    docs = validation_dir / "data_docs"
+    if docs.is_dir():
+        mlflow.log_artifacts(str(docs), "data_validation/data_docs")
+
+
+def _gradcam(
+    model: torch.nn.Module,
+    arch: str,
+    fold_oof: pd.DataFrame,
+    config: Config,
+    stain: StainNormalizer | None,
+    device: torch.device,
+    dataset_dir: Path,
+    out_dir: Path,
+    fold: int,
+) -> Path:
+    """Draw Grad-CAM on a few of the fold's validation tiles per class, with the fold's own model."""
+    chosen = select_gallery_tiles(fold_oof, config.evaluate.gradcam_per_class, seed=config.train.seed + fold)
+    return gradcam_gallery(
+        model,
+        arch,
+        resolve_paths(chosen, dataset_dir),
+        list(chosen["label"]),
+        config.data.classes,
+        build_eval_transform(config.preprocess, stain=stain),
+        out_dir / "gradcam" / f"fold-{fold}.png",
+        device=str(device),
+        title=f"{arch} fold {fold}: Grad-CAM on validation tiles (final conv block)",
+    )
 
 
 def early_stopping_split(table: pd.DataFrame, config: Config, seed: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -250,8 +340,14 @@ def refit(
     dataset_dir: str | Path,
     policy: AugmentPolicy,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    stain: StainNormalizer | None = None,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
 ) -> FitResult:
-    """Train ``arch`` on every tile (the balanced ``full`` training set) for a fixed number of epochs.
+    """Train ``arch`` on every training tile (the balanced ``full`` set) for a fixed number of epochs.
+
+    ``stain`` is the normaliser fitted on those tiles; the served model carries the same one. With a
+    ``checkpoint_dir`` (and ``train.checkpoint``), a killed refit resumes from its last epoch.
 
     The cosine schedule spans ``train.epochs`` as in the folds, so epoch ``e`` of the refit uses the learning
     rate epoch ``e`` of a fold used. (With ``scheduler: plateau`` there is no validation set to react to, so the
@@ -259,11 +355,25 @@ def refit(
     """
     device = select_device(config.train.device)
     table = load_training_table(balance_dir, "full", dataset_dir)
-    train_set = training_dataset(table, config, policy)
+    train_set = training_dataset(table, config, policy, stain=stain)
     seed_everything(config.train.seed)
     model = build_model(
         arch, len(config.data.classes), config.train.dropout, config.train.weights, config.train.trainable
     )
     timer = EtaTimer(epochs)
     name = f"{arch} refit on all tiles"
-    return fit(model, train_set, None, config.train, device, epochs, name, on_epoch, timer, config.train.epochs)
+    return fit(
+        model,
+        train_set,
+        None,
+        config.train,
+        device,
+        epochs,
+        name,
+        on_epoch,
+        timer,
+        config.train.epochs,
+        arch=arch,
+        checkpoint_dir=checkpoint_dir if config.train.checkpoint else None,
+        fingerprint=fingerprint,
+    )

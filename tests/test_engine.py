@@ -1,0 +1,408 @@
+"""The training recipe of bonetumor.engine.fit on a tiny registered architecture and tiny generated tiles."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import CLASS_COLOURS, CLASSES, write_tile
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchvision import models as tvm
+
+from bonetumor.augment import AugmentPolicy
+from bonetumor.config import Config, TrainConfig
+from bonetumor.datasets import TileDataset
+from bonetumor.engine import (
+    FitResult,
+    channels_last_enabled,
+    checkpoint_path,
+    class_weights,
+    clear_checkpoint,
+    fit,
+    predict_logits,
+    training_dataset,
+)
+from bonetumor.errors import ConfigError, DatasetError
+from bonetumor.models import ARCHITECTURES, ArchSpec
+
+CPU = torch.device("cpu")
+ARCH = "tiny"
+
+
+class TinyNet(nn.Module):
+    """A backbone (two conv blocks with BatchNorm), a top block, and a GAP -> dropout -> linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.top = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(0.3), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.top(self.features(x)))
+
+
+class ConstantLogits(nn.Module):
+    """Uniform logits from one bias: on a balanced batch its gradient is exactly zero, so nothing ever improves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], 3)
+
+
+def _spec(build: Callable[[], nn.Module], head: str, top: str) -> ArchSpec:
+    return ArchSpec(
+        build=build,
+        imagenet_weights=tvm.ResNet50_Weights.DEFAULT,  # never loaded: the tests pass weights directly
+        replace_head=lambda model, classes, dropout: None,
+        head=lambda model: model.get_submodule(head),
+        top_block=lambda model: model.get_submodule(top),
+        cam_layer=lambda model: model.get_submodule(top),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _tiny_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ARCHITECTURES, ARCH, _spec(TinyNet, "head", "top"))
+    monkeypatch.setitem(ARCHITECTURES, "constant", _spec(ConstantLogits, "", ""))
+
+
+class LabelledTensors(TensorDataset):
+    """A TensorDataset with the ``labels`` list that fit reads from a validation set."""
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(v) for v in self.tensors[1]]
+
+
+def _tensors(n: int = 24, size: int = 16, seed: int = 0, labels: list[int] | None = None) -> LabelledTensors:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.tensor(labels) if labels is not None else torch.arange(n) % 3
+    # A learnable signal: the class shifts the mean of one channel.
+    x = torch.randn(len(y), 3, size, size, generator=generator)
+    x[torch.arange(len(y)), y] += 1.0
+    return LabelledTensors(x, y)
+
+
+@pytest.fixture
+def augmented_tiles(tmp_path: Path) -> TileDataset:
+    """Twelve 32 px JPEG tiles through the real augmenting training transform (rotation, flips, zoom)."""
+    files, labels = [], []
+    for c, label in enumerate(CLASSES):
+        for t in range(4):
+            files.append(write_tile(tmp_path / "tiles" / f"{c}-{t}.jpg", CLASS_COLOURS[label], 32, seed=10 * c + t))
+            labels.append(label)
+    config = Config.from_dict({"preprocess": {"image_size": 32}})
+    policy = AugmentPolicy(rotation_degrees=90, hflip_p=0.5, vflip_p=0.5, zoom_max=1.25)
+    return training_dataset(pd.DataFrame({"file": files, "label": labels}), config, policy)
+
+
+def _config(**overrides: Any) -> TrainConfig:
+    values: dict[str, Any] = {
+        "architectures": ["resnet50"],
+        "weights": "pretrained.pt",  # two-phase needs "pretrained" weights; fit itself never reads them
+        "batch_size": 8,
+        "lr": 1e-2,
+        "epochs": 4,
+        "patience": 10,
+        "progress": False,
+        "channels_last": "off",
+        "seed": 3,
+    }
+    return TrainConfig(**{**values, **overrides})
+
+
+def _tiny(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _without_seconds(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+@pytest.mark.parametrize("trainable", ["all", "top"])
+def test_two_phase_trains_the_head_first_then_unfreezes_at_the_lower_rate(trainable: str) -> None:
+    config = _config(head_epochs=2, epochs=4, trainable=trainable, scheduler="cosine", finetune_lr_factor=0.1)
+    model = _tiny()
+    start = {"features": _snapshot(model.features), "top": _snapshot(model.top), "head": _snapshot(model.head)}
+    after: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def record(stats: dict[str, float]) -> None:
+        epoch = int(stats["epoch"])
+        after[epoch] = {
+            "features": _snapshot(model.features),
+            "top": _snapshot(model.top),
+            "head": _snapshot(model.head),
+        }
+
+    result = fit(model, _tensors(), None, config, CPU, 4, "two-phase", record, arch=ARCH)
+
+    for epoch in (1, 2):  # head phase: the backbone is untouched, BatchNorm running statistics included
+        assert _same(after[epoch]["features"], start["features"])
+        assert _same(after[epoch]["top"], start["top"])
+        assert not _same(after[epoch]["head"], start["head"])
+    assert not _same(after[4]["top"], after[2]["top"])
+    assert _same(after[4]["features"], start["features"]) == (trainable == "top")
+    # Cosine: constant through the head phase, then annealed over the 2 fine-tuning epochs; backbone at 0.1x.
+    multipliers = [1.0, 1.0, 1.0, 0.5]
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-2 * m for m in multipliers])
+    assert [h["lr_backbone"] for h in result.history] == pytest.approx([1e-3 * m for m in multipliers])
+    # Afterwards the model is frozen as `trainable` says, like a model built with it.
+    assert all(p.requires_grad for p in model.top.parameters())
+    assert all(p.requires_grad for p in model.features.parameters()) == (trainable == "all")
+
+
+def test_refit_of_a_two_phase_recipe_follows_the_folds_schedule() -> None:
+    config = _config(head_epochs=1, epochs=5, scheduler="cosine")
+    result = fit(_tiny(), _tensors(n=6), None, config, CPU, 3, "refit", arch=ARCH, schedule_epochs=5)
+    # Fine-tuning spans 4 epochs of the 5-epoch recipe, so epoch 3 (2nd fine-tuning epoch) anneals by cos(pi/4).
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-2, 1e-2, 1e-2 * (1 + math.cos(math.pi / 4)) / 2])
+
+
+def test_early_stopping_waits_for_the_fine_tuning_phase() -> None:
+    data = _tensors(n=6, labels=[0, 1, 2, 0, 1, 2])
+    config = _config(head_epochs=3, epochs=7, patience=2, batch_size=6, scheduler="none")
+    result = fit(ConstantLogits(), data, data, config, CPU, 7, "patience", arch="constant")
+    # Nothing ever improves after epoch 1. Patience 2 would stop after epoch 3, but that is still the head phase;
+    # patience then counts fine-tuning epochs only (4 and 5), not the stale head-phase epochs before them.
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert result.stopped_early
+    assert result.best_epoch == 1
+
+
+def test_two_phase_needs_the_architecture() -> None:
+    with pytest.raises(ConfigError, match="arch="):
+        fit(_tiny(), _tensors(n=6), None, _config(head_epochs=1), CPU, 2, "no arch")
+
+
+def test_class_weights_are_normalised_inverse_frequencies() -> None:
+    weights = class_weights([0, 0, 0, 1], num_classes=3)
+    # Present classes: N / (K * n_c) with K = 2 present classes; the absent class gets 0.
+    assert weights.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1), 0.0])
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    balanced = class_weights(labels, 3).numpy()
+    assert balanced[labels].mean() == pytest.approx(1.0)  # the loss keeps the unweighted scale
+    counts = np.bincount(labels)
+    assert balanced * counts == pytest.approx(np.full(3, len(labels) / 3))  # every class weighs the same in total
+    with pytest.raises(DatasetError, match=r"expected 0\.\.2"):
+        class_weights([0, 3], 3)
+
+
+def test_class_weighted_loss_weights_the_training_loss_but_not_the_validation_loss() -> None:
+    labels = [0, 0, 0, 0, 1, 2]
+    data = _tensors(labels=labels)
+    model = ConstantLogits()
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([1.0, -0.5, 0.25]))
+    logits = model(data.tensors[0]).detach()
+    y = torch.tensor(labels)
+    weighted = float(nn.functional.cross_entropy(logits, y, weight=class_weights(labels, 3)))
+    plain = float(nn.functional.cross_entropy(logits, y))
+    assert weighted != pytest.approx(plain, rel=1e-3)
+    config = _config(class_weighted_loss=True, batch_size=6, lr=1e-9, scheduler="none")
+    result = fit(model, data, data, config, CPU, 1, "weighted")
+    assert result.history[0]["train_loss"] == pytest.approx(weighted, rel=1e-5)
+    assert result.history[0]["val_loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_channels_last_trains_in_nhwc_and_predicts_like_nchw() -> None:
+    data = _tensors()
+    layouts: list[bool] = []
+
+    def layout(stats: dict[str, float]) -> None:
+        weight = next(model.parameters())  # features[0].weight
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+
+    results: dict[str, FitResult] = {}
+    for setting in ("on", "off"):
+        model = _tiny()
+        config = _config(channels_last=setting, lr=1e-3)
+        results[setting] = fit(model, data, None, config, CPU, 2, setting, layout, arch=ARCH)
+    assert layouts == [True, True, False, False]
+    nhwc_model = results["on"].model
+    assert next(nhwc_model.parameters()).is_contiguous()  # saved weights are back in the usual layout
+    nhwc, nchw = (predict_logits(results[s].model, data, _config(), CPU) for s in ("on", "off"))
+    # Six Adam steps in either layout end at nearly the same weights (summation order differs, nothing else).
+    np.testing.assert_allclose(nhwc, nchw, atol=5e-3)
+    assert (nhwc.argmax(1) == nchw.argmax(1)).mean() >= 0.9
+    # And one set of weights predicts the same in both layouts.
+    nhwc_model.to(memory_format=torch.channels_last)
+    np.testing.assert_allclose(predict_logits(nhwc_model, data, _config(), CPU), nhwc, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_settings() -> None:
+    assert channels_last_enabled("on", CPU, None)
+    assert not channels_last_enabled("off", torch.device("cuda"), "resnet50")
+    assert channels_last_enabled("auto", torch.device("cuda"), None)
+    # On a CPU, auto follows the measurements: on for the three real architectures, off for an unmeasured one.
+    assert all(channels_last_enabled("auto", CPU, arch) for arch in ("resnet50", "vgg19", "vgg19_bn"))
+    assert not channels_last_enabled("auto", CPU, ARCH)
+    with pytest.raises(ConfigError, match="channels_last"):
+        channels_last_enabled("yes", CPU, ARCH)
+
+
+def test_the_same_seed_repeats_weights_and_history_exactly(augmented_tiles: TileDataset) -> None:
+    runs = []
+    for _ in range(2):
+        config = _config(head_epochs=1, epochs=3, class_weighted_loss=True)
+        runs.append(fit(_tiny(seed=5), augmented_tiles, None, config, CPU, 3, "repeat", arch=ARCH))
+    assert _without_seconds(runs[0].history) == _without_seconds(runs[1].history)
+    assert _same(runs[0].model.state_dict(), runs[1].model.state_dict())
+    other = fit(_tiny(seed=5), augmented_tiles, None, _config(head_epochs=1, epochs=3, seed=4), CPU, 3, "s", arch=ARCH)
+    assert not _same(runs[0].model.state_dict(), other.model.state_dict())  # the seed does matter
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stands in for Ctrl-C or a killed job."""
+
+
+def _interrupt_after(epoch: int) -> Callable[[dict[str, float]], None]:
+    def callback(stats: dict[str, float]) -> None:
+        if stats["epoch"] == epoch:
+            raise Interrupted
+
+    return callback
+
+
+RESUME_RECIPE = {"head_epochs": 1, "epochs": 4, "class_weighted_loss": True, "channels_last": "on"}
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+    augmented_tiles: TileDataset, tmp_path: Path
+) -> None:
+    config = _config(**RESUME_RECIPE)
+    val = _tensors(n=9, size=32, seed=1)
+    reference = fit(_tiny(), augmented_tiles, val, config, CPU, 4, "reference", arch=ARCH)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):
+        fit(
+            _tiny(),
+            augmented_tiles,
+            val,
+            config,
+            CPU,
+            4,
+            "killed",
+            _interrupt_after(2),
+            arch=ARCH,
+            checkpoint_dir=ckpt,
+            fingerprint="data-v1",
+        )
+    assert checkpoint_path(ckpt).is_file()
+    torch.manual_seed(999)  # whatever ran in between, the resumed run restores its random state
+    seen: list[int] = []
+    resumed = fit(
+        _tiny(seed=7),
+        augmented_tiles,
+        val,
+        config,
+        CPU,
+        4,
+        "resumed",
+        lambda s: seen.append(int(s["epoch"])),
+        arch=ARCH,
+        checkpoint_dir=ckpt,
+        fingerprint="data-v1",
+    )
+
+    assert resumed.resumed_from == 2
+    assert seen == [1, 2, 3, 4]  # restored epochs are replayed to the callback, then the new ones
+    assert _without_seconds(resumed.history) == _without_seconds(reference.history)
+    assert resumed.best_epoch == reference.best_epoch
+    assert _same(resumed.model.state_dict(), reference.model.state_dict())
+
+    # A finished checkpoint is not trained again; clear_checkpoint removes it once the caller has the result.
+    again = fit(
+        _tiny(seed=8),
+        augmented_tiles,
+        val,
+        config,
+        CPU,
+        4,
+        "again",
+        arch=ARCH,
+        checkpoint_dir=ckpt,
+        fingerprint="data-v1",
+    )
+    assert again.resumed_from == 4
+    assert _same(again.model.state_dict(), reference.model.state_dict())
+    clear_checkpoint(ckpt)
+    assert not ckpt.exists()
+
+
+def test_a_checkpoint_of_other_data_is_ignored_and_overwritten(
+    augmented_tiles: TileDataset, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(**{**RESUME_RECIPE, "epochs": 3})
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):
+        fit(
+            _tiny(),
+            augmented_tiles,
+            None,
+            config,
+            CPU,
+            3,
+            "old",
+            _interrupt_after(2),
+            arch=ARCH,
+            checkpoint_dir=ckpt,
+            fingerprint="data-v1",
+        )
+    old = torch.load(checkpoint_path(ckpt), weights_only=True)["fingerprint"]
+
+    with caplog.at_level(logging.WARNING, logger="bonetumor.engine"):
+        fresh = fit(
+            _tiny(), augmented_tiles, None, config, CPU, 3, "new", arch=ARCH, checkpoint_dir=ckpt, fingerprint="data-v2"
+        )
+    assert fresh.resumed_from == 0
+    assert "fingerprint differs" in caplog.text
+    assert torch.load(checkpoint_path(ckpt), weights_only=True)["fingerprint"] != old
+    uninterrupted = fit(_tiny(), augmented_tiles, None, config, CPU, 3, "plain", arch=ARCH)
+    assert _same(fresh.model.state_dict(), uninterrupted.model.state_dict())
+
+    # A changed recipe (here the learning rate) invalidates the checkpoint too, whatever the caller's fingerprint.
+    changed = fit(
+        _tiny(),
+        augmented_tiles,
+        None,
+        _config(**{**RESUME_RECIPE, "epochs": 3, "lr": 5e-3}),
+        CPU,
+        3,
+        "changed",
+        arch=ARCH,
+        checkpoint_dir=ckpt,
+        fingerprint="data-v2",
+    )
+    assert changed.resumed_from == 0
+
+
+def test_progress_bar_shows_the_name_epoch_and_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    fit(_tiny(), _tensors(n=16), None, _config(progress=True), CPU, 2, "tiny fold 1/3", arch=ARCH)
+    err = capsys.readouterr().err
+    assert "tiny fold 1/3" in err
+    assert "epoch 2/2" in err
+    assert "loss " in err
