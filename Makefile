@@ -28,7 +28,7 @@ run: pipeline serve ## Run the pipeline on the sample data, then serve the champ
 
 pipeline: install ## Everything up to the registered champion (dvc repro)
 	dvc repro
-	@echo "champion: $$(cat outputs/register/champion.json | $(BIN)/python -c 'import json,sys; c=json.load(sys.stdin); print(c["model_uri"], "version", c["version"], "(" + c["arch"] + ")")')"
+	@$(BIN)/python -c 'import json; c=json.load(open("outputs/register/champion.json")); print("registered:", c["model_uri"], "version", c["version"], "(" + c["arch"] + ")"); print("champion gate:", c["gate"]["reason"])'
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 serve: install ## Serve models:/bone-tumor-classifier@champion with BentoML on http://$(HOST):$(PORT)

@@ -66,7 +66,10 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
     for path in (
         "ingest/manifest.csv",
         "validate/report.json",
+        "validate/tiles.csv",
+        "validate/data_docs/index.html",
         "split/folds.json",
+        "split/folds_report.json",
         "augment/policy.json",
         "augment/preview.png",
         "balance/summary.json",
@@ -75,21 +78,33 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
         "train/runs.json",
         "train/resnet50/oof.csv",
         "train/vgg19/oof.csv",
+        "train/vgg19_pruned/oof.csv",
+        "train/resnet50_int8/oof.csv",
+        "train/vgg19_int8/oof.csv",
+        "train/resnet50/gradcam/fold-0.png",
         "evaluate/metrics.json",
         "evaluate/comparison.md",
-        "evaluate/plots/resnet50_confusion_matrix.png",
-        "evaluate/plots/vgg19_confusion_matrix.png",
+        "evaluate/plots/comparison.png",
+        "evaluate/plots/resnet50_gradcam_fold-0.png",
+        "evaluate/referral/resnet50.json",
         "register/bundle/weights.pt",
         "register/bundle/metadata.json",
+        "register/onnx/model.int8.onnx",
         "register/champion.json",
     ):
         assert (out / path).is_file(), path
     # The resolved config is saved beside every output.
     for stage in ("ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register"):
         assert (out / stage / "config.resolved.yaml").is_file(), stage
+    for model in ("resnet50", "vgg19", "ensemble", "vgg19_pruned", "resnet50_int8", "vgg19_int8"):
+        for plot in ("confusion_matrix", "roc_pr", "reliability", "risk_coverage"):
+            assert (out / "evaluate" / "plots" / f"{model}_{plot}.png").is_file(), (model, plot)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert set(metrics) == {"resnet50", "vgg19"}
+    assert {"resnet50", "vgg19", "ensemble", "vgg19_pruned", "resnet50_int8", "vgg19_int8"} <= set(metrics)
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics.values())
+    assert all(m["cpu_ms_per_tile"] > 0 for m in metrics.values())
+    report = (out / "evaluate" / "comparison.md").read_text()
+    assert "The paper's figures beside ours" in report
     folds = json.loads((out / "split" / "folds.json").read_text())
     assert folds["n_folds"] == 2
     assert folds["group_by"] == "slide"
@@ -104,10 +119,15 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
     runs = json.loads((project / "outputs" / "train" / "runs.json").read_text())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     version = data_version(project / "outputs" / "ingest" / "manifest.csv")
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    dvc_md5 = next(d["md5"] for d in lock["stages"]["ingest"]["deps"] if d["path"] == "data/sample/images")
     for arch, info in runs["architectures"].items():
         parent = client.get_run(info["run_id"])
         assert parent.data.tags["bonetumor.arch"] == arch
         assert parent.data.tags["bonetumor.data_version"] == version
+        assert parent.data.tags["bonetumor.dvc_data_md5"] == dvc_md5  # DVC's version of data.source
+        docs = {a.path for a in client.list_artifacts(info["run_id"], "data_validation/data_docs")}
+        assert "data_validation/data_docs/index.html" in docs
         assert parent.data.tags["bonetumor.git_commit"].startswith(commit)
         assert parent.data.params["split.n_folds"] == "2"
         assert "oof_f1_macro" in parent.data.metrics  # logged by the evaluate stage
@@ -123,7 +143,14 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
             assert 0.0 <= child.data.metrics["fold_macro_f1"] <= 1.0  # the fold's own validation tiles
 
     champion = json.loads((project / "outputs" / "register" / "champion.json").read_text())
-    registered = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
+    registered = client.get_model_version("bone-tumor-classifier", champion["version"])
+    # No champion existed: the gate promotes the first model only if its referral rule meets the recall target.
+    assert champion["alias"] == ("champion" if champion["gate"]["candidate"]["target_met"] else "challenger")
+    assert registered.aliases == [champion["alias"]]
+    assert registered.tags["bonetumor.gate.decision"] == champion["alias"]
+    assert registered.tags["bonetumor.gate.reason"] == champion["gate"]["reason"]
+    assert registered.tags["bonetumor.status"] == "ready"
+    assert registered.tags["bonetumor.dvc_data_md5"] == dvc_md5
     assert str(registered.version) == champion["version"]
     assert registered.run_id == champion["run_id"]
     assert registered.tags["bonetumor.arch"] == champion["arch"]
@@ -138,11 +165,28 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
 def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:
     assert stages_run(run(["dvc", "repro"], project).stdout) == []
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["register"]["alias"] = "staging"
+    # The preview is augment's own: the policy file is unchanged, so nothing downstream reruns.
+    params["augment"]["preview_samples"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], project).stdout) == ["register"]
+    assert stages_run(run(["dvc", "repro"], project).stdout) == ["augment"]
+
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     client = MlflowClient()
-    staging = client.get_model_version_by_alias("bone-tumor-classifier", "staging")
-    champion = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
-    assert int(staging.version) == int(champion.version) + 1  # a new version; the champion alias did not move
+    first = json.loads((project / "outputs" / "register" / "champion.json").read_text())
+    # Evaluation params change the evaluation and what register reads, not the training.
+    params["evaluate"]["calibration_bins"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], project).stdout) == ["evaluate", "register"]
+    second = json.loads((project / "outputs" / "register" / "champion.json").read_text())
+    assert int(second["version"]) == int(first["version"]) + 1
+    # The same recipe on the same data and folds does not beat itself: the gate keeps it as challenger, and the
+    # alias the first registration set has not moved.
+    assert second["alias"] == "challenger"
+    assert str(client.get_model_version_by_alias("bone-tumor-classifier", first["alias"]).version) == (
+        first["version"] if first["alias"] == "champion" else second["version"]
+    )
+    tags = client.get_model_version("bone-tumor-classifier", second["version"]).tags
+    assert tags["bonetumor.gate.decision"] == "challenger"
+    if first["alias"] == "champion":
+        assert "does not beat champion version" in tags["bonetumor.gate.reason"]
+        assert tags["bonetumor.gate.champion.version"] == first["version"]

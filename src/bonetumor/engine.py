@@ -219,6 +219,9 @@ def _loader(
         dataset,
         batch_size=config.batch_size,
         shuffle=shuffle,
+        # A last training batch of one tile breaks batch norm where the feature map is 1x1 (small inputs);
+        # dropping it loses one tile per epoch, a different one each time since the order is shuffled.
+        drop_last=shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1,  # type: ignore[arg-type]
         num_workers=config.num_workers,
         generator=generator if generator is not None else torch.Generator().manual_seed(seed),
         persistent_workers=config.num_workers > 0,

@@ -181,12 +181,15 @@ def comparison_markdown(
         "",
         f"Winner (refit and registered): **{ranking[0]}**, by mean per-fold macro-F1, then pooled accuracy.",
         f"Candidates evaluated on the same folds: {', '.join(candidates) or 'none'}.",
+        "CPU ms/tile: median time per tile of the fold-0 model on this machine's CPU (batch "
+        "`candidates.latency_batch`); the ensemble runs every architecture.",
         "",
         f"## Overall ({pct} CI over folds in brackets)",
         "",
         "| model | accuracy | macro-F1 | weighted-F1 | per-fold macro-F1 | per-fold accuracy | ROC AUC (macro) "
-        "| ECE before -> after | referral coverage | accuracy of accepted | delta accuracy vs winner |",
-        "|---" * 11 + "|",
+        "| ECE before -> after | referral coverage | accuracy of accepted | delta accuracy vs winner "
+        "| CPU ms/tile |",
+        "|---" * 12 + "|",
     ]
     best = scores[ranking[0]]["accuracy"]
     for name in [*ranking, *candidates]:
@@ -199,7 +202,7 @@ def comparison_markdown(
             f"{_fmt(s.get('roc_pr', {}).get('roc_auc_macro'))} | "
             f"{_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))} | "
             f"{_fmt(ref.get('coverage'))} | {_fmt(ref.get('accepted_accuracy'))} | "
-            f"{s['accuracy'] - best:+.3f} |"
+            f"{s['accuracy'] - best:+.3f} | {_fmt(s.get('cpu_ms_per_tile'), 1)} |"
         )
     lines += [
         "",
@@ -261,6 +264,7 @@ def _dvc_metrics(scores: dict[str, Any]) -> dict[str, Any]:
     flat["ece_before"] = scores["calibration"]["ece_before"]
     flat["ece_after"] = scores["calibration"]["ece_after"]
     flat["temperature"] = scores["calibration"]["temperature"]
+    flat["cpu_ms_per_tile"] = scores.get("cpu_ms_per_tile")
     flat["referral_coverage"] = scores["referral"]["coverage"]
     flat["referral_accepted_accuracy"] = scores["referral"]["accepted_accuracy"]
     return flat | {"per_class": scores["per_class"]}
@@ -358,8 +362,15 @@ def run_evaluation(
         if len(archs) > 1:
             models[ENSEMBLE] = ensemble_oof(oofs, classes)
             candidates.append(ENSEMBLE)
+        for name in runs.get("candidates") or {}:
+            models[name] = read_oof(train_dir / name / "oof.csv", classes)
+            candidates.append(name)
+        latency = dict(runs.get("latency_ms") or {})
+        if ENSEMBLE in models and all(a in latency for a in archs):
+            latency[ENSEMBLE] = sum(latency[a] for a in archs)  # it runs every architecture
         for name, oof in models.items():
             scores[name] = _evaluate_model(name, oof, config, plots, referral_dir)
+            scores[name]["cpu_ms_per_tile"] = latency.get(name)
             write_json(reports / f"{name}.json", scores[name])
             for gallery in sorted((train_dir / name / "gradcam").glob("*.png")):
                 shutil.copy2(gallery, plots / f"{name}_gradcam_{gallery.name}")

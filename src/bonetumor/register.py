@@ -26,6 +26,7 @@ import numpy as np
 
 from bonetumor.augment import load_policy
 from bonetumor.calibration import ReferralPolicy
+from bonetumor.candidates import int8_classifier, select_calibration_files
 from bonetumor.config import Config, save_resolved
 from bonetumor.datasets import load_training_table
 from bonetumor.errors import ArtifactError
@@ -45,6 +46,8 @@ from bonetumor.utils import atomic_dir, read_json, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 CHAMPION_FILE = "champion.json"
+#: ONNX FP32 and INT8 exports of the registered model (``model.fp32.onnx``, ``model.int8.onnx``).
+ONNX_DIR = "onnx"
 
 
 def score_test_set(predictor: Predictor, rows: Any, dataset_dir: Path, classes: tuple[str, ...]) -> dict[str, Any]:
@@ -201,6 +204,26 @@ def run_registration(
                 referral=referral.to_dict(),
             )
             bundle = save_bundle(result.model, metadata, tmp / "bundle")
+            if config.candidates.int8:
+                # For small machines: the champion as ONNX (FP32) and INT8, beside the bundle, same preprocessing.
+                calibration = select_calibration_files(
+                    real, config.candidates.calibration_tiles, seed=config.train.seed
+                )
+                _, quantized = int8_classifier(
+                    result.model,
+                    config.preprocess,
+                    stain,
+                    calibration,
+                    tmp / ONNX_DIR,
+                    "model",
+                    classes=config.data.classes,
+                    max_tiles=config.candidates.calibration_tiles,
+                )
+                mlflow.set_tag(f"{TAG_PREFIX}int8_method", quantized.method)
+                mlflow.log_artifacts(str(tmp / ONNX_DIR), ONNX_DIR)
+            else:
+                (tmp / ONNX_DIR).mkdir()
+                (tmp / ONNX_DIR / "DISABLED.txt").write_text("candidates.int8 is false: no ONNX export\n")
             test = held_out_rows(manifest, folds)
             test_scores = None
             if len(test):

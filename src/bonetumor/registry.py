@@ -192,10 +192,28 @@ def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:
         return client.get_model_version_by_alias(model_name, alias_or_version)
     except MlflowException as exc:
         raise ModelNotFoundError(
-            f"no model version {model_name}@{alias_or_version} at {mlflow.get_tracking_uri()}; run `make pipeline` "
-            f"(or `dvc repro -f register` when the MLflow database was removed after a run), or set "
-            f"MLFLOW_TRACKING_URI to the server that holds it"
+            f"no model version {model_name}@{alias_or_version} at {mlflow.get_tracking_uri()}; "
+            + (_gate_hint(client, model_name) or "run `make pipeline` ")
+            + "(or `dvc repro -f register` when the MLflow database was removed after a run), or set "
+            "MLFLOW_TRACKING_URI to the server that holds it"
         ) from exc
+
+
+def _gate_hint(client: MlflowClient, model_name: str) -> str:
+    """Explain a missing alias when versions exist that the champion gate kept back."""
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return ""
+    if not versions:
+        return ""
+    latest = max(versions, key=lambda v: int(v.version))
+    reason = latest.tags.get(f"{GATE_PREFIX}reason", "")
+    return (
+        f"the latest version {latest.version} was not promoted ({reason or 'no gate decision recorded'}); "
+        f"review it and run `bonetumor promote {latest.version} --reason ...`, or serve it by version "
+        f"(BONETUMOR_MODEL_ALIAS={latest.version}) "
+    )
 
 
 def load_predictor(model_name: str, alias_or_version: str) -> Predictor:

@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,22 @@ import pandas as pd
 import torch
 
 from bonetumor.augment import AugmentPolicy, load_policy
+from bonetumor.candidates import (
+    INT8,
+    PRUNED,
+    TWO_STAGE,
+    candidate_name,
+    cpu_latency_ms,
+    fit_pruned_vgg,
+    fit_two_stage,
+    int8_classifier,
+    onnx_logits,
+    select_calibration_files,
+)
 from bonetumor.config import Config, save_resolved
 from bonetumor.datasets import load_training_table, split_tables
 from bonetumor.engine import FitResult, eval_dataset, fit, plot_history, predict_logits, select_device, training_dataset
+from bonetumor.errors import DatasetError
 from bonetumor.explain import gradcam_gallery, select_gallery_tiles
 from bonetumor.manifest import read_manifest, resolve_paths
 from bonetumor.metrics import macro_f1
@@ -85,7 +99,7 @@ def run_cross_validation(
     experiment_id = setup_mlflow(config.tracking, project_dir)
     tags = provenance_tags(config, manifest_path, project_dir)
     n_folds = len(folds["folds"])
-    timer = EtaTimer(len(config.train.architectures) * n_folds * config.train.epochs)
+    timer = EtaTimer(_total_epochs(config, n_folds))
     log.info(
         "training %s on %d folds (up to %d epochs each) on %s; policy %s",
         list(config.train.architectures),
@@ -98,6 +112,10 @@ def run_cross_validation(
         "experiment_id": experiment_id,
         "tracking_uri": mlflow.get_tracking_uri(),
         "architectures": {},
+        # Models built beside the architectures, scored on the same folds: name -> base, kind, MLflow run.
+        "candidates": {},
+        # CPU milliseconds per tile of every model (fold 0's), batch candidates.latency_batch.
+        "latency_ms": {},
     }
     # Checkpoints live outside the atomic output folder, which a killed run discards.
     out_dir = Path(out_dir)
@@ -134,6 +152,23 @@ def run_cross_validation(
                 None if validation_dir is None else Path(validation_dir),
                 checkpoints / arch,
                 fingerprint,
+                runs,
+            )
+        if config.candidates.two_stage:
+            _cross_validate_two_stage(
+                config,
+                manifest,
+                dataset_dir,
+                folds,
+                policy,
+                Path(balance_dir),
+                tmp,
+                device,
+                tags,
+                timer,
+                runs,
+                checkpoints,
+                fingerprint,
             )
         write_json(tmp / RUNS_FILE, runs)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -157,8 +192,10 @@ def _cross_validate_arch(
     validation_dir: Path | None,
     checkpoints: Path,
     fingerprint: str,
+    runs: dict[str, Any],
 ) -> dict[str, Any]:
     classes = config.data.classes
+    candidate_parts: dict[str, list[pd.DataFrame]] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     n_folds = len(folds["folds"])
     oof_parts: list[pd.DataFrame] = []
@@ -236,6 +273,32 @@ def _cross_validate_arch(
                 if config.evaluate.gradcam_per_class:
                     gallery = _gradcam(result.model, arch, fold_oof, config, stain, device, dataset_dir, out_dir, k)
                     mlflow.log_artifact(str(gallery), "gradcam")
+                if k == 0:
+                    runs["latency_ms"][arch] = cpu_latency_ms(
+                        result.model, config.preprocess.image_size, config.candidates.latency_batch
+                    )
+                extra = _fold_candidates(
+                    arch,
+                    result.model,
+                    config,
+                    train_table,
+                    train_set,
+                    stop_set,
+                    val_set,
+                    val_rows,
+                    stain,
+                    device,
+                    dataset_dir,
+                    name,
+                    timer,
+                    k,
+                    runs["latency_ms"],
+                )
+                for candidate, candidate_logits in extra.items():
+                    candidate_parts.setdefault(candidate, []).append(_oof_frame(val_rows, k, candidate_logits, classes))
+                    mlflow.log_metric(
+                        f"{candidate}_fold_macro_f1", macro_f1(val_set.labels, candidate_logits.argmax(1))
+                    )
             fold_runs.append(
                 {
                     "fold": k,
@@ -259,7 +322,153 @@ def _cross_validate_arch(
         best_epochs = [f["best_epoch"] for f in fold_runs]
         refit_epochs = max(1, math.ceil(statistics.median(best_epochs)))
         mlflow.log_metric("refit_epochs", refit_epochs)
+        for candidate, parts in candidate_parts.items():
+            path = out_dir.parent / candidate / "oof.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pd.concat(parts).sort_values("path").reset_index(drop=True).to_csv(path, index=False)
+            mlflow.log_artifact(str(path), f"candidates/{candidate}")
+            kind = PRUNED if candidate == candidate_name(PRUNED, arch) else INT8
+            runs["candidates"][candidate] = {"base": arch, "kind": kind, "run_id": parent.info.run_id}
     return {"run_id": parent.info.run_id, "folds": fold_runs, "refit_epochs": refit_epochs}
+
+
+def _total_epochs(config: Config, n_folds: int) -> int:
+    """Epochs the train stage will run, for the ETA: architectures, then candidates."""
+    total = len(config.train.architectures) * n_folds * config.train.epochs
+    if config.candidates.two_stage:
+        total += 2 * n_folds * config.train.epochs
+    if config.candidates.pruned_vgg19 and "vgg19" in config.train.architectures:
+        total += n_folds * config.candidates.prune_finetune_epochs
+    return total
+
+
+def _fold_candidates(
+    arch: str,
+    model: torch.nn.Module,
+    config: Config,
+    train_table: pd.DataFrame,
+    train_set: Any,
+    stop_set: Any,
+    val_set: Any,
+    val_rows: pd.DataFrame,
+    stain: StainNormalizer | None,
+    device: torch.device,
+    dataset_dir: Path,
+    name: str,
+    timer: EtaTimer,
+    fold: int,
+    latency: dict[str, float],
+) -> dict[str, np.ndarray]:
+    """Build and score the candidates derived from one fold's trained model: pruned VGG19 and INT8 ONNX.
+
+    Returns:
+        Candidate name to the fold's validation logits.
+    """
+    out: dict[str, np.ndarray] = {}
+    size, batch = config.preprocess.image_size, config.candidates.latency_batch
+    if config.candidates.pruned_vgg19 and arch == "vgg19":
+        pruned_name = candidate_name(PRUNED, arch)
+        pruned, summary = fit_pruned_vgg(model, arch, train_set, stop_set, config, device, f"{name} pruned", timer)
+        out[pruned_name] = predict_logits(pruned, val_set, config.train, device)
+        mlflow.log_metrics({"pruned_params_ratio": summary.params_ratio, "pruned_macs_ratio": summary.macs_ratio})
+        if fold == 0:
+            latency[pruned_name] = cpu_latency_ms(pruned, size, batch)
+    if config.candidates.int8:
+        int8_name = candidate_name(INT8, arch)
+        calibration = select_calibration_files(train_table, config.candidates.calibration_tiles, seed=config.train.seed)
+        # The ONNX files are rebuilt from the fold model on demand; keeping ~100 MB per fold would only fill disks.
+        with tempfile.TemporaryDirectory(prefix="bonetumor-int8-") as scratch:
+            classifier, quantized = int8_classifier(
+                model,
+                config.preprocess,
+                stain,
+                calibration,
+                Path(scratch),
+                f"{arch}-fold{fold}",
+                classes=config.data.classes,
+                max_tiles=config.candidates.calibration_tiles,
+            )
+            out[int8_name] = onnx_logits(classifier, resolve_paths(val_rows, dataset_dir))
+            if fold == 0:
+                latency[int8_name] = cpu_latency_ms(classifier, size, batch)
+        mlflow.set_tag(f"bonetumor.{int8_name}.method", quantized.method)
+    return out
+
+
+def _cross_validate_two_stage(
+    config: Config,
+    manifest: pd.DataFrame,
+    dataset_dir: Path,
+    folds: dict[str, Any],
+    policy: AugmentPolicy,
+    balance_dir: Path,
+    out_root: Path,
+    device: torch.device,
+    tags: dict[str, str],
+    timer: EtaTimer,
+    runs: dict[str, Any],
+    checkpoints: Path,
+    fingerprint: str,
+) -> None:
+    """Cross-validate the paper's two-stage classifier on the same folds, with the same stain and augmentation.
+
+    A fold whose training tiles lack a class of one stage cannot train that stage. The candidate is then left
+    out (the plain architectures are unaffected): the reason goes to the log, the MLflow run and
+    ``runs.json`` (``candidates_skipped``).
+    """
+    arch = config.candidates.two_stage_arch
+    name = candidate_name(TWO_STAGE, arch)
+    classes = config.data.classes
+    n_folds = len(folds["folds"])
+    parts: list[pd.DataFrame] = []
+    with mlflow.start_run(
+        run_name=f"cv-{name}", tags={**tags, "bonetumor.stage": "train", "bonetumor.arch": name}
+    ) as parent:
+        mlflow.log_params({**flatten_params(config, (*TRAIN_SECTIONS, "candidates")), "arch": name})
+        for fold_info in folds["folds"]:
+            k = int(fold_info["fold"])
+            _, val_rows = split_tables(manifest, folds, k)
+            train_table = load_training_table(balance_dir, f"fold-{k}", dataset_dir)
+            fit_table, stop_rows = early_stopping_split(train_table, config, seed=config.train.seed + k)
+            real_train = train_table.loc[~train_table["synthetic"], "file"]
+            stain = fit_from_files(policy.stain_normalization, list(real_train), seed=config.train.seed + k)
+            with mlflow.start_run(run_name=f"cv-{name}-fold{k}", nested=True, tags={**tags, "bonetumor.fold": str(k)}):
+                try:
+                    model = fit_two_stage(
+                        arch,
+                        fit_table,
+                        stop_rows,
+                        config,
+                        policy,
+                        stain,
+                        device,
+                        f"{name} fold {k + 1}/{n_folds}",
+                        timer,
+                        seed=config.train.seed + k,
+                        on_epoch=log_epoch_metrics,
+                        checkpoint_dir=checkpoints / name / f"fold-{k}" if config.train.checkpoint else None,
+                        fingerprint=f"{fingerprint}-{name}-{k}",
+                    )
+                except DatasetError as exc:
+                    log.warning("%s left out: fold %d: %s", name, k, exc)
+                    mlflow.set_tag("bonetumor.skipped", str(exc)[:5000])
+                    runs.setdefault("candidates_skipped", {})[name] = f"fold {k}: {exc}"
+                    return
+                val_set = eval_dataset(
+                    resolve_paths(val_rows, dataset_dir), list(val_rows["label"]), config, stain=stain
+                )
+                logits = predict_logits(model, val_set, config.train, device)
+                mlflow.log_metric("fold_macro_f1", macro_f1(val_set.labels, logits.argmax(1)))
+                if k == 0:
+                    runs["latency_ms"][name] = cpu_latency_ms(
+                        model, config.preprocess.image_size, config.candidates.latency_batch
+                    )
+            parts.append(_oof_frame(val_rows, k, logits, classes))
+        path = out_root / name / "oof.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(parts).sort_values("path").reset_index(drop=True).to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    runs["candidates"][name] = {"base": arch, "kind": TWO_STAGE, "run_id": parent.info.run_id}
 
 
 def _log_validation(validation_dir: Path | None) -> None:
@@ -287,6 +496,7 @@ def _gradcam(
 ) -> Path:
     """Draw Grad-CAM on a few of the fold's validation tiles per class, with the fold's own model."""
     chosen = select_gallery_tiles(fold_oof, config.evaluate.gradcam_per_class, seed=config.train.seed + fold)
+    (out_dir / "gradcam").mkdir(parents=True, exist_ok=True)
     return gradcam_gallery(
         model,
         arch,
