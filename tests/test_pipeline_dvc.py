@@ -173,8 +173,8 @@ def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     client = MlflowClient()
     first = json.loads((project / "outputs" / "register" / "champion.json").read_text())
-    # Evaluation params change the evaluation and what register reads, not the training.
-    params["evaluate"]["calibration_bins"] = 5
+    # The referral target changes the evaluation and the gate, not the training.
+    params["referral"]["target_recall"] = 0.9
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], project).stdout) == ["evaluate", "register"]
     second = json.loads((project / "outputs" / "register" / "champion.json").read_text())
