@@ -176,7 +176,7 @@ class AugmentConfig:
     vflip_p: Probability = 0.5
     zoom_max: Annotated[float, Field(ge=1.0, le=4.0)] = 1.25
     hed_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
-    stain_normalization: Literal["none", "reinhard", "macenko"] = "reinhard"
+    stain_normalization: Literal["none", "reinhard", "macenko"] = "macenko"
     preview_tiles: PositiveInt = 6
     preview_samples: PositiveInt = 5
     seed: int = 0
