@@ -34,6 +34,7 @@ from bonetumor.config import Config
 from bonetumor.datasets import TileDataset
 from bonetumor.engine import channels_last_enabled, fit, select_device, training_dataset
 from bonetumor.models import build_model
+from bonetumor.stain import fit_from_files
 
 
 def make_tiles(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     policy = AugmentPolicy.from_config(config.augment)
                     table = {"file": files, "label": [config.data.classes[i % 3] for i in range(len(files))]}
-                    dataset = training_dataset(pd.DataFrame(table), config, policy)
+                    # The whole training transform, stain normalisation (fitted once, as per fold) included.
+                    stain = fit_from_files(policy.stain_normalization, files, seed=0)
+                    dataset = training_dataset(pd.DataFrame(table), config, policy, stain=stain)
                     ours = loop_throughput(dataset, config, arch, device)
                     label = f"{setting}={'on' if nhwc else 'off'}" if setting == "auto" else setting
                     print(
