@@ -76,6 +76,13 @@ def _hold_out(
             f"{what}: {fraction:g} of {n_groups} group(s) is less than one group; expected at least {n_splits} groups. "
             "Lower the fraction to 0 or group by a finer column."
         )
+    return _first_grouped_fold(rows, keys, n_splits, seed)
+
+
+def _first_grouped_fold(
+    rows: pd.DataFrame, keys: pd.Series, n_splits: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (kept, held out): the first of ``n_splits`` grouped folds, stratified by label where possible."""
     with warnings.catch_warnings():
         # Few tiles per class per group is normal here; the hold-out stays grouped, only less stratified.
         warnings.simplefilter("ignore", UserWarning)
@@ -322,16 +329,7 @@ def inner_split(rows: pd.DataFrame, group_by: str, fraction: float, seed: int) -
             f"a fold's training set has {n_groups} {group_by} group(s); early stopping needs at least 2 to hold one "
             "out. Set train.inner_val_fraction: 0 (train every epoch, no early stopping) or use fewer folds."
         )
-    n_splits = min(max(2, round(1 / fraction)), n_groups)
-    with warnings.catch_warnings():
-        # Few tiles per class per group is normal here; the split stays grouped, only less stratified.
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-            train_idx, val_idx = next(splitter.split(rows, rows["label"], groups))
-        except ValueError:
-            train_idx, val_idx = next(GroupKFold(n_splits=n_splits).split(rows, rows["label"], groups))
-    return rows.iloc[train_idx], rows.iloc[val_idx]
+    return _first_grouped_fold(rows, groups, min(max(2, round(1 / fraction)), n_groups), seed)
 
 
 def read_clusters(tiles_path: str | Path, manifest: pd.DataFrame) -> pd.Series:

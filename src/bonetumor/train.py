@@ -214,12 +214,9 @@ def _cross_validate_arch(
         for fold_info in folds["folds"]:
             k = int(fold_info["fold"])
             name = f"{arch} fold {k + 1}/{n_folds}"
-            _, val_rows = split_tables(manifest, folds, k)
-            train_table = load_training_table(balance_dir, f"fold-{k}", dataset_dir)
-            fit_table, stop_rows = early_stopping_split(train_table, config, seed=config.train.seed + k)
-            # The stain target comes from this fold's real training tiles only.
-            real_train = train_table.loc[~train_table["synthetic"], "file"]
-            stain = fit_from_files(policy.stain_normalization, list(real_train), seed=config.train.seed + k)
+            val_rows, train_table, fit_table, stop_rows, stain = _fold_inputs(
+                config, manifest, dataset_dir, folds, policy, balance_dir, k
+            )
             train_set = training_dataset(fit_table, config, policy, stain=stain)
             stop_set = (
                 None
@@ -427,11 +424,9 @@ def _cross_validate_two_stage(
         mlflow.log_params({**flatten_params(config, (*TRAIN_SECTIONS, "candidates")), "arch": name})
         for fold_info in folds["folds"]:
             k = int(fold_info["fold"])
-            _, val_rows = split_tables(manifest, folds, k)
-            train_table = load_training_table(balance_dir, f"fold-{k}", dataset_dir)
-            fit_table, stop_rows = early_stopping_split(train_table, config, seed=config.train.seed + k)
-            real_train = train_table.loc[~train_table["synthetic"], "file"]
-            stain = fit_from_files(policy.stain_normalization, list(real_train), seed=config.train.seed + k)
+            val_rows, _, fit_table, stop_rows, stain = _fold_inputs(
+                config, manifest, dataset_dir, folds, policy, balance_dir, k
+            )
             with mlflow.start_run(run_name=f"cv-{name}-fold{k}", nested=True, tags={**tags, "bonetumor.fold": str(k)}):
                 try:
                     model = fit_two_stage(
@@ -469,6 +464,28 @@ def _cross_validate_two_stage(
         pd.concat(parts).sort_values("path").reset_index(drop=True).to_csv(path, index=False)
         mlflow.log_artifact(str(path))
     runs["candidates"][name] = {"base": arch, "kind": TWO_STAGE, "run_id": parent.info.run_id}
+
+
+def _fold_inputs(
+    config: Config,
+    manifest: pd.DataFrame,
+    dataset_dir: Path,
+    folds: dict[str, Any],
+    policy: AugmentPolicy,
+    balance_dir: Path,
+    fold: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame | None, StainNormalizer | None]:
+    """Return one fold's validation rows, balanced training table, fit and early-stopping rows, and stain target.
+
+    Every model of the fold (architectures and candidates) trains from exactly these. The stain target is fitted
+    on the fold's real training tiles only.
+    """
+    _, val_rows = split_tables(manifest, folds, fold)
+    train_table = load_training_table(balance_dir, f"fold-{fold}", dataset_dir)
+    fit_table, stop_rows = early_stopping_split(train_table, config, seed=config.train.seed + fold)
+    real_train = train_table.loc[~train_table["synthetic"], "file"]
+    stain = fit_from_files(policy.stain_normalization, list(real_train), seed=config.train.seed + fold)
+    return val_rows, train_table, fit_table, stop_rows, stain
 
 
 def _log_validation(validation_dir: Path | None) -> None:
