@@ -1,10 +1,14 @@
 """Augment: the augmentation policy as a versioned artifact, applied on the fly in training, and its preview.
 
-The policy (rotation, flips, zoom, HED stain jitter, and which stain normalisation to use) is written to
-``policy.json`` with a format version and a content hash. The train stage rebuilds the transform from that file, so
-a model's MLflow run names exactly the policy it saw. Augmented tiles are never written to disk: every epoch draws
-new ones. The stain normaliser itself is not part of the policy: it is fitted per fold on that fold's training
-tiles (:mod:`bonetumor.stain`) and handed to :func:`build_train_transform`.
+The policy (random crops at a jittered scale, flips, 90-degree rotations, an optional free rotation, HED stain
+jitter, colour jitter, and which stain normalisation to use) is written to ``policy.json`` with a format version
+and a content hash. The train stage rebuilds the transform from that file, so a model's MLflow run names exactly
+the policy it saw. Augmented tiles are never written to disk: every step draws new ones. The stain normaliser
+itself is not part of the policy: it is fitted per fold on that fold's training tiles (:mod:`bonetumor.stain`)
+and handed to :func:`build_train_transform`.
+
+Training sees random ``preprocess.input_size`` crops of the tile resized to ``preprocess.tile_size`` (the scale
+every tile is seen at); evaluation and serving see fixed crops of the same resized tile (:mod:`bonetumor.tta`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,14 +32,15 @@ from torchvision.transforms import v2
 from bonetumor.config import AugmentConfig, Config, PreprocessConfig, save_resolved
 from bonetumor.errors import ArtifactError, ConfigError
 from bonetumor.manifest import read_manifest, resolve_paths
-from bonetumor.preprocess import CenterSquareCrop, decode_image, tensor_tail
+from bonetumor.preprocess import CenterSquareCrop, decode_image, tensor_tail, tile_ops
 from bonetumor.stain import STAIN_METHODS, HedJitter, StainNormalizer, fit_from_files
 from bonetumor.utils import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-#: Version 2 added ``hed_jitter`` and ``stain_normalization``.
-POLICY_FORMAT_VERSION = 2
+#: Version 2 added ``hed_jitter`` and ``stain_normalization``; version 3 crops (``rotate90``, ``color_jitter``,
+#: ``zoom_max`` as a scale jitter of the ``input_size`` crop).
+POLICY_FORMAT_VERSION = 3
 POLICY_FILE = "policy.json"
 PREVIEW_FILE = "preview.png"
 #: Rotation leaves corners outside the tile; fill them with white, the colour of empty glass in H&E slides.
@@ -50,23 +56,29 @@ PREVIEW_STAIN_TILES = 64
 
 @dataclass(frozen=True)
 class AugmentPolicy:
-    """The augmentation applied to training tiles, in order: stain normalisation, rotation, flips, zoom, HED jitter.
+    """The augmentation of training tiles, after the stain normalisation and resize every tile gets.
+
+    In order: free rotation, scaled random crop, flips, 90-degree rotation, HED jitter, colour jitter.
 
     Attributes:
-        rotation_degrees: Uniform random rotation in +/- this many degrees.
+        rotation_degrees: Uniform random rotation of the tile in +/- this many degrees (corners white); 0 = off.
+        rotate90: Rotate each crop by a random multiple of 90 degrees.
         hflip_p: Probability of a horizontal flip.
         vflip_p: Probability of a vertical flip.
-        zoom_max: Largest zoom; a random square crop of at least ``1/zoom_max`` of the side is resized back.
+        zoom_max: The crop covers ``input_size * z`` tile pixels, ``z`` log-uniform in ``[1/zoom_max, zoom_max]``.
         hed_jitter: Strength of the HED stain jitter (:class:`bonetumor.stain.HedJitter`); 0 = off.
+        color_jitter: Brightness, contrast and saturation jitter strength; 0 = off.
         stain_normalization: ``none``, ``reinhard`` or ``macenko``: which normaliser training fits on each fold's
             training tiles and applies first (deterministic, also at evaluation and serving time).
     """
 
     rotation_degrees: float
+    rotate90: bool
     hflip_p: float
     vflip_p: float
     zoom_max: float
     hed_jitter: float = 0.0
+    color_jitter: float = 0.0
     stain_normalization: str = "none"
 
     @classmethod
@@ -74,10 +86,12 @@ class AugmentPolicy:
         """Take the policy fields from the augment section of params.yaml."""
         return cls(
             config.rotation_degrees,
+            config.rotate90,
             config.hflip_p,
             config.vflip_p,
             config.zoom_max,
             config.hed_jitter,
+            config.color_jitter,
             config.stain_normalization,
         )
 
@@ -105,8 +119,8 @@ def load_policy(path: str | Path) -> AugmentPolicy:
     if isinstance(version, int) and version < POLICY_FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: augmentation policy of format version {version} is out of date (version "
-            f"{POLICY_FORMAT_VERSION} adds hed_jitter and stain_normalization); rerun `bonetumor augment` "
-            "(dvc repro does this)"
+            f"{POLICY_FORMAT_VERSION} trains on random crops: rotate90, color_jitter, zoom_max as crop scale); "
+            "rerun `bonetumor augment` (dvc repro does this)"
         )
     if not isinstance(document, dict) or version != POLICY_FORMAT_VERSION:
         raise ArtifactError(f"{path}: not an augmentation policy of format version {POLICY_FORMAT_VERSION}")
@@ -135,43 +149,78 @@ def load_policy(path: str | Path) -> AugmentPolicy:
     return policy
 
 
-def geometric_ops(policy: AugmentPolicy, image_size: int) -> list[v2.Transform]:
-    """Return the random rotation, flips and zoom; the last one (zoom) also brings the tile to ``image_size``."""
-    ops: list[v2.Transform] = []
+class RandomScaledCrop:
+    """A random ``size`` crop of a tile at a slightly jittered scale.
+
+    A square of ``size * z`` pixels (``z`` log-uniform in ``[1/zoom_max, zoom_max]``) is cut out and resized to
+    ``size``. The crop side is capped at the tile's side. With ``zoom_max`` 1 it is a plain random crop (no resampling).
+    Draws come from torch's global generator, as torchvision's random transforms do, so seeding repeats them.
+    """
+
+    def __init__(self, size: int, zoom_max: float = 1.0) -> None:
+        if size < 1 or zoom_max < 1.0:
+            raise ConfigError(f"RandomScaledCrop: size={size}, zoom_max={zoom_max}; expected size >= 1, zoom >= 1")
+        self.size = size
+        self.log_zoom = math.log(zoom_max)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """Return the crop, resized to ``size`` squared."""
+        width, height = image.size
+        factor = math.exp((float(torch.rand(())) * 2.0 - 1.0) * self.log_zoom) if self.log_zoom else 1.0
+        side = max(1, min(width, height, round(self.size * factor)))
+        left = int(torch.randint(0, width - side + 1, ()))
+        top = int(torch.randint(0, height - side + 1, ()))
+        crop = image.crop((left, top, left + side, top + side))
+        return crop if side == self.size else crop.resize((self.size, self.size), Image.Resampling.BILINEAR)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, zoom_max={math.exp(self.log_zoom):g})"
+
+
+class RandomRotate90:
+    """Rotate a PIL image by a random multiple of 90 degrees (lossless, no corners to fill)."""
+
+    _TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """Return the rotated image."""
+        turn = self._TURNS[int(torch.randint(0, 4, ()))]
+        return image if turn is None else image.transpose(turn)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def geometric_ops(policy: AugmentPolicy, input_size: int) -> list[Callable[[Any], Any]]:
+    """Return the random geometry: free rotation, the scaled ``input_size`` crop, flips, 90-degree rotation."""
+    ops: list[Callable[[Any], Any]] = []
     if policy.rotation_degrees > 0:
         ops.append(v2.RandomRotation(policy.rotation_degrees, fill=ROTATION_FILL))
+    ops.append(RandomScaledCrop(input_size, policy.zoom_max))
     if policy.hflip_p > 0:
         ops.append(v2.RandomHorizontalFlip(policy.hflip_p))
     if policy.vflip_p > 0:
         ops.append(v2.RandomVerticalFlip(policy.vflip_p))
-    # Zoom: crop a random square covering 1/zoom_max**2 to all of the tile's area, resized to the model size.
-    ops.append(
-        v2.RandomResizedCrop(
-            (image_size, image_size), scale=(1.0 / policy.zoom_max**2, 1.0), ratio=(1.0, 1.0), antialias=True
-        )
-    )
+    if policy.rotate90:
+        ops.append(RandomRotate90())
     return ops
 
 
-def augmentation_ops(policy: AugmentPolicy, image_size: int) -> list[Callable[[Any], Any]]:
-    """Return the random steps of the policy: rotation, flips, zoom (to ``image_size``), then HED jitter.
+def augmentation_ops(policy: AugmentPolicy, input_size: int) -> list[Callable[[Any], Any]]:
+    """Return the random steps of the policy: :func:`geometric_ops`, then HED jitter and colour jitter.
 
-    The jitter comes after the zoom so that it colours the small model-size tile, not the larger source tile.
+    The jitters come after the crop so that they colour the small crop, not the larger tile (cheaper, same effect).
     """
-    ops: list[Callable[[Any], Any]] = list(geometric_ops(policy, image_size))
+    ops = geometric_ops(policy, input_size)
     if policy.hed_jitter > 0:
         ops.append(HedJitter(policy.hed_jitter))
+    if policy.color_jitter > 0:
+        strength = policy.color_jitter
+        ops.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
     return ops
 
 
-def train_image_ops(
-    policy: AugmentPolicy, image_size: int, stain: StainNormalizer | None = None
-) -> list[Callable[[Any], Any]]:
-    """Return the image-to-image part of the training transform: stain normalisation, then the random steps.
-
-    Raises:
-        ConfigError: ``stain`` was fitted with another method than the policy names.
-    """
+def _check_stain(policy: AugmentPolicy, stain: StainNormalizer | None) -> None:
     if stain is not None and stain.method != policy.stain_normalization:
         raise ConfigError(
             f"the stain normaliser uses {stain.method!r} but the augmentation policy says "
@@ -183,49 +232,77 @@ def train_image_ops(
             "training tiles are not normalised",
             policy.stain_normalization,
         )
-    return ([stain] if stain is not None else []) + augmentation_ops(policy, image_size)
+
+
+def train_image_ops(
+    policy: AugmentPolicy, preprocess: PreprocessConfig, stain: StainNormalizer | None = None
+) -> list[Callable[[Any], Any]]:
+    """Return the image-to-image part of the training transform: the shared tile steps, then the random ones.
+
+    Raises:
+        ConfigError: ``stain`` was fitted with another method than the policy names.
+    """
+    _check_stain(policy, stain)
+    return tile_ops(preprocess, stain) + augmentation_ops(policy, preprocess.input_size)
 
 
 def build_train_transform(
     preprocess: PreprocessConfig, policy: AugmentPolicy, stain: StainNormalizer | None = None
 ) -> v2.Compose:
-    """Return the training transform.
+    """Return the random part of the training transform, from a prepared tile to the network's input tensor.
 
-    Stain normalisation (deterministic, the same as at evaluation and serving time), then rotation, flips, zoom,
-    HED jitter, then the shared resize-and-normalise tail of :func:`bonetumor.preprocess.build_eval_transform`.
+    Its input is the output of :func:`bonetumor.preprocess.tile_ops` (stain-normalised, squared, resized to
+    ``tile_size``), which the training dataset computes once per tile and caches
+    (:func:`bonetumor.datasets.TileDataset`'s ``prepare``); then the random crop and the other random steps of
+    the policy, and the shared :func:`bonetumor.preprocess.tensor_tail`. Output: ``(3, input_size, input_size)``.
 
     Args:
         preprocess: The preprocess section.
         policy: The augmentation policy.
-        stain: The stain normaliser fitted on this training set's tiles, or None when the policy uses none.
+        stain: The stain normaliser fitted on this training set's tiles (checked against the policy; it is applied
+            in ``prepare``, not here).
 
     Raises:
         ConfigError: ``stain`` was fitted with another method than the policy names.
     """
-    return v2.Compose(train_image_ops(policy, preprocess.image_size, stain) + tensor_tail(preprocess))
+    _check_stain(policy, stain)
+    return v2.Compose(augmentation_ops(policy, preprocess.input_size) + tensor_tail(preprocess))
 
 
 PreviewColumn = tuple[str, Callable[[Image.Image], Image.Image]]
 
 
 def preview_columns(
-    policy: AugmentPolicy, image_size: int, samples: int, stain: StainNormalizer | None
+    policy: AugmentPolicy, preprocess: PreprocessConfig, samples: int, stain: StainNormalizer | None
 ) -> list[PreviewColumn]:
     """Return the preview's columns as (title, image-to-image step), one transform per column.
 
-    Original; stain-normalised (when a normaliser is given); ``PREVIEW_HED_EXAMPLES`` HED-jitter-only examples
-    (when the jitter is on); one geometric (rotation, flip, zoom) example; ``samples`` full-pipeline samples.
+    The tile as every model sees it before cropping (resized to ``tile_size``); stain-normalised (when a normaliser
+    is given); ``PREVIEW_HED_EXAMPLES`` HED-jitter-only examples (when the jitter is on); one geometric example
+    (crop, flips, rotation); ``samples`` full-pipeline samples (what training feeds the network); and the centre
+    test-time crop (what evaluation and serving see, with the other fixed crops).
     """
-    resize = v2.Compose([CenterSquareCrop(), v2.Resize((image_size, image_size), antialias=True)])
-    columns: list[PreviewColumn] = [("original", resize)]
+    size = preprocess.tile_size
+    resize = v2.Compose([CenterSquareCrop(), v2.Resize((size, size), antialias=True)])
+    columns: list[PreviewColumn] = [(f"tile ({size} px)", resize)]
     if stain is not None:
-        columns.append((f"stain-normalised ({stain.method})", v2.Compose([stain, resize])))
+        columns.append((f"stain-normalised ({stain.method})", v2.Compose(tile_ops(preprocess, stain))))
     if policy.hed_jitter > 0:
         jitter = v2.Compose([resize, HedJitter(policy.hed_jitter)])
         columns += [(f"HED jitter {i + 1}", jitter) for i in range(PREVIEW_HED_EXAMPLES)]
-    columns.append(("geometric (rot/flip/zoom)", v2.Compose(geometric_ops(policy, image_size))))
-    full = v2.Compose(train_image_ops(policy, image_size, stain))
-    columns += [(f"full pipeline {i + 1}", full) for i in range(samples)]
+    columns.append(
+        (
+            f"geometric ({preprocess.input_size} px crop)",
+            v2.Compose([resize, *geometric_ops(policy, preprocess.input_size)]),
+        )
+    )
+    full = v2.Compose(train_image_ops(policy, preprocess, stain))
+    columns += [(f"training input {i + 1}", full) for i in range(samples)]
+    margin = (size - preprocess.input_size) // 2
+    centre = v2.Compose(
+        [*tile_ops(preprocess, stain), v2.CenterCrop(preprocess.input_size)] if margin else tile_ops(preprocess, stain)
+    )
+    columns.append(("test-time centre crop", centre))
     return columns
 
 
@@ -249,7 +326,7 @@ def render_preview(
         manifest: The data set manifest (``file`` and ``label`` columns).
         manifest_dir: Folder that the manifest's relative paths start from.
         policy: The augmentation policy.
-        preprocess: The preprocess section (model input size).
+        preprocess: The preprocess section (tile and crop sizes).
         config: The augment section (preview size and seed).
         out_png: The PNG to write.
         stain: A fitted normaliser to show instead of fitting one on the manifest.
@@ -280,7 +357,7 @@ def render_preview(
             "training fits one per fold on that fold's training tiles"
         )
     torch.manual_seed(config.seed)
-    columns = preview_columns(policy, preprocess.image_size, config.preview_samples, stain)
+    columns = preview_columns(policy, preprocess, config.preview_samples, stain)
     # matplotlib's object API, not pyplot: no global backend or figure state, safe in servers and threads.
     fig = Figure(figsize=(PREVIEW_CELL_INCHES * len(columns), PREVIEW_CELL_INCHES * len(files) + 0.3))
     axes = fig.subplots(len(files), len(columns), squeeze=False)
@@ -306,9 +383,12 @@ def render_preview(
 def describe(policy: AugmentPolicy) -> str:
     """Return a one-line human description of a policy."""
     jitter = f"HED jitter +/-{policy.hed_jitter:g}" if policy.hed_jitter > 0 else "no HED jitter"
+    colour = f"colour jitter +/-{policy.color_jitter:g}" if policy.color_jitter > 0 else "no colour jitter"
+    rotation = f"rotation +/-{policy.rotation_degrees:g} deg, " if policy.rotation_degrees > 0 else ""
     return (
-        f"stain normalisation {policy.stain_normalization}, rotation +/-{policy.rotation_degrees:g} deg, "
-        f"hflip p={policy.hflip_p:g}, vflip p={policy.vflip_p:g}, zoom up to {policy.zoom_max:g}x, {jitter}"
+        f"stain normalisation {policy.stain_normalization}, random crops with scale jitter {policy.zoom_max:g}x, "
+        f"{rotation}{'90-degree rotations, ' if policy.rotate90 else ''}hflip p={policy.hflip_p:g}, "
+        f"vflip p={policy.vflip_p:g}, {jitter}, {colour}"
     )
 
 

@@ -15,8 +15,12 @@ check. This module turns out-of-fold (OOF) logits into such a rule:
      with a real chance of viable tumour).
 
    Every other tile is **accepted** (the model's call stands).
-3. The threshold is chosen on the OOF predictions by :func:`choose_referral` so that the accepted tiles keep the
-   recall of ``target_class`` at or above ``target_recall``.
+3. The threshold is chosen on the OOF predictions by :func:`choose_referral`: the lowest one at which the
+   accepted tiles meet two targets *with a conservative bound*, not the point estimate. The Clopper-Pearson upper
+   bound (one-sided, at ``referral.confidence``) of their error rate must not exceed ``max_error``, and the
+   Clopper-Pearson lower bound of the recall of ``target_class`` among them must reach ``target_recall``. A few
+   dozen OOF tiles cannot vouch for a 5 % error rate (zero errors in 58 tiles still leave an upper bound above
+   5 % at 95 %), and the rule then says so by referring every tile. So does a constant predictor.
 
 Labels are class indices (``0 .. len(classes) - 1``) throughout; :func:`oof_arrays` reads them, with the logits,
 from a training stage's ``oof.csv``.
@@ -36,6 +40,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as _scipy_softmax
+from scipy.stats import beta
 
 from bonetumor.config import ReferralConfig
 from bonetumor.errors import ArtifactError, ConfigError
@@ -153,7 +158,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     # Guard against a failed search: never return a temperature that fits worse than leaving the logits alone.
     if _nll(logits, labels, temperature) > _nll(logits, labels, 1.0):
         return 1.0
-    if temperature <= low * 1.01 or temperature >= high / 1.01:
+    if temperature_at_bound(temperature):
         log.warning(
             "temperature fit stopped at its bound T=%.3g (%d tiles): the logits separate the classes perfectly "
             "or carry no signal, so the calibration is unreliable",
@@ -161,6 +166,41 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             labels.size,
         )
     return temperature
+
+
+def temperature_at_bound(temperature: float) -> bool:
+    """Whether a fitted temperature stopped at (within 1 % of) a bound of :data:`TEMPERATURE_BOUNDS`.
+
+    At the upper bound the logits carry no signal (the calibrated probabilities are near uniform); at the lower
+    bound they separate the OOF tiles perfectly. Either way the calibration is unreliable, and reports say so.
+    """
+    low, high = TEMPERATURE_BOUNDS
+    return temperature <= low * 1.01 or temperature >= high / 1.01
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conservative bounds of binomial proportions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clopper_pearson_upper(failures: np.ndarray, trials: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bound of a proportion (1 where there are no trials).
+
+    ``P(rate <= bound) >= confidence`` for ``failures`` out of ``trials``: the ``confidence`` quantile of
+    Beta(failures + 1, trials - failures); 1 when every trial failed.
+    """
+    k, n = np.asarray(failures, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = np.asarray(beta.ppf(confidence, k + 1.0, np.maximum(n - k, 1e-300)), dtype=np.float64)
+    return np.where((n <= 0) | (k >= n), 1.0, bound)
+
+
+def clopper_pearson_lower(successes: np.ndarray, trials: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a proportion (NaN where there are no trials, 0 with no success)."""
+    k, n = np.asarray(successes, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = np.asarray(beta.ppf(1.0 - confidence, np.maximum(k, 1e-300), n - k + 1.0), dtype=np.float64)
+    return np.where(n <= 0, np.nan, np.where(k <= 0, 0.0, bound))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +330,7 @@ def reliability_diagram(
 # Referral policy
 # ---------------------------------------------------------------------------------------------------------------
 
-_FLOAT_OR_NAN_FIELDS = ("accepted_accuracy", "accepted_target_recall")
+_FLOAT_OR_NAN_FIELDS = ("accepted_accuracy", "accepted_target_recall", "accepted_error_upper", "accepted_recall_lower")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +354,18 @@ class ReferralPolicy:
         accepted_accuracy: Accuracy on the accepted OOF tiles (NaN when none is accepted).
         accepted_target_recall: Recall of ``target_class`` on the accepted OOF tiles (NaN when none of them is
             of ``target_class``).
-        target_met: Whether ``accepted_target_recall >= target_recall`` on the OOF tiles.
+        target_met: Whether the accepted OOF tiles met both targets by their conservative bounds
+            (``accepted_error_upper <= max_error`` and ``accepted_recall_lower >= target_recall``); False for the
+            fallback that refers every tile.
+        max_error: The largest error rate the accepted tiles may have (``referral.max_error``).
+        confidence: One-sided confidence level of both Clopper-Pearson bounds (``referral.confidence``).
+        accepted_error_upper: Clopper-Pearson upper bound of the accepted OOF tiles' error rate (NaN when none).
+        accepted_recall_lower: Clopper-Pearson lower bound of their ``target_class`` recall (NaN when undefined).
+        temperature_at_bound: The temperature fit stopped at a bound of :data:`TEMPERATURE_BOUNDS`: the
+            calibration is unreliable (see :func:`temperature_at_bound`).
+
+    The last five fields have defaults, so that a rule written before they existed still loads (as a rule that
+    made no error claim).
     """
 
     classes: tuple[str, ...]
@@ -329,6 +380,11 @@ class ReferralPolicy:
     accepted_accuracy: float
     accepted_target_recall: float
     target_met: bool
+    max_error: float = 1.0
+    confidence: float = 0.95
+    accepted_error_upper: float = float("nan")
+    accepted_recall_lower: float = float("nan")
+    temperature_at_bound: bool = False
 
     def __post_init__(self) -> None:
         classes = self.classes
@@ -348,6 +404,8 @@ class ReferralPolicy:
             "target_recall",
             "max_target_prob_when_safe",
             "coverage",
+            "max_error",
+            "confidence",
             *_FLOAT_OR_NAN_FIELDS,
         ):
             value = getattr(self, name)
@@ -362,8 +420,9 @@ class ReferralPolicy:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
         if isinstance(self.n_tiles, bool) or not isinstance(self.n_tiles, int) or self.n_tiles < 0:
             raise ValueError(f"n_tiles: expected a non-negative integer, got {self.n_tiles!r}")
-        if not isinstance(self.target_met, bool):
-            raise ValueError(f"target_met: expected true or false, got {self.target_met!r}")
+        for name in ("target_met", "temperature_at_bound"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
     @property
     def target_index(self) -> int:
@@ -406,8 +465,10 @@ class ReferralPolicy:
         """
         if not isinstance(data, Mapping):
             raise ArtifactError(f"{source}: expected a mapping of policy fields, got {type(data).__name__}")
-        expected = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in expected if name not in data]
+        fields = dataclasses.fields(cls)
+        expected = [f.name for f in fields]
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
         unknown = sorted(set(data) - set(expected))
         if missing or unknown:
             raise ArtifactError(
@@ -418,7 +479,7 @@ class ReferralPolicy:
             raise ArtifactError(f"{source}: classes: expected a list of class names, got {values['classes']!r}")
         values["classes"] = tuple(values["classes"])
         for name in _FLOAT_OR_NAN_FIELDS:
-            if values[name] is None:
+            if name in values and values[name] is None:
                 values[name] = float("nan")
         try:
             return cls(**values)
@@ -491,8 +552,9 @@ class ReferralPolicy:
         if low:
             if self.refers_everything and not self.target_met:
                 parts.append(
-                    f"every tile is referred: no confidence threshold kept {self.target_class} recall >= "
-                    f"{self.target_recall:g} on the out-of-fold predictions"
+                    f"every tile is referred: on the out-of-fold predictions no confidence threshold kept the "
+                    f"error rate <= {self.max_error:g} and {self.target_class} recall >= {self.target_recall:g} "
+                    f"(Clopper-Pearson bounds at {self.confidence:g})"
                 )
             else:
                 parts.append(
@@ -557,7 +619,7 @@ def _safe_rule(probs: np.ndarray, target_index: int, safe_index: int, max_target
 def choose_referral(
     logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], config: ReferralConfig
 ) -> ReferralPolicy:
-    """Fit the temperature and choose the lowest confidence threshold that protects the target class's recall.
+    """Fit the temperature and choose the lowest confidence threshold whose accepted tiles meet both targets.
 
     Definitions, on the OOF tiles after temperature scaling (``T`` from :func:`fit_temperature` when
     ``config.calibrate``, else 1):
@@ -565,17 +627,18 @@ def choose_referral(
     * confidence ``c_i = max_k p_ik``; prediction ``argmax_k p_ik``;
     * a tile is **accepted** at threshold ``t`` when ``c_i > t`` and it is not referred by the safe-class rule
       (predicted ``safe_class`` with ``p_i[target_class] > max_target_prob_when_safe``);
-    * **accepted target recall** at ``t`` = accepted tiles of true ``target_class`` predicted as ``target_class``
-      / accepted tiles of true ``target_class``; it is undefined (and does not meet the target) when no accepted
-      tile is of ``target_class``;
+    * the **error bound** at ``t`` is the one-sided Clopper-Pearson upper bound, at ``config.confidence``, of the
+      error rate of the accepted tiles; the **recall bound** the Clopper-Pearson lower bound of the recall of
+      ``target_class`` among them (accepted tiles of true ``target_class`` predicted as it / accepted tiles of
+      true ``target_class``; undefined, and not met, when no accepted tile is of ``target_class``);
     * **coverage** = accepted tiles / all tiles; **accepted accuracy** = correct accepted tiles / accepted tiles.
 
     Candidates are 0 (accept all) and every distinct OOF confidence. The chosen threshold is the lowest candidate
-    whose accepted target recall is ``>= target_recall``; since the accepted set only shrinks as ``t`` rises, this
-    is the candidate with the highest coverage. The recall is not monotone in ``t``, so every candidate is checked.
-    When no candidate meets the target (including when there is no tile of ``target_class``), the policy falls
-    back to threshold 1.0, which refers every tile, with ``target_met=False``, and a warning says what was
-    reached.
+    with ``error bound <= max_error`` and ``recall bound >= target_recall``; since the accepted set only shrinks
+    as ``t`` rises, that is the candidate with the highest coverage. Neither figure is monotone in ``t``, so every
+    candidate is checked. When no candidate meets both (always the case for a constant predictor, whose accepted
+    tiles are wrong two times in three), the policy falls back to threshold 1.0, which refers every tile, with
+    ``target_met=False``, and a warning says what was reached.
 
     Args:
         logits: OOF logits, shape ``(n, len(classes))``.
@@ -599,79 +662,82 @@ def choose_referral(
     if labels.size == 0:
         raise ValueError("logits: no out-of-fold tiles to choose a referral threshold on")
     temperature = fit_temperature(logits, labels) if config.calibrate else 1.0
+    at_bound = bool(config.calibrate and temperature_at_bound(temperature))
     probs = softmax(logits, temperature)
     target_index, safe_index = classes.index(config.target_class), classes.index(config.safe_class)
     unsafe = _safe_rule(probs, target_index, safe_index, config.max_target_prob_when_safe)
     sweep = _sweep(probs, labels, ~unsafe, target_index)
+    accepted = sweep["accepted"]
+    errors = accepted - np.nan_to_num(sweep["accuracy"] * accepted)
+    error_upper = clopper_pearson_upper(errors, accepted, config.confidence)
     recall = sweep["target_recall"]
-    # A tiny tolerance so that, for example, 19/20 counts as meeting 0.95 whatever the rounding.
-    met = np.nan_to_num(recall, nan=-1.0) >= config.target_recall - 1e-12
+    recall_lower = clopper_pearson_lower(
+        np.nan_to_num(recall * sweep["target_total"]), sweep["target_total"], config.confidence
+    )
+    # A tiny tolerance so that a bound equal to its target counts as meeting it whatever the rounding.
+    met = (accepted > 0) & (error_upper <= config.max_error + 1e-12)
+    met &= np.nan_to_num(recall_lower, nan=-1.0) >= config.target_recall - 1e-12
 
-    def make(
-        threshold: float, coverage: float, accuracy: float, target_recall: float, target_met: bool
-    ) -> ReferralPolicy:
+    def make(k: int | None) -> ReferralPolicy:
         return ReferralPolicy(
             classes=classes,
             temperature=temperature,
-            confidence_threshold=threshold,
+            confidence_threshold=1.0 if k is None else float(sweep["thresholds"][k]),
             target_class=config.target_class,
             target_recall=config.target_recall,
             safe_class=config.safe_class,
             max_target_prob_when_safe=config.max_target_prob_when_safe,
             n_tiles=int(labels.size),
-            coverage=coverage,
-            accepted_accuracy=accuracy,
-            accepted_target_recall=target_recall,
-            target_met=target_met,
+            coverage=0.0 if k is None else float(sweep["coverage"][k]),
+            accepted_accuracy=float("nan") if k is None else float(sweep["accuracy"][k]),
+            accepted_target_recall=float("nan") if k is None else float(recall[k]),
+            target_met=k is not None,
+            max_error=config.max_error,
+            confidence=config.confidence,
+            accepted_error_upper=float("nan") if k is None else float(error_upper[k]),
+            accepted_recall_lower=float("nan") if k is None else float(recall_lower[k]),
+            temperature_at_bound=at_bound,
         )
 
     if met.any():
-        k = int(np.argmax(met))
-        policy = make(
-            float(sweep["thresholds"][k]),
-            float(sweep["coverage"][k]),
-            float(sweep["accuracy"][k]),
-            float(recall[k]),
-            True,
-        )
+        policy = make(int(np.argmax(met)))
         log.info(
-            "referral threshold %.4f (T=%.3f): coverage %.3f, accepted accuracy %.3f, %s recall %.3f >= %.3f",
+            "referral threshold %.4f (T=%.3f): coverage %.3f, accepted accuracy %.3f (error bound %.3f <= %.3f), "
+            "%s recall %.3f (bound %.3f >= %.3f)",
             policy.confidence_threshold,
             temperature,
             policy.coverage,
             policy.accepted_accuracy,
+            policy.accepted_error_upper,
+            config.max_error,
             config.target_class,
             policy.accepted_target_recall,
+            policy.accepted_recall_lower,
             config.target_recall,
         )
         return policy
     n_target = int((labels == target_index).sum())
-    if n_target == 0:
-        log.warning(
-            "referral target not met: none of the %d out-of-fold tiles is %s, so its recall cannot be checked; "
-            "the policy refers every tile",
-            labels.size,
-            config.target_class,
-        )
+    with_target = (accepted > 0) & ~np.isnan(recall_lower)
+    if n_target == 0 or not with_target.any():
+        reached = f"none of the {labels.size} out-of-fold tiles is an accepted {config.target_class} tile"
     else:
-        defined = ~np.isnan(recall)
-        best = int(np.nanargmax(np.where(defined, recall, np.nan))) if defined.any() else None
+        # The threshold that comes closest: the smallest error bound among those with a defined recall bound.
+        best = int(np.argmin(np.where(with_target, error_upper, np.inf)))
         reached = (
-            f"best reached {recall[best]:.3f} at threshold {sweep['thresholds'][best]:.3f} "
-            f"(coverage {sweep['coverage'][best]:.3f})"
-            if best is not None
-            else "no threshold accepts any of them"
+            f"closest: threshold {sweep['thresholds'][best]:.3f} accepts {int(accepted[best])} tiles with error "
+            f"bound {error_upper[best]:.3f} and {config.target_class} recall bound {recall_lower[best]:.3f}"
         )
-        log.warning(
-            "referral target not met: no confidence threshold keeps %s recall among accepted tiles >= %.3f "
-            "(%d %s tiles; %s); the policy refers every tile",
-            config.target_class,
-            config.target_recall,
-            n_target,
-            config.target_class,
-            reached,
-        )
-    return make(1.0, 0.0, float("nan"), float("nan"), False)
+    log.warning(
+        "referral targets not met: no confidence threshold keeps the error bound <= %.3f and the %s recall bound "
+        ">= %.3f (Clopper-Pearson at %.2f, %d out-of-fold tiles; %s); the policy refers every tile",
+        config.max_error,
+        config.target_class,
+        config.target_recall,
+        config.confidence,
+        labels.size,
+        reached,
+    )
+    return make(None)
 
 
 def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from bonetumor.augment import AugmentPolicy, build_train_transform
 from bonetumor.config import Config, PreprocessConfig
@@ -34,10 +35,11 @@ from bonetumor.datasets import TileDataset, label_indices
 from bonetumor.engine import FitResult, fit
 from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.export import OnnxClassifier, QuantizedModel, export_onnx, measure_latency, quantize_int8
-from bonetumor.models import build_model
-from bonetumor.preprocess import build_eval_transform, decode_image
+from bonetumor.models import InitWeights, build_model
+from bonetumor.preprocess import build_eval_transform, decode_image, tensor_tail, tile_ops
 from bonetumor.pruning import PruneSummary, prune_vgg
 from bonetumor.stain import StainNormalizer
+from bonetumor.tta import TestTimeViews
 from bonetumor.utils import EtaTimer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -142,9 +144,9 @@ class TwoStageModel(nn.Module):
 
     Attributes:
         roles: Output index of each class role.
-        histories: Per stage (``stage1``, ``stage2``), the epoch metrics of its training, when trained by
+        histories: Per stage (``stage1``, ``stage2``), the evaluation metrics of its training, when trained by
             :func:`fit_two_stage` (not part of the state dict).
-        best_epochs: Per stage, the epoch whose weights it holds.
+        best_steps: Per stage, the optimiser step whose weights it holds.
 
     Raises:
         ConfigError: See :func:`class_roles`.
@@ -159,7 +161,7 @@ class TwoStageModel(nn.Module):
         self.stage1 = stage1
         self.stage2 = stage2
         self.histories: dict[str, list[dict[str, float]]] = {}
-        self.best_epochs: dict[str, int] = {}
+        self.best_steps: dict[str, int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(N, 3)`` class log-probabilities, in the order of ``classes``."""
@@ -174,7 +176,7 @@ class TwoStageModel(nn.Module):
         return torch.stack([by_role[i] for i in range(3)], dim=1).clamp(min=LOG_PROB_FLOOR)
 
 
-def build_two_stage(arch: str, config: Config, weights: str | None = None) -> TwoStageModel:
+def build_two_stage(arch: str, config: Config, weights: str | InitWeights | None = None) -> TwoStageModel:
     """Build an untrained two-stage model of ``arch`` (both stages), as :func:`fit_two_stage` trains it.
 
     Also what loading a saved two-stage state dict needs: ``build_two_stage(arch, config, "none")`` then
@@ -210,7 +212,8 @@ def _binary_datasets(
     classes = config.data.classes
     roles = class_roles(classes, config.referral.safe_class, config.referral.target_class)
     train_transform = build_train_transform(config.preprocess, policy, stain=stain)
-    eval_transform = build_eval_transform(config.preprocess, stain=stain)
+    eval_transform = v2.Compose(tensor_tail(config.preprocess))
+    prepare = v2.Compose(tile_ops(config.preprocess, stain))
 
     def split(table: pd.DataFrame, what: str) -> dict[str, tuple[list[Path], list[int]]]:
         for column in ("file", "label"):
@@ -241,8 +244,8 @@ def _binary_datasets(
             )
         stop: TileDataset | None = None
         if stop_parts is not None and stop_parts[stage][0]:
-            stop = TileDataset(stop_parts[stage][0], stop_parts[stage][1], eval_transform)
-        datasets[stage] = (TileDataset(files, labels, train_transform), stop)
+            stop = TileDataset(stop_parts[stage][0], stop_parts[stage][1], eval_transform, prepare)
+        datasets[stage] = (TileDataset(files, labels, train_transform, prepare), stop)
     return datasets
 
 
@@ -258,18 +261,19 @@ def fit_two_stage(
     timer: EtaTimer | None = None,
     *,
     seed: int | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     fingerprint: str = "",
+    init: InitWeights | None = None,
 ) -> TwoStageModel:
     """Train the two-stage classifier of one fold: stage 1 on every tile, stage 2 on the tumour tiles.
 
     Both stages are ``arch`` networks with two outputs, trained by :func:`bonetumor.engine.fit` with the plain
-    models' recipe (``config.train``: epochs, learning rate, schedule, patience, two-phase fine-tuning...) and
+    models' recipe (``config.train``: steps, learning rate, schedule, patience, two-phase fine-tuning...) and
     their transforms (the augmentation policy and the fold's stain normaliser for training, the evaluation
-    transform for early stopping). Stage 1 learns non-tumour (``referral.safe_class``) vs the two tumour classes;
-    stage 2 learns ``referral.target_class`` (viable) vs the remaining class on tumour rows only. Each
-    early-stops on the matching rows of ``stop_table`` (none when it is None or has no such rows).
+    transform and test-time views for early stopping). Stage 1 learns non-tumour (``referral.safe_class``) vs
+    the two tumour classes; stage 2 learns ``referral.target_class`` (viable) vs the remaining class on tumour
+    rows only. Each early-stops on the matching rows of ``stop_table`` (none when it is None or has no such rows).
 
     Args:
         arch: Architecture of both stages.
@@ -280,21 +284,23 @@ def fit_two_stage(
         stain: The fold's fitted stain normaliser, or None.
         device: Where to train.
         name: Label for progress lines, e.g. ``two_stage_resnet50 fold 1/3``.
-        timer: Shared ETA timer (each stage steps it once per epoch, so it counts ``2 * epochs`` per call).
+        timer: Shared ETA timer (each stage steps it per step, so it counts ``2 * steps`` per call).
         seed: When given, :func:`bonetumor.utils.seed_everything` runs with it before building each stage.
-        on_epoch: Called with each epoch's metrics, keys prefixed ``stage1_``/``stage2_`` (``epoch`` kept; stage 2
-            epochs continue after stage 1's, so one MLflow run gets both curves on one step axis).
+        on_eval: Called with each evaluation's metrics, keys prefixed ``stage1_``/``stage2_`` (``step`` kept;
+            stage 2 steps continue after stage 1's, so one MLflow run gets both curves on one step axis).
         checkpoint_dir: Per-stage checkpoints go to ``<checkpoint_dir>/stage1`` and ``/stage2``.
         fingerprint: Identifies the data, as for :func:`bonetumor.engine.fit` (the stage is appended).
+        init: Where both stages' weights start (resolved from ``train.weights`` when None).
 
     Returns:
-        The trained model in eval mode on ``device``, with ``histories`` and ``best_epochs`` filled in.
+        The trained model (without views) in eval mode on ``device``, with ``histories`` and ``best_steps``.
 
     Raises:
         ConfigError: Classes unfit for the two-stage rule, or a stain/policy mismatch.
         DatasetError: A label is not a class, or a stage lacks one of its two classes in ``fit_table``.
     """
     datasets = _binary_datasets(fit_table, stop_table, config, policy, stain)
+    views = TestTimeViews.from_config(config.preprocess)
     titles = {"stage1": "stage 1/2 (tumour?)", "stage2": "stage 2/2 (viable?)"}
     stages: dict[str, nn.Module] = {}
     results: dict[str, FitResult] = {}
@@ -302,12 +308,14 @@ def fit_two_stage(
     for stage, (train_set, stop_set) in datasets.items():
         if seed is not None:
             seed_everything(seed)
-        model = build_model(arch, 2, config.train.dropout, config.train.weights, config.train.trainable)
+        model = build_model(
+            arch, 2, config.train.dropout, init if init is not None else config.train.weights, config.train.trainable
+        )
 
         def report(stats: dict[str, float], prefix: str = stage, shift: int = offset) -> None:
-            if on_epoch is not None:
-                renamed = {f"{prefix}_{k}": v for k, v in stats.items() if k != "epoch"}
-                on_epoch({"epoch": stats["epoch"] + shift, **renamed})
+            if on_eval is not None:
+                renamed = {f"{prefix}_{k}": v for k, v in stats.items() if k != "step"}
+                on_eval({"step": stats["step"] + shift, **renamed})
 
         log.info(
             "%s %s: %d training tiles, %s early-stopping tiles",
@@ -322,16 +330,17 @@ def fit_two_stage(
             stop_set,
             config.train,
             device,
-            config.train.epochs,
+            config.train.steps,
             f"{name} {titles[stage]}",
-            report if on_epoch is not None else None,
+            report if on_eval is not None else None,
             timer,
             arch=arch,
             checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / stage,
             fingerprint=f"{fingerprint}-{stage}",
+            views=views,
         )
         stages[stage] = results[stage].model
-        offset += len(results[stage].history)
+        offset += config.train.steps
     model = TwoStageModel(
         stages["stage1"],
         stages["stage2"],
@@ -340,7 +349,7 @@ def fit_two_stage(
         config.referral.target_class,
     )
     model.histories = {stage: result.history for stage, result in results.items()}
-    model.best_epochs = {stage: result.best_epoch for stage, result in results.items()}
+    model.best_steps = {stage: result.best_step for stage, result in results.items()}
     return model.to(device).eval()
 
 
@@ -354,15 +363,16 @@ def fit_pruned_vgg(
     name: str,
     timer: EtaTimer | None = None,
     *,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     fingerprint: str = "",
+    views: TestTimeViews | None = None,
 ) -> tuple[nn.Module, PruneSummary]:
     """Prune a trained VGG's weakest filters (``candidates.prune_amount``) and fine-tune the smaller model.
 
-    Fine-tuning runs :func:`bonetumor.engine.fit` for ``candidates.prune_finetune_epochs`` epochs (also the
+    Fine-tuning runs :func:`bonetumor.engine.fit` for ``candidates.prune_finetune_steps`` steps (also the
     schedule length) with ``config.train`` otherwise, except: no head-only phase (the head is trained already),
-    and with two-phase fine-tuning configured (``head_epochs > 0``, pretrained weights) the learning rate is
+    and with two-phase fine-tuning configured (``head_steps > 0``, pretrained weights) the learning rate is
     ``lr * finetune_lr_factor``, the rate the backbone was fine-tuned at, so the surviving pretrained filters
     adapt rather than being retrained. Parameters frozen by ``trainable`` stay frozen.
 
@@ -371,13 +381,14 @@ def fit_pruned_vgg(
         arch: ``vgg19`` or ``vgg19_bn``.
         train_set: The fold's augmented training set (3-class labels), as the plain model trained on.
         stop_set: The early-stopping set, or None.
-        config: Uses ``candidates`` (prune_amount, prune_finetune_epochs), ``preprocess.image_size`` and ``train``.
+        config: Uses ``candidates`` (prune_amount, prune_finetune_steps), ``preprocess.input_size`` and ``train``.
         device: Where to fine-tune.
         name: Label for progress lines.
-        timer: Shared ETA timer (stepped once per fine-tuning epoch).
-        on_epoch: Called with each fine-tuning epoch's metrics.
+        timer: Shared ETA timer (stepped per fine-tuning step).
+        on_eval: Called with each fine-tuning evaluation's metrics.
         checkpoint_dir: Checkpoint folder of the fine-tuning, as for :func:`bonetumor.engine.fit`.
         fingerprint: Identifies the data, as for :func:`bonetumor.engine.fit`.
+        views: Test-time views of the early-stopping evaluation.
 
     Returns:
         The pruned, fine-tuned model (eval mode, on ``device``) and what pruning changed (rebuild the module from
@@ -391,7 +402,7 @@ def fit_pruned_vgg(
             f"candidates.pruned_vgg19: cannot prune arch {arch!r}; structured pruning is only implemented for "
             f"{sorted(PRUNABLE_ARCHITECTURES)}"
         )
-    size = config.preprocess.image_size
+    size = config.preprocess.input_size
     # Torch-Pruning traces a forward pass: the example must live where the model's weights do.
     weight_device = next(model.parameters()).device
     example = torch.zeros(1, 3, size, size, device=weight_device)
@@ -406,26 +417,28 @@ def fit_pruned_vgg(
         100 * summary.macs_ratio,
     )
     train = config.train
+    steps = config.candidates.prune_finetune_steps
     finetune = dataclasses.replace(
         train,
-        head_epochs=0,
-        lr=train.lr * train.finetune_lr_factor if train.head_epochs > 0 else train.lr,
+        head_steps=0,
+        lr=train.lr * train.finetune_lr_factor if train.head_steps > 0 else train.lr,
+        eval_every=min(train.eval_every, steps),
     )
-    epochs = config.candidates.prune_finetune_epochs
     result = fit(
         pruned,
         train_set,
         stop_set,
         finetune,
         device,
-        epochs,
+        steps,
         name,
-        on_epoch,
+        on_eval,
         timer,
-        schedule_epochs=epochs,
+        schedule_steps=steps,
         arch=arch,
         checkpoint_dir=checkpoint_dir,
         fingerprint=f"{fingerprint}-pruned-{summary.plan_after}",
+        views=views,
     )
     return result.model.eval(), summary
 
@@ -486,10 +499,13 @@ def int8_classifier(
     """Export a model to ONNX, quantise it to INT8 calibrated on training tiles, and load it for inference.
 
     Calibration tiles go through the evaluation transform (stain normaliser included), exactly what the
-    quantised model will see; the returned classifier carries the same transform.
+    quantised model will see; the returned classifier carries the same transform. Pass the model with its
+    test-time views (:class:`bonetumor.tta.TestTimeAugmented`): the exported graph then takes whole
+    ``tile_size`` tiles and averages the views itself, exactly as torch does.
 
     Args:
-        model: The trained classifier (any device; exported from a CPU copy). A :class:`TwoStageModel` works too.
+        model: The trained classifier with its views (any device; exported from a CPU copy). A
+            :class:`TwoStageModel` works too.
         preprocess_config: The preprocess section the model was trained with.
         stain: The model's stain normaliser, or None.
         calibration_files: Training tiles (never validation tiles); see :func:`select_calibration_files`.
@@ -510,7 +526,7 @@ def int8_classifier(
     out_dir = Path(out_dir)
     transform = build_eval_transform(preprocess_config, stain=stain)
     files = list(calibration_files)[:max_tiles] if max_tiles is not None else list(calibration_files)
-    fp32 = export_onnx(_on_cpu(model), preprocess_config.image_size, out_dir / f"{name}.fp32.onnx")
+    fp32 = export_onnx(_on_cpu(model), preprocess_config.tile_size, out_dir / f"{name}.fp32.onnx")
     arrays = [np.asarray(transform(decode_image(f)), dtype=np.float32) for f in files]
     quantized = quantize_int8(fp32, out_dir / f"{name}.int8.onnx", arrays or None)
     log.info(
@@ -560,6 +576,8 @@ def cpu_latency_ms(
     seed: int = 0,
 ) -> float:
     """Return the median CPU milliseconds per tile of a model on a random preprocessed batch.
+
+    Time a model with its test-time views (``image_size`` = ``tile_size``): that is what a served tile costs.
 
     A torch module runs on a CPU copy (when it lives elsewhere), in eval mode, under ``no_grad`` (its mode is
     restored); an :class:`~bonetumor.export.OnnxClassifier` runs its ``logits`` on a float32 array; any other

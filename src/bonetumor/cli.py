@@ -48,11 +48,41 @@ def _run(func: object) -> None:
         raise typer.Exit(code=1) from exc
 
 
+weights_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    archs: Annotated[
+        list[str] | None, typer.Argument(help="Architectures (default: every one train.architectures names).")
+    ] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Download torchvision's ImageNet weights (hash-checked) into TORCH_HOME, for air-gapped installs.
+
+    Run it where there is internet; copy the printed files to the same place under TORCH_HOME on the offline
+    machine. `train.weights: auto` and `imagenet` then find them there.
+    """
+    from bonetumor.models import fetch_imagenet_weights
+
+    def stage() -> None:
+        chosen = list(archs or []) or list(load_config(params).train.architectures)
+        for arch, path in zip(chosen, fetch_imagenet_weights(chosen), strict=True):
+            typer.echo(f"{arch}: {path} ({path.stat().st_size / 1e6:.0f} MB, hash checked)")
+        typer.echo(
+            "offline machines: copy these files to $TORCH_HOME/hub/checkpoints/ (default "
+            "~/.cache/torch/hub/checkpoints/); train.weights: auto or imagenet then use them"
+        )
+
+    _run(stage)
+
+
 def _add_subcommands() -> None:
     # Imported here: cli_data imports this module's helpers.
     from bonetumor.cli_data import data_app
 
     app.add_typer(data_app, name="data", help="Import and version data sets (Kaggle/TCIA downloads, folders, CSVs).")
+    app.add_typer(weights_app, name="weights", help="Pretrained weights: fetch ImageNet files ahead of time.")
 
 
 @app.callback()
@@ -172,7 +202,10 @@ def train(
         config, project = _config(params)
         runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, validation)
         for arch, info in runs["architectures"].items():
-            typer.echo(f"{arch}: MLflow run {info['run_id']}, best epochs {[f['best_epoch'] for f in info['folds']]}")
+            typer.echo(
+                f"{arch}: MLflow run {info['run_id']}, best steps {[f['best_step'] for f in info['folds']]}, "
+                f"init {info['init']}"
+            )
 
     _run(stage)
 

@@ -85,15 +85,26 @@ class DataImportConfig:
 
 @dataclass(config=_STRICT)
 class PreprocessConfig:
-    """Preprocessing shared by training and serving: resize to a square and normalise.
+    """Preprocessing shared by training, evaluation and serving: the scale tiles are seen at, and normalisation.
+
+    Every tile is cropped to its centred square and resized to ``tile_size``: that fixes the physical scale a
+    pixel stands for. The network sees ``input_size`` crops of it: random crops in training, and at evaluation
+    and serving time a fixed set of crops (``test_crops``, each mirrored with ``test_flips``) whose
+    log-probabilities are averaged (:mod:`bonetumor.tta`).
 
     Attributes:
-        image_size: Side in pixels of the square model input (the paper uses 224; VGG19 needs at least 32).
+        tile_size: Side in pixels every tile is resized to (the paper feeds 224 px whole tiles).
+        input_size: Side in pixels of the square crop the network sees (VGG19 needs at least 32).
+        test_crops: Crops per tile at evaluation and serving time: 1 (centre) or 5 (corners and centre).
+        test_flips: Also show each test crop mirrored left-right (doubles the views).
         mean: Per-channel mean subtracted after scaling to [0, 1].
         std: Per-channel standard deviation divided after subtracting the mean.
     """
 
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 128
+    tile_size: Annotated[int, Field(ge=32, le=1024)] = 128
+    input_size: Annotated[int, Field(ge=32, le=1024)] = 64
+    test_crops: Literal[1, 5] = 5
+    test_flips: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -103,6 +114,15 @@ class PreprocessConfig:
         if any(v <= 0 for v in value):
             raise ValueError(f"every std must be > 0, got {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> PreprocessConfig:
+        if self.input_size > self.tile_size:
+            raise ValueError(
+                f"input_size={self.input_size} is larger than tile_size={self.tile_size}; expected a crop of the "
+                "resized tile (input_size <= tile_size)"
+            )
+        return self
 
 
 @dataclass(config=_STRICT)
@@ -157,12 +177,16 @@ class AugmentConfig:
     """The augmentation policy applied on the fly to training tiles.
 
     Attributes:
-        rotation_degrees: Random rotation range, +/- this many degrees.
+        rotation_degrees: Free random rotation of the tile, +/- this many degrees, corners filled white (0 = off:
+            the white corners are an artefact no real tile has).
+        rotate90: Rotate each crop by a random multiple of 90 degrees (tissue has no orientation; no corners).
         hflip_p: Probability of a horizontal flip.
         vflip_p: Probability of a vertical flip.
-        zoom_max: Largest zoom factor; a random crop of 1/zoom of the tile side is resized back.
+        zoom_max: Scale jitter: each training crop covers ``input_size`` times a random factor in
+            ``[1/zoom_max, zoom_max]`` of the resized tile (log-uniform), resized to ``input_size``; 1 = no zoom.
         hed_jitter: Strength of H&E stain augmentation: each of the haematoxylin, eosin and DAB channels (colour
             deconvolution) is scaled by 1 +/- and shifted by +/- this amount (0 = off).
+        color_jitter: Brightness, contrast and saturation jitter, +/- this share (0 = off).
         stain_normalization: ``none``, ``reinhard`` or ``macenko``. The target stain is fitted on the training
             tiles only (each fold's, and all training tiles for the final model), stored with the model, and
             applied to every tile in training, evaluation and serving.
@@ -171,11 +195,13 @@ class AugmentConfig:
         seed: Seed of the preview's random draws.
     """
 
-    rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 90.0
+    rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0
+    rotate90: bool = True
     hflip_p: Probability = 0.5
     vflip_p: Probability = 0.5
-    zoom_max: Annotated[float, Field(ge=1.0, le=4.0)] = 1.25
+    zoom_max: Annotated[float, Field(ge=1.0, le=4.0)] = 1.15
     hed_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
+    color_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
     stain_normalization: Literal["none", "reinhard", "macenko"] = "macenko"
     preview_tiles: PositiveInt = 6
     preview_samples: PositiveInt = 5
@@ -208,30 +234,59 @@ class BalanceConfig:
     seed: int = 0
 
 
+#: Train fields an architecture may override in ``train.per_arch`` (besides ``preprocess.input_size``).
+PER_ARCH_TRAIN_FIELDS = (
+    "steps",
+    "eval_every",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_fraction",
+    "label_smoothing",
+    "dropout",
+    "patience",
+)
+#: Preprocess fields an architecture may override in ``train.per_arch``.
+PER_ARCH_PREPROCESS_FIELDS = ("input_size",)
+
+
 @dataclass(config=_STRICT)
 class TrainConfig:
     """Training of every architecture on every fold.
 
+    Training is measured in optimiser steps, not in passes over the data: 20 training tiles make a pass three
+    batches long, and a recipe of a few passes never leaves the initialisation. Batches are drawn from a fresh
+    shuffle of the training tiles whenever the previous one is used up.
+
     Attributes:
         architectures: Names from :data:`bonetumor.models.ARCHITECTURES`, trained and compared in this order.
-        weights: ``none`` (random init), ``imagenet`` (torchvision weights from TORCH_HOME, never downloaded),
-            or a path to a state-dict file.
-        trainable: ``all`` layers, the ``top`` block plus the head, or the ``head`` only.
-        head_epochs: Two-phase fine-tuning: the first ``head_epochs`` epochs train the head only (at ``lr``), then
-            the layers named by ``trainable`` are unfrozen at ``lr * finetune_lr_factor``. 0 = one phase. Needs
-            pretrained weights.
+        weights: ``auto`` (ImageNet weights from TORCH_HOME, else downloaded by torchvision with its hash check,
+            else random initialisation with a warning recorded on every run and model), ``imagenet`` (the same,
+            but never falls back: no weights is an error), ``none`` (random init), or a path to a state-dict file
+            (``{arch}`` in it is replaced by the architecture).
+        trainable: ``all`` layers, the ``top`` block plus the head, or the ``head`` only (needs pretrained weights).
+        head_steps: Two-phase fine-tuning: the first ``head_steps`` steps train the head only (at ``lr``), then
+            the layers named by ``trainable`` are unfrozen too, at ``lr * finetune_lr_factor``. 0 = one phase.
+            Needs pretrained weights.
         finetune_lr_factor: Learning-rate multiplier of the unfrozen layers in the second phase.
         dropout: Dropout probability before the classification layer.
-        epochs: Maximum epochs per fold.
-        batch_size: Mini-batch size.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        scheduler: Learning-rate schedule: ``cosine`` annealing over the epochs, ``plateau`` (halve when the
-            validation loss stalls) or ``none``.
-        monitor: Validation quantity for early stopping and best-epoch selection.
-        patience: Epochs without improvement of ``monitor`` before stopping.
+        steps: Optimiser steps per fold (the refit runs the folds' median best step).
+        eval_every: Steps between evaluations on the early-stopping set (and checkpoints).
+        batch_size: Tiles per optimiser step.
+        optimizer: ``adamw`` (Adam with decoupled weight decay) or ``adam`` (the paper's; L2 weight decay).
+        lr: Peak learning rate.
+        weight_decay: Weight decay (decoupled with ``adamw``).
+        scheduler: ``onecycle`` (cosine warm-up from lr/25 to lr, then cosine annealing towards 0, as
+            torch's OneCycleLR), ``cosine`` (linear warm-up from 0, then cosine annealing to 0) or ``constant``
+            (linear warm-up, then ``lr``).
+        warmup_fraction: Share of ``steps`` spent warming up.
+        label_smoothing: Label smoothing of the training cross-entropy (the reported losses are unsmoothed).
+        monitor: Early-stopping-set quantity for early stopping and best-step selection.
+        patience: Evaluations without improvement of ``monitor`` before stopping (never during warm-up).
         inner_val_fraction: Share of each fold's training slides held out for early stopping (the outer
-            validation fold only scores, never picks the epoch). 0 disables early stopping: every epoch runs.
+            validation fold only scores, never picks the step). 0 disables early stopping: every step runs.
+        per_arch: Settings that differ for one architecture, e.g. ``{vgg19: {lr: 0.001, input_size: 48}}``: any of
+            :data:`PER_ARCH_TRAIN_FIELDS` and :data:`PER_ARCH_PREPROCESS_FIELDS`.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         num_threads: CPU threads for torch; 0 keeps torch's default.
         num_workers: DataLoader worker processes decoding tiles; 0 decodes in the training process.
@@ -239,25 +294,30 @@ class TrainConfig:
         mixed_precision: Use automatic mixed precision (bfloat16/float16 autocast) when training on a GPU.
         channels_last: Memory format of conv activations: ``auto`` (channels_last where measured faster),
             ``on`` or ``off``.
-        checkpoint: Save a checkpoint after every epoch; a killed run resumes from the last one.
-        progress: Show progress bars (fold, epoch, loss, ETA) on stderr.
-        seed: Seed of initialisation, shuffling and augmentation.
+        checkpoint: Save a checkpoint at every evaluation; a killed run resumes from the last one.
+        progress: Show progress bars (fold, step, loss, ETA) on stderr.
+        seed: Seed of initialisation, batch order and augmentation.
     """
 
     architectures: tuple[str, ...] = ("resnet50", "vgg19")
-    weights: str = "none"
+    weights: str = "auto"
     trainable: Literal["all", "top", "head"] = "all"
-    head_epochs: Annotated[int, Field(ge=0)] = 0
+    head_steps: Annotated[int, Field(ge=0)] = 0
     finetune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
-    epochs: PositiveInt = 6
-    batch_size: PositiveInt = 8
-    lr: Annotated[float, Field(gt=0.0)] = 1e-4
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    steps: PositiveInt = 200
+    eval_every: PositiveInt = 20
+    batch_size: Annotated[int, Field(ge=2)] = 16  # batch norm needs 2 or more
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0)] = 2e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.05
+    scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.15
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     monitor: Literal["val_macro_f1", "val_loss"] = "val_macro_f1"
-    patience: PositiveInt = 3
+    patience: PositiveInt = 5
     inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.25
+    per_arch: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -283,6 +343,29 @@ class TrainConfig:
             raise ValueError(f"architectures must not repeat, got {list(value)}")
         return value
 
+    @field_validator("weights")
+    @classmethod
+    def _weights_choice(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("weights is empty; expected auto, imagenet, none or a path to a state-dict file")
+        return value
+
+    @field_validator("per_arch")
+    @classmethod
+    def _per_arch_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from bonetumor.models import ARCHITECTURES
+
+        allowed = (*PER_ARCH_TRAIN_FIELDS, *PER_ARCH_PREPROCESS_FIELDS)
+        for arch, overrides in value.items():
+            if arch not in ARCHITECTURES:
+                raise ValueError(f"per_arch: unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+            if not isinstance(overrides, dict):
+                raise ValueError(f"per_arch.{arch}: expected a mapping of settings, got {overrides!r}")
+            unknown = sorted(set(overrides) - set(allowed))
+            if unknown:
+                raise ValueError(f"per_arch.{arch}: unknown setting(s) {unknown}; expected some of {list(allowed)}")
+        return value
+
     @model_validator(mode="after")
     def _frozen_layers_need_pretrained_weights(self) -> TrainConfig:
         if self.weights == "none" and self.trainable != "all":
@@ -290,15 +373,15 @@ class TrainConfig:
                 f"trainable={self.trainable!r} freezes layers of a randomly initialised network, which cannot learn; "
                 "use trainable: all with weights: none, or weights: imagenet (or a path) to fine-tune"
             )
-        if self.weights == "none" and self.head_epochs > 0:
+        if self.weights == "none" and self.head_steps > 0:
             raise ValueError(
-                f"head_epochs={self.head_epochs} trains a head on random features; use head_epochs: 0 with "
+                f"head_steps={self.head_steps} trains a head on random features; use head_steps: 0 with "
                 "weights: none, or pretrained weights for two-phase fine-tuning"
             )
-        if self.head_epochs > 0 and self.head_epochs >= self.epochs:
+        if self.head_steps > 0 and self.head_steps >= self.steps:
             raise ValueError(
-                f"head_epochs={self.head_epochs} leaves no fine-tuning epoch of epochs={self.epochs}; "
-                "expected head_epochs < epochs"
+                f"head_steps={self.head_steps} leaves no fine-tuning step of steps={self.steps}; "
+                "expected head_steps < steps"
             )
         return self
 
@@ -309,24 +392,25 @@ class CandidatesConfig:
 
     Attributes:
         two_stage: Train the paper's two-stage classifier per fold: tumour vs non-tumour, then viable vs
-            non-viable on tumour tiles, combined into the three class probabilities.
+            non-viable on tumour tiles, combined into the three class probabilities (two more fits per fold: off
+            in the 2-core demo, on in the full protocol).
         two_stage_arch: Architecture of both stages (must be in ``train.architectures`` order of preference; any
             factory name works).
         pruned_vgg19: Prune each fold's VGG19 (structured, channels removed) and fine-tune it (needs vgg19 in
-            ``train.architectures``).
+            ``train.architectures``; off in the 2-core demo, on in the full protocol).
         prune_amount: Share of each conv layer's filters removed (lowest L1 norm first).
-        prune_finetune_epochs: Fine-tuning epochs of the pruned model.
+        prune_finetune_steps: Fine-tuning optimiser steps of the pruned model.
         int8: Export each fold's models to ONNX and quantise them to INT8 (static, calibrated on training
             tiles), and score the quantised models too.
         calibration_tiles: Training tiles used to calibrate the INT8 quantisation.
         latency_batch: Batch size of the CPU latency measurement reported for every model.
     """
 
-    two_stage: bool = True
+    two_stage: bool = False
     two_stage_arch: str = "resnet50"
-    pruned_vgg19: bool = True
+    pruned_vgg19: bool = False
     prune_amount: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
-    prune_finetune_epochs: PositiveInt = 2
+    prune_finetune_steps: PositiveInt = 60
     int8: bool = True
     calibration_tiles: PositiveInt = 32
     latency_batch: PositiveInt = 8
@@ -339,6 +423,27 @@ class CandidatesConfig:
         if value not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {value!r}; expected one of {sorted(ARCHITECTURES)}")
         return value
+
+
+@dataclass(config=_STRICT)
+class BaselineConfig:
+    """The simple baseline every network must beat: colour histograms into a random forest, on the same folds.
+
+    Each tile goes through the same preprocessing as the networks' input (stain normalisation, centred square,
+    ``preprocess.tile_size``); its features are ``bins``-bin histograms of the R, G, B, H, S and V channels (and,
+    with ``texture``, a uniform local-binary-pattern histogram of the grey image).
+
+    Attributes:
+        bins: Histogram bins per channel.
+        trees: Trees of the scikit-learn random forest.
+        texture: Add the local-binary-pattern texture histogram (scikit-image) to the colour features.
+        seed: Seed of the forest.
+    """
+
+    bins: Annotated[int, Field(ge=2, le=256)] = 16
+    trees: PositiveInt = 500
+    texture: bool = False
+    seed: int = 0
 
 
 @dataclass(config=_STRICT)
@@ -363,8 +468,12 @@ class ReferralConfig:
     Attributes:
         calibrate: Fit temperature scaling on the out-of-fold logits (else the temperature is 1).
         target_class: The class whose recall the rule protects (viable tumour drives treatment response).
-        target_recall: Recall of ``target_class`` that the accepted (not referred) predictions must reach; the
-            confidence threshold is the lowest one that meets it on out-of-fold predictions.
+        target_recall: Recall of ``target_class`` that the accepted (not referred) predictions must keep: the
+            Clopper-Pearson lower bound (at ``confidence``) of the accepted out-of-fold tiles' recall must reach it.
+        max_error: Largest error rate of the accepted predictions: the Clopper-Pearson upper bound (at
+            ``confidence``) of the accepted out-of-fold tiles' error rate must not exceed it. The confidence
+            threshold is the lowest one that meets both; when none does, every tile is referred.
+        confidence: One-sided confidence level of both bounds.
         safe_class: A prediction of this class is also referred when P(``target_class``) exceeds
             ``max_target_prob_when_safe`` (the paper: a Non-Tumor call with a real chance of viable tumour).
         max_target_prob_when_safe: See ``safe_class``.
@@ -373,6 +482,8 @@ class ReferralConfig:
     calibrate: bool = True
     target_class: str = "Viable-Tumor"
     target_recall: Probability = 0.95
+    max_error: Probability = 0.05
+    confidence: Annotated[float, Field(ge=0.5, lt=1.0)] = 0.95
     safe_class: str = "Non-Tumor"
     max_target_prob_when_safe: Probability = 0.2
 
@@ -386,11 +497,14 @@ class RegisterConfig:
         alias: Alias a new version gets when it passes the champion gate (serving loads
             ``models:/<model_name>@<alias>``).
         challenger_alias: Alias a new version gets when it does not beat the current champion.
+        require_beats_baseline: A model whose mean per-fold macro-F1 does not beat the baseline's (on the same
+            folds) becomes the challenger, never the champion.
     """
 
     model_name: Annotated[str, Field(min_length=1)] = "bone-tumor-classifier"
     alias: Annotated[str, Field(min_length=1)] = "champion"
     challenger_alias: Annotated[str, Field(min_length=1)] = "challenger"
+    require_beats_baseline: bool = True
 
 
 @dataclass(config=_STRICT)
@@ -420,6 +534,7 @@ class Config:
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     candidates: CandidatesConfig = dataclasses.field(default_factory=CandidatesConfig)
+    baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     referral: ReferralConfig = dataclasses.field(default_factory=ReferralConfig)
     register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
@@ -435,6 +550,30 @@ class Config:
             raise ValueError("referral.target_class and referral.safe_class must differ")
         if self.register.alias == self.register.challenger_alias:
             raise ValueError("register.alias and register.challenger_alias must differ")
+        for arch in self.train.per_arch:
+            self.for_arch(arch)  # an override out of range fails here, at load time, naming the field
+
+    def for_arch(self, arch: str) -> Config:
+        """Return the config one architecture trains with: ``train.per_arch[arch]`` applied to train/preprocess.
+
+        Args:
+            arch: An architecture name (one without overrides gets this config itself).
+
+        Raises:
+            ValueError: An override is out of range or leaves an inconsistent config (the message names it).
+        """
+        overrides = self.train.per_arch.get(arch)
+        if not overrides:
+            return self
+        train = {k: v for k, v in overrides.items() if k in PER_ARCH_TRAIN_FIELDS}
+        preprocess = {k: v for k, v in overrides.items() if k in PER_ARCH_PREPROCESS_FIELDS}
+        try:
+            train_section = TrainConfig(**{**dataclasses.asdict(self.train), **train})
+            preprocess_section = PreprocessConfig(**{**dataclasses.asdict(self.preprocess), **preprocess})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+            raise ValueError(f"train.per_arch.{arch}: {problems} (got {overrides})") from exc
+        return dataclasses.replace(self, train=train_section, preprocess=preprocess_section)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
@@ -455,6 +594,13 @@ class Config:
         unknown = sorted(set(raw) - set(_SECTIONS))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {unknown}; expected sections {sorted(_SECTIONS)}")
+        renamed = [
+            f"{section}.{key}: {hint}"
+            for (section, key), hint in RENAMED_KEYS.items()
+            if isinstance(raw.get(section), dict) and key in raw[section]
+        ]
+        if renamed:
+            raise ConfigError(f"{source}: settings of an older params.yaml: " + "; ".join(renamed))
         try:
             return cls(**{name: _SECTIONS[name](**(value or {})) for name, value in raw.items()})
         except ValidationError as exc:
@@ -480,6 +626,15 @@ class Config:
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Keys of earlier params.yaml versions and what replaced them (training is counted in steps since 0.2).
+RENAMED_KEYS: dict[tuple[str, str], str] = {
+    ("preprocess", "image_size"): "replaced by tile_size (the side tiles are resized to) and input_size (the crop "
+    "the network sees); image_size N was tile_size N, input_size N",
+    ("train", "epochs"): "replaced by steps (optimiser steps per fold)",
+    ("train", "head_epochs"): "replaced by head_steps",
+    ("candidates", "prune_finetune_epochs"): "replaced by prune_finetune_steps",
+}
+
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "data_import": DataImportConfig,
@@ -490,6 +645,7 @@ _SECTIONS: dict[str, type] = {
     "balance": BalanceConfig,
     "train": TrainConfig,
     "candidates": CandidatesConfig,
+    "baseline": BaselineConfig,
     "evaluate": EvaluateConfig,
     "referral": ReferralConfig,
     "register": RegisterConfig,

@@ -1,31 +1,35 @@
-"""The training engine: datasets, the fit loop with early stopping, and batched prediction.
+"""The training engine: datasets, the step-counted fit loop with early stopping, and batched prediction.
 
 Torch only (no MLflow): the train and register stages call it and do the tracking, and benchmarks and tests
 can run it on any device without a tracking server.
 
 The recipe of :func:`fit`, driven by ``Config.train``:
 
-- Two-phase fine-tuning (``head_epochs > 0``, needs ``fit(..., arch=...)``): epochs ``1..head_epochs`` train the
-  head only, at ``lr``; from epoch ``head_epochs + 1`` the layers that ``trainable`` names are unfrozen too and
-  learn at ``lr * finetune_lr_factor`` while the head keeps ``lr`` (discriminative learning rates: the new head
-  still has most to learn, the pretrained layers should only adapt). One Adam optimiser holds both groups from
-  the start; frozen parameters get no gradient, so Adam leaves them (and their moments) untouched.
-- Learning-rate schedule: ``cosine`` keeps the rates constant during the head phase and anneals both groups to 0
-  over the fine-tuning epochs (``schedule_epochs - head_epochs``); a short head phase is a warm-up, and the
-  annealing then covers the phase that changes the backbone. ``plateau`` halves the rates when the early-stopping
-  loss stalls, counted in the fine-tuning phase only. Without two phases both are the usual schedules.
-- Early stopping never stops in the head phase: patience counts fine-tuning epochs only (the best epoch may
-  still be a head-phase epoch, if fine-tuning never beats it).
+- Length in optimiser steps (``steps``), not epochs: each step draws ``batch_size`` tiles from an endless stream of
+  fresh shuffles of the training set (:class:`StepBatchSampler`), so the batch of step ``s`` depends only on the
+  seed and ``s``. That is what makes a resumed run exact, and a recipe independent of how many tiles a fold has.
+- AdamW (or Adam) with label smoothing; the learning rate follows ``scheduler`` per step: ``onecycle`` (cosine
+  warm-up from lr/25 to lr over ``warmup_fraction`` of the steps, then cosine annealing to lr/250000, as torch's
+  OneCycleLR), ``cosine`` (linear warm-up, cosine to 0) or ``constant`` (linear warm-up). The schedule spans
+  ``schedule_steps`` (default ``steps``): the refit stops earlier than the folds but sees the same rates.
+- Early stopping: every ``eval_every`` steps the model, with its test-time views (:mod:`bonetumor.tta`), predicts
+  the early-stopping set; the best evaluation by ``monitor`` is kept, and ``patience`` evaluations without
+  improvement stop the run, never during warm-up or the head phase.
+- Two-phase fine-tuning (``head_steps > 0``, needs ``fit(..., arch=...)``): steps ``1..head_steps`` train the head
+  only, at ``lr``; from step ``head_steps + 1`` the layers that ``trainable`` names are unfrozen too and learn at
+  ``lr * finetune_lr_factor`` while the head keeps ``lr``. One optimiser holds both groups from the start; frozen
+  parameters get no gradient, so it leaves them (and their moments) untouched.
 - Frozen BatchNorm layers (all their parameters frozen) stay in inference mode, so that a frozen layer is frozen
   entirely: its ImageNet running statistics are not drifted by the batches of the head phase.
 - ``class_weighted_loss``: the training cross-entropy weights class ``c`` by ``N / (K * n_c)`` (see
-  :func:`class_weights`); the reported ``val_loss`` stays the unweighted cross-entropy, comparable across runs.
+  :func:`class_weights`); the reported ``val_loss`` stays the unweighted, unsmoothed cross-entropy.
 - ``mixed_precision``: autocast on CUDA (bfloat16 where supported, else float16 with a gradient scaler); never on
-  a CPU, where the same code runs with autocast and the scaler disabled.
+  a CPU, where the same code runs with autocast and the scaler disabled (bfloat16 saves only 13-22 % per step
+  on this project's 2-core CPU and costs accuracy checks).
 - ``channels_last``: see :func:`channels_last_enabled`.
-- Checkpoints (``checkpoint_dir`` given and ``checkpoint: true``): after every epoch the whole loop state is
-  written atomically; a rerun with the same fingerprint resumes after the last finished epoch and ends exactly
-  as an uninterrupted run would (on a CPU with ``num_workers: 0``; with loader workers the shuffling order is
+- Checkpoints (``checkpoint_dir`` given and ``checkpoint: true``): at every evaluation the whole loop state is
+  written atomically; a rerun with the same fingerprint resumes after the last checkpointed step and ends exactly
+  as an uninterrupted run would (on a CPU with ``num_workers: 0``; with loader workers the batch order is
   restored but the workers' augmentation draws are not).
 - Progress: a tqdm bar on stderr per fit (``progress: true``) besides the log lines.
 """
@@ -44,7 +48,7 @@ import pickle
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +58,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torchvision.transforms import v2
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -64,28 +69,33 @@ from bonetumor.datasets import TileDataset, label_indices
 from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.metrics import macro_f1
 from bonetumor.models import param_groups, set_trainable
-from bonetumor.preprocess import build_eval_transform
+from bonetumor.preprocess import tensor_tail, tile_ops
 from bonetumor.stain import StainNormalizer
+from bonetumor.tta import TestTimeViews, with_views
 from bonetumor.utils import EtaTimer
 
 log = logging.getLogger(__name__)
 
-#: Seconds between progress lines inside one epoch (long epochs on the full data set or on a CPU).
+#: Seconds between progress lines inside one evaluation round (long rounds on the full data set or on a CPU).
 BATCH_LOG_SECONDS = 30.0
 #: File name of the checkpoint inside ``checkpoint_dir``.
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Bump when the checkpoint content changes; an older checkpoint is then ignored (training starts over).
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 #: Train settings that do not change what is computed, so changing them keeps a checkpoint valid.
-_RESUME_NEUTRAL_FIELDS = frozenset({"architectures", "progress", "checkpoint", "num_workers", "num_threads", "device"})
+_RESUME_NEUTRAL_FIELDS = frozenset(
+    {"architectures", "per_arch", "progress", "checkpoint", "num_workers", "num_threads", "device"}
+)
+#: torch OneCycleLR's defaults: the warm-up starts at lr / 25 and the annealing ends at lr / 25 / 1e4.
+ONECYCLE_DIV = 25.0
+ONECYCLE_FINAL_DIV = 1e4
 
 #: Architectures whose CPU training step is faster in channels_last. Measured with
 #: ``python -m benchmarks.train_throughput --archs resnet50 vgg19 vgg19_bn --sizes 128 --channels-last off on
 #: --repeats 4`` (2 CPU threads shared with other jobs, torch 2.14.1, batch 16, 128 px), images/s off -> on:
 #: bare step (forward, backward, Adam; median of 4 ABBA rounds, two runs): resnet50 16.9 -> 17.9 and
-#: 14.1 -> 15.1 (+6%), vgg19 4.6 -> 5.7 and 4.2 -> 5.0 (+20%), vgg19_bn 4.1 -> 4.9 (+20%); whole fit loop:
-#: resnet50 12.9 -> 18.8 and 13.0 -> 13.9, vgg19 4.2 -> 5.0 and 4.1 -> 4.8, vgg19_bn 3.5 -> 6.0. Faster for
-#: every architecture, so ``auto`` is on for all three; an architecture added later stays off until measured.
+#: 14.1 -> 15.1 (+6%), vgg19 4.6 -> 5.7 and 4.2 -> 5.0 (+20%), vgg19_bn 4.1 -> 4.9 (+20%). Faster for every
+#: architecture, so ``auto`` is on for all three; an architecture added later stays off until measured.
 _CPU_CHANNELS_LAST_FASTER: frozenset[str] = frozenset({"resnet50", "vgg19", "vgg19_bn"})
 
 
@@ -195,37 +205,58 @@ def clear_checkpoint(checkpoint_dir: str | Path) -> None:
 
 @dataclass
 class FitResult:
-    """A trained model (best epoch's weights loaded) and how training went.
+    """A trained model (best evaluation's weights loaded) and how training went.
 
     Attributes:
-        model: The trained model, in eval mode and the default (contiguous) memory format.
-        history: One dict of metrics per epoch run (restored epochs included).
-        best_epoch: The 1-based epoch whose weights the model holds.
-        stopped_early: Whether early stopping ended the run before ``epochs``.
-        resumed_from: Epochs restored from a checkpoint instead of trained (0 = a fresh run).
+        model: The trained network (without test-time views), in eval mode and the default memory format.
+        history: One dict of metrics per evaluation (every ``eval_every`` steps; restored ones included).
+        best_step: The optimiser step whose weights the model holds.
+        stopped_early: Whether early stopping ended the run before ``steps``.
+        resumed_from: Steps restored from a checkpoint instead of trained (0 = a fresh run).
     """
 
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0
+    best_step: int = 0
     stopped_early: bool = False
     resumed_from: int = 0
 
 
-def _loader(
-    dataset: Dataset[Any], config: TrainConfig, shuffle: bool, seed: int, generator: torch.Generator | None = None
-) -> DataLoader[Any]:
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=shuffle,
-        # A last training batch of one tile breaks batch norm where the feature map is 1x1 (small inputs);
-        # dropping it loses one tile per epoch, a different one each time since the order is shuffled.
-        drop_last=shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1,  # type: ignore[arg-type]
-        num_workers=config.num_workers,
-        generator=generator if generator is not None else torch.Generator().manual_seed(seed),
-        persistent_workers=config.num_workers > 0,
-    )
+class StepBatchSampler(Sampler[list[int]]):
+    """The batches of steps ``start + 1 .. steps``, cut from an endless stream of shuffles of the training set.
+
+    Consecutive ``batch_size`` slices of shuffles of ``0 .. n - 1`` (a new permutation, seeded by
+    ``(seed, pass)``, each time one is used up). Every batch is full (a batch may run into the next shuffle, and
+    with ``n < batch_size`` hold a tile twice), and the batch of step ``s`` depends only on ``seed`` and ``s``: a
+    resumed run draws what the killed run would.
+    """
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start: int = 0) -> None:
+        if n < 1:
+            raise DatasetError("the training set is empty; expected at least one tile to train on")
+        self.n, self.batch_size, self.steps, self.seed, self.start = n, batch_size, steps, seed, start
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def _permutation(self, index: int) -> np.ndarray:
+        if index not in self._permutations:
+            self._permutations = {index: np.random.default_rng([self.seed, index]).permutation(self.n)}
+        return self._permutations[index]
+
+    def batch(self, step: int) -> list[int]:
+        """Return the tile indices of (0-based) step ``step``."""
+        first = step * self.batch_size
+        return [int(self._permutation(p // self.n)[p % self.n]) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+
+def _eval_loader(dataset: Dataset[Any], config: TrainConfig) -> DataLoader[Any]:
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
 
 
 def _improved(stats: dict[str, float], best: dict[str, float] | None, monitor: str) -> bool:
@@ -233,7 +264,7 @@ def _improved(stats: dict[str, float], best: dict[str, float] | None, monitor: s
         return True
     if monitor == "val_loss":
         return stats["val_loss"] < best["val_loss"]
-    # Macro-F1 on a small fold ties often; a lower validation loss breaks the tie.
+    # Macro-F1 on a small early-stopping set ties often; a lower validation loss breaks the tie.
     return stats["val_macro_f1"] > best["val_macro_f1"] or (
         stats["val_macro_f1"] == best["val_macro_f1"] and stats["val_loss"] < best["val_loss"]
     )
@@ -254,35 +285,63 @@ def _to_device(x: torch.Tensor, device: torch.device, memory_format: torch.memor
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Dataset[Any], config: TrainConfig, device: torch.device) -> np.ndarray:
+def predict_logits(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    config: TrainConfig,
+    device: torch.device,
+    views: TestTimeViews | None = None,
+) -> np.ndarray:
     """Return the model's logits for every item of ``dataset``, in order (N, classes).
 
-    Inputs follow the model's memory format, and on CUDA ``mixed_precision`` autocasts as in training; the
-    logits are always float32.
+    With ``views`` the model is run on each tile's test-time views and returns their mean log-probabilities
+    (:class:`bonetumor.tta.TestTimeAugmented`; a model already wrapped is used as it is). Inputs follow the
+    model's memory format, and on CUDA ``mixed_precision`` autocasts as in training; the logits are float32.
     """
     model.eval()
     memory_format = _memory_format(model)
+    evaluated = with_views(model, views) if views is not None else model
     dtype = autocast_dtype(config, device)
     outputs = []
-    for x, _ in _loader(dataset, config, shuffle=False, seed=0):
+    for x, _ in _eval_loader(dataset, config):
         with _autocast(device, dtype):
-            outputs.append(model(_to_device(x, device, memory_format)).float().cpu())
+            outputs.append(evaluated(_to_device(x, device, memory_format)).float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
 
 
-def lr_multiplier(epoch: int, scheduler: str, schedule_epochs: int, head_epochs: int = 0) -> float:
-    """Return the factor on each group's base learning rate in (1-based) ``epoch`` for ``scheduler``.
+def _cosine(start: float, end: float, t: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
-    ``cosine``: 1 through the head phase, then ``(1 + cos(pi * t / T)) / 2`` with ``t`` the fine-tuning epochs
-    already done and ``T = schedule_epochs - head_epochs`` (so the first fine-tuning epoch runs at the full
-    rate). With ``head_epochs = 0`` this is torch's ``CosineAnnealingLR(T_max=schedule_epochs)``. ``plateau`` and
-    ``none``: 1 (plateau lowers the rates itself).
+
+def lr_multiplier(done: int, total: int, warmup: int, scheduler: str) -> float:
+    """Return the factor on each group's peak learning rate for the step after ``done`` finished steps.
+
+    Args:
+        done: Optimiser steps already taken (0 for the first step).
+        total: Length of the schedule in steps.
+        warmup: Warm-up steps (``round(warmup_fraction * total)``).
+        scheduler: ``onecycle``, ``cosine`` or ``constant`` (see the module docstring).
+
+    Raises:
+        ConfigError: Unknown scheduler.
     """
-    if scheduler != "cosine" or epoch <= head_epochs:
+    if scheduler not in ("onecycle", "cosine", "constant"):
+        raise ConfigError(f"train.scheduler={scheduler!r}; expected one of ['onecycle', 'cosine', 'constant']")
+    if scheduler == "onecycle":
+        low = 1.0 / ONECYCLE_DIV
+        if done < warmup:
+            return _cosine(low, 1.0, done / warmup)
+        return _cosine(1.0, low / ONECYCLE_FINAL_DIV, (done - warmup) / max(total - warmup, 1))
+    if done < warmup:
+        return (done + 1) / (warmup + 1)
+    if scheduler == "constant":
         return 1.0
-    span = max(schedule_epochs - head_epochs, 1)
-    done = min(epoch - head_epochs - 1, span)
-    return 0.5 * (1.0 + math.cos(math.pi * done / span))
+    return _cosine(1.0, 0.0, (done - warmup) / max(total - warmup, 1))
+
+
+def warmup_steps(config: TrainConfig, schedule_steps: int) -> int:
+    """Return the warm-up length in steps of a schedule of ``schedule_steps`` steps."""
+    return round(config.warmup_fraction * schedule_steps)
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -299,10 +358,11 @@ def _fingerprint(
     fingerprint: str,
     config: TrainConfig,
     model: nn.Module,
-    epochs: int,
-    schedule_epochs: int,
+    steps: int,
+    schedule_steps: int,
     arch: str | None,
     has_val: bool,
+    views: TestTimeViews | None,
 ) -> str:
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUME_NEUTRAL_FIELDS}
     shapes = [[name, list(tensor.shape)] for name, tensor in model.state_dict().items()]
@@ -310,27 +370,27 @@ def _fingerprint(
         "format": CHECKPOINT_FORMAT,
         "caller": fingerprint,
         "train": train,
-        "epochs": epochs,
-        "schedule_epochs": schedule_epochs,
+        "steps": steps,
+        "schedule_steps": schedule_steps,
         "arch": arch,
         "early_stopping_set": has_val,
+        "views": None if views is None else views.to_dict(),
         "model": shapes,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [bit_generator, torch.from_numpy(np.asarray(key, dtype=np.int64)), pos, has_gauss, cached_gaussian],
         "python": random.getstate(),
-        "loader": generator.get_state(),
     }
 
 
-def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+def _restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -338,7 +398,6 @@ def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state((bit_generator, key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    generator.set_state(state["loader"])
 
 
 def _write_checkpoint(path: Path, content: dict[str, Any]) -> None:
@@ -382,9 +441,22 @@ class _LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    best_epoch: int = 0
+    best_step: int = 0
     stale: int = 0
     stopped_early: bool = False
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, arch: str | None, device: torch.device) -> torch.optim.Optimizer:
+    if config.head_steps > 0 and arch is not None:
+        groups: list[dict[str, Any]] = [
+            g for g in param_groups(model, arch, config.trainable, config.lr, config.finetune_lr_factor) if g["params"]
+        ]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    # The fused kernel updates every parameter in one pass: measured 67 -> 38 ms per ResNet50 step on 2 CPU cores.
+    fused = device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for g in groups for p in g["params"])
+    return kind(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def fit(
@@ -393,167 +465,158 @@ def fit(
     val_set: Dataset[Any] | None,
     config: TrainConfig,
     device: torch.device,
-    epochs: int,
+    steps: int,
     name: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
     timer: EtaTimer | None = None,
-    schedule_epochs: int | None = None,
+    schedule_steps: int | None = None,
     *,
     arch: str | None = None,
     checkpoint_dir: str | Path | None = None,
     fingerprint: str = "",
+    views: TestTimeViews | None = None,
 ) -> FitResult:
-    """Train with Adam, a learning-rate schedule, cross-entropy and (given a validation set) early stopping.
+    """Train for ``steps`` optimiser steps with AdamW, a warm-up schedule, label smoothing and early stopping.
 
-    The recipe (two-phase fine-tuning, class weights, mixed precision, channels_last, checkpoints, progress bar)
-    follows ``config``; the module docstring says how each part works.
+    The recipe (schedule, two-phase fine-tuning, class weights, mixed precision, channels_last, checkpoints,
+    progress bar) follows ``config``; the module docstring says how each part works.
 
     Args:
-        model: The model to train (moved to ``device``).
-        train_set: Training items (tensor, class index).
-        val_set: Validation (early-stopping) items; without them every epoch runs and the last one is kept.
+        model: The network to train (moved to ``device``).
+        train_set: Training items (augmented input tensor, class index).
+        val_set: Early-stopping items (the tile tensor, at ``tile_size`` when ``views`` are given); without them
+            every step runs and the last weights are kept.
         config: Learning rate, schedule, patience, monitor, batch size, seed and the recipe switches.
         device: Where to train.
-        epochs: Maximum number of epochs.
+        steps: Optimiser steps (at most; early stopping may end sooner).
         name: Label for progress lines and the progress bar, e.g. ``resnet50 fold 1/3``.
-        on_epoch: Called with each epoch's metrics (for MLflow logging). After a resume it is first called with
-            every restored epoch, in order, so that a new tracking run gets the whole curve.
-        timer: Shared ETA timer counting epochs over the whole job.
-        schedule_epochs: Length of the learning-rate schedule (default ``epochs``). The refit runs fewer epochs
-            than the folds did but must see the same learning rates, so it passes the folds' epoch budget here.
-        arch: The architecture (key of ``bonetumor.models.ARCHITECTURES``): needed for ``head_epochs > 0`` (which
+        on_eval: Called with each evaluation's metrics (``step`` first; for MLflow logging). After a resume it is
+            first called with every restored evaluation, in order, so that a new tracking run gets the whole curve.
+        timer: Shared ETA timer counting steps over the whole job.
+        schedule_steps: Length of the learning-rate schedule (default ``steps``). The refit runs fewer steps
+            than the folds did but must see the same learning rates, so it passes the folds' budget here.
+        arch: The architecture (key of ``bonetumor.models.ARCHITECTURES``): needed for ``head_steps > 0`` (which
             layers are the head) and used by ``channels_last: auto``.
         checkpoint_dir: Folder of this fit's checkpoint (one folder per fit, e.g. per fold); with
-            ``config.checkpoint`` a checkpoint is written after every epoch and a matching one is resumed.
+            ``config.checkpoint`` a checkpoint is written at every evaluation and a matching one is resumed.
         fingerprint: Identifies the data (and anything else outside ``config``) this fit trains on, e.g. a hash of
             the training and early-stopping tables. A checkpoint is resumed only if this, the train config
-            (except device, workers, threads, progress), ``epochs``, ``schedule_epochs``, ``arch`` and the model's
-            parameter shapes all match.
+            (except device, workers, threads, progress), ``steps``, ``schedule_steps``, ``arch``, ``views`` and the
+            model's parameter shapes all match.
+        views: The test-time views the early-stopping set is predicted with (None: the model sees ``val_set``'s
+            tensors as they are).
 
     Returns:
-        The model with the best epoch's weights, its history and the best epoch (1-based).
+        The network with the best evaluation's weights, its history and the best step.
 
     Raises:
-        ConfigError: ``head_epochs > 0`` without ``arch``.
-        DatasetError: ``class_weighted_loss`` with labels outside the model's outputs.
+        ConfigError: ``head_steps > 0`` without ``arch``.
+        DatasetError: An empty training set, or ``class_weighted_loss`` with labels outside the model's outputs.
     """
-    head_epochs = config.head_epochs
-    if head_epochs > 0 and arch is None:
+    head_steps = config.head_steps
+    if head_steps > 0 and arch is None:
         raise ConfigError(
-            f"train.head_epochs={head_epochs} (two-phase fine-tuning) needs to know the head: "
+            f"train.head_steps={head_steps} (two-phase fine-tuning) needs to know the head: "
             "call fit(..., arch=<architecture>)"
         )
-    schedule = schedule_epochs or epochs
+    schedule = schedule_steps or steps
+    warmup = warmup_steps(config, schedule)
     model.to(device)
     memory_format = (
         torch.channels_last if channels_last_enabled(config.channels_last, device, arch) else torch.contiguous_format
     )
     model.to(memory_format=memory_format)
-
-    if head_epochs > 0 and arch is not None:
-        groups = [
-            g for g in param_groups(model, arch, config.trainable, config.lr, config.finetune_lr_factor) if g["params"]
-        ]
-        optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler: Any = None
-    if config.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step + 1, "cosine", schedule, head_epochs)
-        )
-    elif config.scheduler == "plateau" and val_set is not None:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+    if head_steps > 0 and arch is not None:
+        set_trainable(model, arch, "head")
+    optimizer = _optimizer(model, config, arch, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: lr_multiplier(done, schedule, warmup, config.scheduler)
+    )
     dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     weights: torch.Tensor | None = None
-    train_labels = dataset_labels(train_set) if config.class_weighted_loss else None
+    if config.class_weighted_loss:
+        weights = class_weights(dataset_labels(train_set), _output_size(model)).to(device)
+        log.info("%s: class weights %s", name, [round(float(w), 4) for w in weights])
     val_criterion = nn.CrossEntropyLoss()
     val_targets = torch.from_numpy(dataset_labels(val_set)) if val_set is not None else None
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = _loader(train_set, config, shuffle=True, seed=config.seed, generator=generator)
 
     state = _LoopState()
     result = FitResult(model=model)
     path = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None and config.checkpoint else None
-    key = _fingerprint(fingerprint, config, model, epochs, schedule, arch, val_set is not None) if path else ""
+    key = _fingerprint(fingerprint, config, model, steps, schedule, arch, val_set is not None, views) if path else ""
     restored = _read_checkpoint(path, key, name) if path is not None else None
-    first_epoch = 1
+    done = 0
     if restored is not None:
+        done = int(restored["step"])
+        if head_steps > 0 and arch is not None and done >= head_steps:
+            set_trainable(model, arch, config.trainable)
         model.load_state_dict(restored["model"])
         optimizer.load_state_dict(restored["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(restored["scheduler"])
+        scheduler.load_state_dict(restored["scheduler"])
         if restored["scaler"]:  # empty when the scaler was off (CPU, bfloat16): a fresh scaler is then right
             scaler.load_state_dict(restored["scaler"])
         state = _LoopState(**restored["loop"])
-        _restore_rng(restored["rng"], generator)
-        first_epoch = int(restored["epoch"]) + 1
-        result.resumed_from = int(restored["epoch"])
-        log.info("%s: resuming after epoch %d from checkpoint %s", name, result.resumed_from, path)
+        _restore_rng(restored["rng"])
+        result.resumed_from = done
+        log.info("%s: resuming after step %d from checkpoint %s", name, done, path)
         for restored_stats in state.history:
-            if on_epoch is not None:
-                on_epoch(restored_stats)
+            if on_eval is not None:
+                on_eval(restored_stats)
         if timer is not None:
-            timer.step(epochs if state.stopped_early else result.resumed_from)
+            timer.step(steps if state.stopped_early else done)
         if state.stopped_early:
-            first_epoch = epochs + 1  # finished run: nothing left to train
+            done = steps  # finished run: nothing left to train
 
+    sampler = StepBatchSampler(len(train_set), config.batch_size, steps, config.seed, start=done)  # type: ignore[arg-type]
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
     bar = tqdm(
-        total=epochs * len(loader),
-        initial=(first_epoch - 1) * len(loader) if first_epoch <= epochs else epochs * len(loader),
+        total=steps,
+        initial=done,
         desc=name,
-        unit="batch",
+        unit="step",
         file=sys.stderr,
         disable=not config.progress,
         dynamic_ncols=True,
     )
     redirect = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
     with bar, redirect:
-        for epoch in range(first_epoch, epochs + 1):
-            started = time.monotonic()
-            if head_epochs > 0 and arch is not None:
-                set_trainable(model, arch, "head" if epoch <= head_epochs else config.trainable)
-                if epoch == head_epochs + 1:
-                    state.stale = 0  # patience counts fine-tuning epochs only
-            _train_mode(model)
-            phase = "head" if epoch <= head_epochs else "fine-tune" if head_epochs else ""
-            total_loss, correct, seen, last_log = 0.0, 0, 0, started
-            for batch, (x_cpu, y_cpu) in enumerate(loader, start=1):
-                x, y = _to_device(x_cpu, device, memory_format), y_cpu.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, dtype):
-                    logits = model(x)
-                    if train_labels is not None and weights is None:
-                        weights = class_weights(train_labels, logits.shape[1]).to(device)
-                        log.info("%s: class weights %s", name, [round(float(w), 4) for w in weights])
-                    loss = nn.functional.cross_entropy(logits.float(), y, weight=weights)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                total_loss += loss.item() * y.numel()
-                correct += int((logits.argmax(1) == y).sum())
-                seen += y.numel()
-                bar.update()
-                bar.set_postfix_str(
-                    f"epoch {epoch}/{epochs}{' ' + phase if phase else ''} loss {total_loss / seen:.4f}"
-                    + (f" job ETA {timer.eta()}" if timer is not None else ""),
-                    refresh=False,
+        started = last_log = time.monotonic()
+        total_loss, correct, seen = 0.0, 0, 0
+        _train_mode(model)
+        for step, (x_cpu, y_cpu) in enumerate(loader, start=done + 1):
+            if head_steps > 0 and arch is not None and step == head_steps + 1:
+                set_trainable(model, arch, config.trainable)
+                _train_mode(model)
+                state.stale = 0  # patience counts fine-tuning evaluations only
+            x, y = _to_device(x_cpu, device, memory_format), y_cpu.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, dtype):
+                logits = model(x)
+                loss = nn.functional.cross_entropy(
+                    logits.float(), y, weight=weights, label_smoothing=config.label_smoothing
                 )
-                if time.monotonic() - last_log > BATCH_LOG_SECONDS:
-                    last_log = time.monotonic()
-                    log.info(
-                        "%s epoch %d/%d batch %d/%d loss=%.4f",
-                        name,
-                        epoch,
-                        epochs,
-                        batch,
-                        len(loader),
-                        total_loss / seen,
-                    )
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total_loss += loss.item() * y.numel()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.numel()
+            bar.update()
+            phase = "" if head_steps == 0 else " head" if step <= head_steps else " fine-tune"
+            bar.set_postfix_str(
+                f"step {step}/{steps}{phase} loss {total_loss / seen:.4f}"
+                + (f" job ETA {timer.eta()}" if timer is not None else ""),
+                refresh=False,
+            )
+            if time.monotonic() - last_log > BATCH_LOG_SECONDS:
+                last_log = time.monotonic()
+                log.info("%s step %d/%d loss=%.4f", name, step, steps, total_loss / seen)
+            if step % config.eval_every and step != steps:
+                continue
             stats: dict[str, float] = {
-                "epoch": epoch,
+                "step": step,
                 "train_loss": total_loss / max(seen, 1),
                 "train_accuracy": correct / max(seen, 1),
                 "lr": optimizer.param_groups[0]["lr"],
@@ -561,83 +624,91 @@ def fit(
             if len(optimizer.param_groups) > 1:
                 stats["lr_backbone"] = optimizer.param_groups[1]["lr"]
             if val_set is not None and val_targets is not None:
-                logits_val = torch.from_numpy(predict_logits(model, val_set, config, device))
-                targets = val_targets
-                stats["val_loss"] = float(val_criterion(logits_val, targets))
+                logits_val = torch.from_numpy(predict_logits(model, val_set, config, device, views))
+                stats["val_loss"] = float(val_criterion(logits_val, val_targets))
                 predictions = logits_val.argmax(1)
-                stats["val_accuracy"] = float((predictions == targets).float().mean())
-                stats["val_macro_f1"] = macro_f1(targets.numpy(), predictions.numpy())
+                stats["val_accuracy"] = float((predictions == val_targets).float().mean())
+                stats["val_macro_f1"] = macro_f1(val_targets.numpy(), predictions.numpy())
+                _train_mode(model)
             stats["seconds"] = time.monotonic() - started
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if epoch > head_epochs:
-                    scheduler.step(stats["val_loss"])
-            elif scheduler is not None:
-                scheduler.step()
             state.history.append(stats)
             improved = val_set is None or _improved(stats, state.best, config.monitor)
             if improved:
-                state.best, state.stale, state.best_epoch = stats, 0, epoch
-                if val_set is not None:  # without validation the last epoch is kept: nothing to restore
+                state.best, state.stale, state.best_step = stats, 0, step
+                if val_set is not None:  # without validation the last step is kept: nothing to restore
                     state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             else:
                 state.stale += 1
-            stop = val_set is not None and epoch > head_epochs and state.stale >= config.patience and epoch < epochs
+            stop = (
+                val_set is not None
+                and step > max(head_steps, warmup)
+                and state.stale >= config.patience
+                and step < steps
+            )
             state.stopped_early = stop
             if path is not None:
                 _write_checkpoint(
                     path,
                     {
                         "fingerprint": key,
-                        "epoch": epoch,
+                        "step": step,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "loop": dict(vars(state)),  # shallow: asdict would deep-copy the best weights
-                        "rng": _rng_state(generator),
+                        "rng": _rng_state(),
                     },
                 )
-            if on_epoch is not None:
-                on_epoch(stats)
+            if on_eval is not None:
+                on_eval(stats)
             if timer is not None:
-                timer.step()
+                timer.step(seen // config.batch_size)
             log.info(
-                "%s epoch %d/%d %s%s (%.1fs%s)",
+                "%s step %d/%d %s%s (%.1fs%s)",
                 name,
-                epoch,
-                epochs,
+                step,
+                steps,
                 " ".join(
                     f"{k}={v:.4g}" if k.startswith("lr") else f"{k}={v:.4f}"
                     for k, v in stats.items()
-                    if k not in ("epoch", "seconds")
+                    if k not in ("step", "seconds")
                 ),
                 " *" if improved else "",
                 stats["seconds"],
                 f", ETA {timer.eta()}" if timer is not None else "",
             )
+            started, total_loss, correct, seen = time.monotonic(), 0.0, 0, 0
             if stop:
                 log.info(
-                    "%s: early stop after epoch %d (no %s improvement for %d epochs)",
+                    "%s: early stop after step %d (no %s improvement in %d evaluations)",
                     name,
-                    epoch,
+                    step,
                     config.monitor,
                     state.stale,
                 )
                 if timer is not None:
-                    timer.step(epochs - epoch)
+                    timer.step(steps - step)
                 bar.update(bar.total - bar.n)
                 break
     result.history = state.history
-    result.best_epoch = state.best_epoch
+    result.best_step = state.best_step
     result.stopped_early = state.stopped_early
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     # Back to the default layout: saved weights, ONNX export and Grad-CAM expect contiguous tensors.
     model.to(memory_format=torch.contiguous_format)
-    if head_epochs > 0 and arch is not None:
+    if head_steps > 0 and arch is not None:
         set_trainable(model, arch, config.trainable)
     model.eval()
     return result
+
+
+def _output_size(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise DatasetError("class_weighted_loss: the model has no linear output layer to count classes from")
+    return int(last[-1].out_features)
 
 
 def training_dataset(
@@ -645,38 +716,51 @@ def training_dataset(
 ) -> TileDataset:
     """Return the augmented training dataset of a training table (``file`` and ``label`` columns).
 
-    ``stain`` is the normaliser fitted on the training tiles, applied before augmentation.
+    Each tile is stain-normalised (``stain``, fitted on the training tiles) and resized to ``tile_size`` once and
+    cached; every draw then takes a random ``input_size`` crop of it and the policy's other random steps.
     """
-    transform = build_train_transform(config.preprocess, policy, stain=stain)
-    return TileDataset(list(table["file"]), label_indices(table["label"], config.data.classes), transform)
+    return TileDataset(
+        list(table["file"]),
+        label_indices(table["label"], config.data.classes),
+        build_train_transform(config.preprocess, policy, stain=stain),
+        prepare=v2.Compose(tile_ops(config.preprocess, stain)),
+    )
 
 
 def eval_dataset(
     files: Sequence[Path], labels: Sequence[str], config: Config, stain: StainNormalizer | None = None
 ) -> TileDataset:
-    """Return a deterministic (un-augmented) dataset, preprocessed exactly as at serving time."""
-    transform = build_eval_transform(config.preprocess, stain=stain)
-    return TileDataset(list(files), label_indices(labels, config.data.classes), transform)
+    """Return a deterministic (un-augmented) dataset of whole tiles, preprocessed exactly as at serving time.
+
+    Items are ``(3, tile_size, tile_size)`` tensors (:func:`bonetumor.preprocess.build_eval_transform`, with the
+    deterministic part cached); predict them with the model's test-time views.
+    """
+    return TileDataset(
+        list(files),
+        label_indices(labels, config.data.classes),
+        v2.Compose(tensor_tail(config.preprocess)),
+        prepare=v2.Compose(tile_ops(config.preprocess, stain)),
+    )
 
 
 def plot_history(histories: dict[str, list[dict[str, float]]], title: str, out_png: str | Path) -> Path:
-    """Plot per fold and epoch the training loss, and the loss and macro-F1 of the early-stopping set."""
+    """Plot per fold and evaluation step the training loss, and the loss and macro-F1 of the early-stopping set."""
     fig = Figure(figsize=(10, 3.4))
     ax_loss, ax_f1 = fig.subplots(1, 2)
     for name, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        line = ax_loss.plot(epochs, [h["train_loss"] for h in history], label=f"{name} train")[0]
+        steps = [h["step"] for h in history]
+        line = ax_loss.plot(steps, [h["train_loss"] for h in history], label=f"{name} train")[0]
         if history and "val_loss" in history[0]:
             ax_loss.plot(
-                epochs,
+                steps,
                 [h["val_loss"] for h in history],
                 "--",
                 color=line.get_color(),
                 label=f"{name} early-stopping set",
             )
-            ax_f1.plot(epochs, [h["val_macro_f1"] for h in history], color=line.get_color(), label=name)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_f1.set(xlabel="epoch", ylabel="macro-F1", title="early-stopping set macro-F1", ylim=(0, 1.02))
+            ax_f1.plot(steps, [h["val_macro_f1"] for h in history], color=line.get_color(), label=name)
+    ax_loss.set(xlabel="optimiser step", ylabel="cross-entropy", title="loss (training: label-smoothed)")
+    ax_f1.set(xlabel="optimiser step", ylabel="macro-F1", title="early-stopping set macro-F1", ylim=(0, 1.02))
     ax_loss.legend(fontsize=6)
     ax_f1.legend(fontsize=6)
     fig.suptitle(title)

@@ -40,6 +40,10 @@ class WeightsUnavailableError(BoneTumorError):
     """Pretrained weights were requested but cannot be found or do not match their expected hash."""
 
 
+class WeightsCorruptError(WeightsUnavailableError):
+    """A weights file (in TORCH_HOME, or just downloaded) does not match the hash torchvision expects."""
+
+
 class ModelNotFoundError(BoneTumorError):
     """The requested registered model, version or alias does not exist in the MLflow registry."""
 

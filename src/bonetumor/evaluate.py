@@ -3,8 +3,8 @@
 Out-of-fold (OOF) predictions come from models that never saw the tile's slide and whose epoch was chosen on
 other slides, so the fold's tiles neither trained nor selected the model that scores them.
 
-For each model (every trained architecture, and candidates built from them on the same folds: the soft-vote
-ensemble of the architectures) this stage writes:
+For each model (the colour-histogram baseline, every trained architecture, and candidates built from them on the
+same folds: the soft-vote ensemble of the architectures) this stage writes:
 
 * pooled metrics and per-fold metrics with mean, standard deviation and a confidence interval over folds;
 * the confusion matrix (counts and row-normalised), a per-class precision/recall/F1 report, one-vs-rest ROC and
@@ -15,7 +15,9 @@ ensemble of the architectures) this stage writes:
 
 The ranking uses the mean per-fold macro-F1 (each fold is one draw of held-out slides), then pooled accuracy,
 then the order of ``train.architectures``; the winner, which the register stage refits, is the best single
-architecture. ``comparison.md`` puts our figures beside the ones the paper reports.
+architecture. The baseline is not ranked: it is the bar (``beats_baseline`` per architecture, which the champion
+gate reads). ``comparison.md`` puts our figures beside the baseline's and the ones the paper reports, and says
+where each architecture's starting weights came from and whether a temperature fit hit its bound.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from bonetumor.baseline import BASELINE
+from bonetumor.baseline import describe as describe_baseline
 from bonetumor.calibration import (
     ReferralPolicy,
     choose_referral,
@@ -173,8 +177,21 @@ def comparison_markdown(
     classes: Sequence[str],
     level: float,
     target_class: str,
+    init: dict[str, str] | None = None,
+    baseline: str | None = None,
 ) -> str:
-    """Return the comparison report: our models side by side, the paper's figures beside ours, per-class tables."""
+    """Return the comparison report: our models side by side, the paper's figures beside ours, per-class tables.
+
+    Args:
+        scores: Every model's scores (:func:`_evaluate_model`).
+        ranking: The architectures, best first.
+        candidates: The other models scored on the same folds.
+        classes: Class names in output order.
+        level: Confidence level of the fold intervals.
+        target_class: The referral rule's protected class.
+        init: Per architecture, where its starting weights came from (``bonetumor.init``).
+        baseline: The baseline's name in ``scores`` (None: no baseline was scored).
+    """
     pct = f"{level:.0%}"
     lines = [
         "# Model comparison (out-of-fold predictions, folds grouped by slide or patient)",
@@ -182,7 +199,33 @@ def comparison_markdown(
         f"Winner (refit and registered): **{ranking[0]}**, by mean per-fold macro-F1, then pooled accuracy.",
         f"Candidates evaluated on the same folds: {', '.join(candidates) or 'none'}.",
         "CPU ms/tile: median time per tile of the fold-0 model on this machine's CPU (batch "
-        "`candidates.latency_batch`); the ensemble runs every architecture.",
+        "`candidates.latency_batch`), with its test-time views; the ensemble runs every architecture.",
+        "",
+    ]
+    if baseline is not None:
+        bar = scores[baseline]["fold_f1_macro_mean"]
+        lines.append(
+            f"Baseline to beat ({baseline}: colour histograms into a random forest, same folds): mean per-fold "
+            f"macro-F1 **{bar:.3f}**. "
+            + "; ".join(
+                f"{a} {scores[a]['fold_f1_macro_mean']:.3f} "
+                + ("beats it" if scores[a]["fold_f1_macro_mean"] > bar else "**does not beat it**")
+                for a in ranking
+            )
+            + "."
+        )
+    for arch, tag in (init or {}).items():
+        if tag.startswith("scratch"):
+            lines.append(f"{arch} started from random initialisation: `bonetumor.init = {tag}`.")
+        else:
+            lines.append(f"{arch} started from `{tag}`.")
+    bounded = [n for n, s in scores.items() if s.get("calibration", {}).get("temperature_at_bound")]
+    if bounded:
+        lines.append(
+            f"**Temperature fit at its bound** for {', '.join(bounded)}: their logits carry no usable confidence "
+            "signal (or separate the tiles perfectly); their calibrated probabilities are unreliable."
+        )
+    lines += [
         "",
         f"## Overall ({pct} CI over folds in brackets)",
         "",
@@ -192,7 +235,8 @@ def comparison_markdown(
         "|---" * 12 + "|",
     ]
     best = scores[ranking[0]]["accuracy"]
-    for name in [*ranking, *candidates]:
+    rows = [*([baseline] if baseline is not None else []), *ranking, *candidates]
+    for name in rows:
         s = scores[name]
         cal = s.get("calibration", {})
         ref = s.get("referral", {})
@@ -215,14 +259,14 @@ def comparison_markdown(
         f"recall {target_class} (paper, test) | recall {target_class} (ours, OOF) |",
         "|---" * 6 + "|",
     ]
-    for name in [*ranking, *candidates]:
+    for name in rows:
         paper = PAPER.get(name, {})
         s = scores[name]
         lines.append(
             f"| {name} | {_fmt(paper.get('accuracy'))} | {s['accuracy']:.3f} | {_fmt(paper.get('test_accuracy'))} | "
             f"{_fmt(paper.get(f'test_recall_{target_class}'))} | {s['per_class'][target_class]['recall']:.3f} |"
         )
-    for name in [*ranking, *candidates]:
+    for name in rows:
         s = scores[name]
         lines += ["", f"## {name}: per class", "", report_markdown(s["report"], classes).rstrip(), ""]
         lines.append("Confusion matrix (rows true, columns predicted):")
@@ -233,12 +277,19 @@ def comparison_markdown(
             lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
         ref = s.get("referral", {})
         if ref:
+            bound_note = " (at its bound: unreliable)" if s["calibration"].get("temperature_at_bound") else ""
+            verdict = (
+                "targets met" if ref.get("target_met") else "targets not met by any threshold: every tile is referred"
+            )
             lines += [
                 "",
-                f"Referral: temperature {_fmt(s['calibration']['temperature'])}, confidence threshold "
+                f"Referral: temperature {_fmt(s['calibration']['temperature'])}{bound_note}, confidence threshold "
                 f"{_fmt(ref.get('confidence_threshold'))}; {ref.get('referred', 'n/a')} of {s['n']} tiles referred; "
-                f"{target_class} recall of accepted {_fmt(ref.get('accepted_target_recall'))} "
-                f"(target met: {ref.get('target_met')}).",
+                f"accepted accuracy {_fmt(ref.get('accepted_accuracy'))} (error upper bound "
+                f"{_fmt(ref.get('accepted_error_upper'))} vs max {_fmt(ref.get('max_error'))}), {target_class} "
+                f"recall of accepted {_fmt(ref.get('accepted_target_recall'))} (lower bound "
+                f"{_fmt(ref.get('accepted_recall_lower'))} vs target {_fmt(ref.get('target_recall_goal'))}): "
+                f"{verdict}.",
             ]
     return "\n".join(lines) + "\n"
 
@@ -294,6 +345,7 @@ def _evaluate_model(name: str, oof: pd.DataFrame, config: Config, plots: Path, r
     bins = config.evaluate.calibration_bins
     scores["calibration"] = {
         "temperature": policy.temperature,
+        "temperature_at_bound": policy.temperature_at_bound,
         "ece_before": expected_calibration_error(softmax(logits), labels, bins),
         "ece_after": expected_calibration_error(calibrated, labels, bins),
     }
@@ -320,6 +372,10 @@ def _policy_figures(policy: ReferralPolicy) -> dict[str, Any]:
         "accepted_accuracy": policy.accepted_accuracy,
         "accepted_target_recall": policy.accepted_target_recall,
         "target_met": policy.target_met,
+        "max_error": policy.max_error,
+        "confidence": policy.confidence,
+        "accepted_error_upper": policy.accepted_error_upper,
+        "accepted_recall_lower": policy.accepted_recall_lower,
     }
 
 
@@ -357,7 +413,11 @@ def run_evaluation(
         for folder in (plots, reports, referral_dir):
             folder.mkdir()
         oofs = {arch: read_oof(train_dir / arch / "oof.csv", classes) for arch in archs}
-        models: dict[str, pd.DataFrame] = dict(oofs)
+        models: dict[str, pd.DataFrame] = {}
+        baseline = BASELINE if isinstance(runs.get("baseline"), dict) else None
+        if baseline is not None:
+            models[baseline] = read_oof(train_dir / baseline / "oof.csv", classes)
+        models.update(oofs)
         candidates: list[str] = []
         if len(archs) > 1:
             models[ENSEMBLE] = ensemble_oof(oofs, classes)
@@ -403,23 +463,49 @@ def run_evaluation(
             f"Per-fold means with {config.evaluate.confidence_level:.0%} CI",
             plots / "comparison.png",
         )
-        comparison = {
+        init = {arch: str(runs["architectures"][arch].get("init", "unknown")) for arch in archs}
+        bar = None if baseline is None else scores[baseline]["fold_f1_macro_mean"]
+        beats = {} if bar is None else {n: scores[n]["fold_f1_macro_mean"] > bar for n in [*archs, *candidates]}
+        comparison: dict[str, Any] = {
             # The training runs these scores come from: register refuses a comparison of other runs.
             "cv_run_ids": {arch: runs["architectures"][arch]["run_id"] for arch in archs},
             "ranking": ranking,
             "candidates": candidates,
             "winner": ranking[0],
             "selection": "fold_f1_macro_mean, then accuracy",
+            "init": init,
+            "baseline": None
+            if baseline is None
+            else {
+                "name": baseline,
+                "what": describe_baseline(config.baseline, config.preprocess),
+                "fold_f1_macro_mean": scores[baseline]["fold_f1_macro_mean"],
+                "accuracy": scores[baseline]["accuracy"],
+                "f1_macro": scores[baseline]["f1_macro"],
+            },
+            "beats_baseline": beats,
             "scores": scores,
         }
         write_json(tmp / COMPARISON_FILE, comparison)
         markdown = comparison_markdown(
-            scores, ranking, candidates, classes, config.evaluate.confidence_level, config.referral.target_class
+            scores,
+            ranking,
+            candidates,
+            classes,
+            config.evaluate.confidence_level,
+            config.referral.target_class,
+            init=init,
+            baseline=baseline,
         )
         (tmp / COMPARISON_MD_FILE).write_text(markdown, encoding="utf-8")
         write_json(tmp / METRICS_FILE, {name: _dvc_metrics(s) for name, s in scores.items()})
         for arch in archs:
             _log_to_run(runs["architectures"][arch]["run_id"], arch, scores[arch], ranking, tmp)
+            if baseline is not None:
+                with mlflow.start_run(run_id=runs["architectures"][arch]["run_id"]):
+                    mlflow.set_tag("bonetumor.beats_baseline", str(beats[arch]))
+        if baseline is not None:
+            _log_to_run(runs["baseline"]["run_id"], baseline, scores[baseline], ranking, tmp)
     log.info("winner: %s (ranking %s)", ranking[0], ranking)
     return comparison
 
@@ -431,7 +517,7 @@ def _log_to_run(run_id: str, arch: str, scores: dict[str, Any], ranking: list[st
         for name, values in scores["per_class"].items():
             flat.update({f"{name}_{m}": values[m] for m in ("precision", "recall", "f1")})
         mlflow.log_metrics({f"oof_{k}": float(v) for k, v in flat.items()})
-        mlflow.set_tag("bonetumor.rank", str(ranking.index(arch) + 1))
+        mlflow.set_tag("bonetumor.rank", str(ranking.index(arch) + 1) if arch in ranking else "baseline")
         for plot in sorted((out / "plots").glob(f"{arch}_*.png")):
             mlflow.log_artifact(str(plot), "evaluation")
         mlflow.log_artifact(str(out / "plots" / "comparison.png"), "evaluation")

@@ -6,6 +6,11 @@ it was found: the parameters are frozen for the call and the explained layer's o
 autograd graph, so the backward pass runs only through the layers after it (the head, for the final conv block)
 and never computes or accumulates weight gradients. The parameters' ``requires_grad`` flags, ``.grad`` tensors and
 train/eval mode are restored afterwards.
+
+A model that answers from test-time views (:mod:`bonetumor.tta`) is explained the same way it predicts: every
+view of a tile is explained for the class of the tile's averaged answer, and the views' heatmaps are put back
+where their crops came from and averaged (:meth:`bonetumor.tta.TestTimeViews.merge_maps`), so the heatmap covers
+the whole tile at ``tile_size``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 from bonetumor.errors import ArtifactError
 from bonetumor.models import cam_layer
 from bonetumor.preprocess import CenterSquareCrop, decode_image
+from bonetumor.tta import TestTimeAugmented, TestTimeViews
 
 #: Images explained per forward/backward pass (bounds memory on large galleries).
 BATCH_SIZE = 8
@@ -48,8 +54,12 @@ def _explain(
     device: str | torch.device,
     targets: Sequence[int] | None,
     target_layer: nn.Module | None,
+    views: TestTimeViews | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Return Grad-CAM heatmaps and the softmax probabilities of each image."""
+    if isinstance(model, TestTimeAugmented):
+        views = views or model.views
+        model = model.model
     if target_layer is None:
         if arch is None:
             raise ValueError("gradcam: give arch (to find its final conv block) or target_layer")
@@ -73,18 +83,13 @@ def _explain(
     try:
         model.requires_grad_(False)
         cam = GradCAM(model=model, target_layers=[target_layer])  # puts the model in eval mode
-        with torch.enable_grad():
-            for start in range(0, len(images), BATCH_SIZE):
-                chunk = images[start : start + BATCH_SIZE]
-                batch = torch.stack([transform(image) for image in chunk]).to(device)
-                chunk_targets = (
-                    None
-                    if targets is None
-                    else [ClassifierOutputTarget(int(t)) for t in targets[start : start + BATCH_SIZE]]
-                )
-                grayscale = cam(input_tensor=batch, targets=chunk_targets)
-                heatmaps.extend(np.clip(grayscale[i], 0.0, 1.0).astype(np.float32) for i in range(len(chunk)))
-                probabilities.append(torch.softmax(cam.outputs.detach().float(), dim=1).cpu().numpy())
+        for start in range(0, len(images), BATCH_SIZE):
+            chunk = images[start : start + BATCH_SIZE]
+            batch = torch.stack([transform(image) for image in chunk]).to(device)
+            chunk_targets = None if targets is None else [int(t) for t in targets[start : start + BATCH_SIZE]]
+            maps, probs = _explain_batch(cam, model, batch, chunk_targets, views)
+            heatmaps.extend(maps)
+            probabilities.append(probs)
     finally:
         # Not GradCAM's context manager: its __exit__ swallows IndexError.
         if cam is not None:
@@ -97,6 +102,34 @@ def _explain(
     return heatmaps, np.concatenate(probabilities)
 
 
+def _explain_batch(
+    cam: GradCAM,
+    model: nn.Module,
+    batch: torch.Tensor,
+    targets: list[int] | None,
+    views: TestTimeViews | None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Heatmaps and probabilities of one batch, through the test-time views when there are any."""
+    if views is None:
+        with torch.enable_grad():
+            grayscale = cam(
+                input_tensor=batch, targets=None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+            )
+        probs = torch.softmax(cam.outputs.detach().float(), dim=1).cpu().numpy()
+        return [np.clip(g, 0.0, 1.0).astype(np.float32) for g in grayscale], probs
+    with torch.no_grad():
+        probs = torch.softmax(TestTimeAugmented(model, views)(batch), dim=1).cpu().numpy()
+    # Each view is explained for the tile's answer (or the asked class), not for what that view alone would say.
+    chosen = list(probs.argmax(1)) if targets is None else targets
+    expanded = views.expand(batch)
+    per_view = [ClassifierOutputTarget(int(chosen[i % len(batch)])) for i in range(expanded.shape[0])]
+    with torch.enable_grad():
+        grayscale = cam(input_tensor=expanded, targets=per_view)
+    merged = views.merge_maps(np.clip(grayscale, 0.0, 1.0), len(batch))
+    peaks = merged.reshape(len(batch), -1).max(axis=1)
+    return [(m / p if p > 0 else m).astype(np.float32) for m, p in zip(merged, peaks, strict=True)], probs
+
+
 def gradcam_heatmaps(
     model: nn.Module,
     arch: str | None,
@@ -105,6 +138,7 @@ def gradcam_heatmaps(
     device: str | torch.device = "cpu",
     targets: Sequence[int] | None = None,
     target_layer: nn.Module | None = None,
+    views: TestTimeViews | None = None,
 ) -> list[np.ndarray]:
     """Compute a Grad-CAM heatmap per image.
 
@@ -118,15 +152,18 @@ def gradcam_heatmaps(
         device: Where to run.
         targets: Class index to explain per image; None explains each image's predicted class.
         target_layer: Layer whose activations are explained, overriding ``cam_layer(model, arch)``.
+        views: The model's test-time views (taken from ``model`` when it is a
+            :class:`~bonetumor.tta.TestTimeAugmented`); ``transform`` then gives whole tiles.
 
     Returns:
-        One ``(H, W)`` float32 array in [0, 1] per image, at the model input size (each scaled to its own max).
+        One ``(H, W)`` float32 array in [0, 1] per image, at the size ``transform`` gives (the tile), each scaled to
+        its own max.
 
     Raises:
         ValueError: Neither ``arch`` nor ``target_layer`` given, or ``targets`` does not match ``images``.
         bonetumor.errors.ConfigError: Unknown ``arch``.
     """
-    heatmaps, _ = _explain(model, arch, images, transform, device, targets, target_layer)
+    heatmaps, _ = _explain(model, arch, images, transform, device, targets, target_layer, views)
     return heatmaps
 
 
@@ -171,6 +208,7 @@ def gradcam_gallery(
     device: str | torch.device = "cpu",
     title: str = "",
     target_layer: nn.Module | None = None,
+    views: TestTimeViews | None = None,
 ) -> Path:
     """Draw a Grad-CAM gallery: one row per tile, the tile beside its heatmap overlay for the predicted class.
 
@@ -187,6 +225,7 @@ def gradcam_gallery(
         device: Where to run.
         title: Figure title.
         target_layer: Overrides the architecture's Grad-CAM layer.
+        views: The model's test-time views (see :func:`gradcam_heatmaps`).
 
     Returns:
         ``out_png`` as a Path.
@@ -200,7 +239,7 @@ def gradcam_gallery(
     if len(labels) != len(files):
         raise ValueError(f"gradcam gallery: {len(labels)} labels for {len(files)} files; expected one per file")
     images = [decode_image(f) for f in files]
-    heatmaps, probabilities = _explain(model, arch, images, transform, device, None, target_layer)
+    heatmaps, probabilities = _explain(model, arch, images, transform, device, None, target_layer, views)
     if probabilities.shape[1] != len(classes):
         raise ValueError(f"the model has {probabilities.shape[1]} outputs but {len(classes)} classes were given")
     fig = Figure(figsize=(5.0, 2.6 * len(files)))

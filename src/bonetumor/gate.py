@@ -1,14 +1,17 @@
 """The champion gate: does a newly trained model replace the served one?
 
-A candidate becomes ``champion`` only when both hold:
+A candidate becomes ``champion`` only when all hold:
 
+* its referral rule found a confidence threshold whose accepted out-of-fold predictions meet the error and
+  protected-class (viable tumour) recall targets by their conservative bounds; a rule that must refer every tile
+  (a constant predictor's, for one) does not pass;
+* with ``register.require_beats_baseline`` (the default), its mean per-fold macro-F1 beats the colour-histogram
+  baseline's on the same folds (``beats_baseline``);
 * it was scored on the same data version and the same folds as the current champion, and its mean per-fold
   (out-of-fold) macro-F1 is higher; a champion scored on other data or folds cannot be compared, so the candidate
-  waits as ``challenger`` until someone promotes it on purpose (``bonetumor promote``);
-* its referral rule keeps the recall of the protected class (viable tumour) at or above the target on the
-  out-of-fold predictions it accepts.
+  waits as ``challenger`` until someone promotes it on purpose (``bonetumor promote``).
 
-With no champion yet, only the second condition applies. Every decision, with both sides' figures, is written on
+With no champion yet, the last condition does not apply. Every decision, with both sides' figures, is written on
 the model version as tags, so an auditor can read why a version is or is not served.
 """
 
@@ -32,9 +35,12 @@ class GateMetrics:
         version: Registered model version ("" for the candidate before registration).
         fold_f1_macro_mean: Mean per-fold out-of-fold macro-F1.
         target_recall: Recall of the protected class among accepted out-of-fold predictions.
-        target_met: Whether the referral rule reached its recall target.
+        target_met: Whether the referral rule met its error and recall targets (by their bounds).
         data_version: Content hash of the data set it was cross-validated on.
         folds_digest: Hash of the folds file it was cross-validated on.
+        baseline_fold_f1_macro_mean: The baseline's mean per-fold macro-F1 on the same folds (None: not scored,
+            e.g. a version registered before the baseline existed).
+        beats_baseline: Whether ``fold_f1_macro_mean`` is higher than the baseline's (None: no baseline).
     """
 
     version: str
@@ -43,6 +49,8 @@ class GateMetrics:
     target_met: bool
     data_version: str
     folds_digest: str
+    baseline_fold_f1_macro_mean: float | None = None
+    beats_baseline: bool | None = None
 
     def to_tags(self, role: str) -> dict[str, str]:
         """Return the figures as model-version tags under ``bonetumor.gate.<role>.``."""
@@ -61,6 +69,9 @@ class GateMetrics:
         prefix = f"{GATE_PREFIX}candidate."
         try:
             recall = tags[f"{prefix}target_recall"]
+            # Absent on versions registered before the baseline existed.
+            baseline = tags.get(f"{prefix}baseline_fold_f1_macro_mean", "")
+            beats = tags.get(f"{prefix}beats_baseline", "")
             return cls(
                 version=version,
                 fold_f1_macro_mean=float(tags[f"{prefix}fold_f1_macro_mean"]),
@@ -68,6 +79,8 @@ class GateMetrics:
                 target_met=tags[f"{prefix}target_met"] == "True",
                 data_version=tags[f"{prefix}data_version"],
                 folds_digest=tags[f"{prefix}folds_digest"],
+                baseline_fold_f1_macro_mean=float(baseline) if baseline else None,
+                beats_baseline=None if not beats else beats == "True",
             )
         except (KeyError, ValueError) as exc:
             raise ArtifactError(
@@ -88,7 +101,13 @@ class GateDecision:
         return {f"{GATE_PREFIX}decision": alias, f"{GATE_PREFIX}reason": self.reason}
 
 
-def decide(candidate: GateMetrics, champion: GateMetrics | None, target: float, target_class: str) -> GateDecision:
+def decide(
+    candidate: GateMetrics,
+    champion: GateMetrics | None,
+    target: float,
+    target_class: str,
+    require_beats_baseline: bool = True,
+) -> GateDecision:
     """Decide whether ``candidate`` replaces ``champion``.
 
     Args:
@@ -96,6 +115,7 @@ def decide(candidate: GateMetrics, champion: GateMetrics | None, target: float, 
         champion: The current champion's figures, or None when there is none.
         target: The recall target of the protected class (``referral.target_recall``).
         target_class: The protected class's name, for the reason.
+        require_beats_baseline: Keep a candidate that does not beat the baseline as challenger.
 
     Returns:
         The decision with a one-sentence reason naming both sides' figures.
@@ -104,12 +124,22 @@ def decide(candidate: GateMetrics, champion: GateMetrics | None, target: float, 
     if not candidate.target_met:
         return GateDecision(
             False,
-            f"{target_class} recall of accepted out-of-fold predictions is {recall}, below the target {target:.3f}",
+            "the referral rule refers every tile: no confidence threshold's accepted out-of-fold predictions meet "
+            f"the error and {target_class} recall (>= {target:.3f}) targets by their Clopper-Pearson bounds",
+        )
+    baseline = candidate.baseline_fold_f1_macro_mean
+    versus = "" if baseline is None else f"; baseline (colour-histogram random forest) {baseline:.4f}"
+    if require_beats_baseline and candidate.beats_baseline is not True:
+        return GateDecision(
+            False,
+            f"mean per-fold macro-F1 {candidate.fold_f1_macro_mean:.4f} does not beat the baseline's "
+            + ("(not scored)" if baseline is None else f"{baseline:.4f} (colour-histogram random forest, same folds)"),
         )
     if champion is None:
         return GateDecision(
             True,
-            f"no champion yet; {target_class} recall of accepted predictions {recall} meets the target {target:.3f}",
+            f"no champion yet; mean per-fold macro-F1 {candidate.fold_f1_macro_mean:.4f}{versus}; referral targets "
+            f"met ({target_class} recall of accepted predictions {recall})",
         )
     if (candidate.data_version, candidate.folds_digest) != (champion.data_version, champion.folds_digest):
         return GateDecision(

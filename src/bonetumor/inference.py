@@ -1,9 +1,11 @@
 """The model bundle (weights plus metadata, as in MONAI bundles) and the predictor that serves it.
 
-A bundle folder holds ``weights.pt`` (a state dict, loaded with ``weights_only=True``, no pickled code) and
-``metadata.json``: architecture, class order, input size, mean/std, dropout, the stain normaliser fitted on the
-training tiles, the calibrated referral rule, library versions and provenance. Everything a server needs to
-rebuild the model, preprocess an image exactly as in training, and decide whether to refer it is in there.
+A bundle folder holds ``weights.pt`` (the network's state dict, loaded with ``weights_only=True``, no pickled
+code) and ``metadata.json``: architecture, class order, tile and crop sizes, the test-time views, mean/std,
+dropout, the stain normaliser fitted on the training tiles, the calibrated referral rule, library versions and
+provenance (including where the starting weights came from, ``init``). Everything a server needs to rebuild the
+model, preprocess an image exactly as in training, average the same test-time views and decide whether to refer
+it is in there.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from bonetumor.errors import ArtifactError
 from bonetumor.models import build_model
 from bonetumor.preprocess import build_eval_transform, decode_image
 from bonetumor.stain import StainNormalizer
+from bonetumor.tta import TestTimeAugmented, TestTimeViews, with_views
 from bonetumor.utils import read_json, write_json
 
-BUNDLE_FORMAT_VERSION = 2
-#: Earlier formats that still load (version 1 had no stain normaliser and no referral rule).
-READABLE_FORMATS = (1, 2)
+BUNDLE_FORMAT_VERSION = 3
+#: Earlier formats that still load (version 1 had no stain normaliser and no referral rule; versions 1 and 2 had
+#: one ``image_size`` and no test-time views: they load as tile and crop of that size, one view).
+READABLE_FORMATS = (1, 2, 3)
 WEIGHTS_FILE = "weights.pt"
 METADATA_FILE = "metadata.json"
 
@@ -42,11 +46,15 @@ class ModelMetadata:
     Attributes:
         arch: Architecture name for :func:`bonetumor.models.build_model`.
         classes: Class names in output order.
-        image_size: Side of the square input in pixels.
+        tile_size: Side every tile is resized to, in pixels.
+        input_size: Side of the network's square input crop, in pixels.
         mean: Normalisation mean per channel.
         std: Normalisation std per channel.
         dropout: Dropout of the head (needed to rebuild the same module tree).
-        provenance: Data version, git commit, params hash, run ids and scores of the training that made it.
+        test_crops: Test-time crops per tile (1 or 5).
+        test_flips: Whether each test-time crop is also seen mirrored.
+        provenance: Data version, git commit, params hash, run ids, scores and ``init`` (where the starting
+            weights came from) of the training that made it.
         versions: Library versions it was trained with.
         stain: The stain normaliser fitted on the training tiles (``StainNormalizer.to_dict``), or None.
         referral: The calibrated referral rule (``ReferralPolicy.to_dict``), or None.
@@ -55,10 +63,13 @@ class ModelMetadata:
 
     arch: str
     classes: tuple[str, ...]
-    image_size: int
+    tile_size: int
+    input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     dropout: float
+    test_crops: int = 5
+    test_flips: bool = True
     provenance: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     stain: dict[str, Any] | None = None
@@ -68,7 +79,19 @@ class ModelMetadata:
     @property
     def preprocess(self) -> PreprocessConfig:
         """The preprocessing config this model expects (the same one training used)."""
-        return PreprocessConfig(image_size=self.image_size, mean=self.mean, std=self.std)
+        return PreprocessConfig(
+            tile_size=self.tile_size,
+            input_size=self.input_size,
+            test_crops=self.test_crops,  # type: ignore[arg-type]
+            test_flips=self.test_flips,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    @property
+    def views(self) -> TestTimeViews:
+        """The test-time views the model answers from."""
+        return TestTimeViews.from_config(self.preprocess)
 
     @staticmethod
     def current_versions() -> dict[str, str]:
@@ -82,16 +105,25 @@ class ModelMetadata:
 
 
 def save_bundle(model: nn.Module, metadata: ModelMetadata, out_dir: str | Path) -> Path:
-    """Write ``weights.pt`` and ``metadata.json`` into ``out_dir`` and return the folder."""
+    """Write ``weights.pt`` (the network's, without its views) and ``metadata.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    network = model.model if isinstance(model, TestTimeAugmented) else model
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, out_dir / WEIGHTS_FILE)
     write_json(out_dir / METADATA_FILE, asdict(metadata))
     return out_dir
 
 
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """Read a format 1 or 2 metadata dict as format 3 (one image size, one view)."""
+    if raw.get("format_version") in (1, 2) and "image_size" in raw:
+        size = raw.pop("image_size")
+        raw = {**raw, "tile_size": size, "input_size": size, "test_crops": 1, "test_flips": False}
+    return raw
+
+
 def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
-    """Rebuild the model from a bundle folder, in eval mode on the CPU.
+    """Rebuild the network (without its views: see :attr:`ModelMetadata.views`) from a bundle, in eval mode.
 
     Raises:
         ArtifactError: A file is missing, the format version is unknown, or the weights do not fit the metadata.
@@ -103,6 +135,7 @@ def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
             f"{bundle_dir / METADATA_FILE}: not a model bundle of format version {list(READABLE_FORMATS)}"
         )
     try:
+        raw = _upgrade(raw)
         metadata = ModelMetadata(
             **{**raw, "classes": tuple(raw["classes"]), "mean": tuple(raw["mean"]), "std": tuple(raw["std"])}
         )
@@ -123,10 +156,14 @@ def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
 
 
 class Predictor:
-    """Classifies tiles with a model and its metadata, using the training pipeline's preprocessing."""
+    """Classifies tiles with a model and its metadata: the training pipeline's preprocessing and test-time views.
+
+    ``model`` is the network (wrapped here in its views, :attr:`ModelMetadata.views`) or the network already
+    wrapped; :attr:`model` is always the wrapped one, the exact module the out-of-fold predictions came from.
+    """
 
     def __init__(self, model: nn.Module, metadata: ModelMetadata, name: str = "", version: str = "") -> None:
-        self.model = model.eval()
+        self.model = with_views(model, metadata.views).eval()
         self.metadata = metadata
         self.name = name
         self.version = version

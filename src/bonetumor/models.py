@@ -5,23 +5,37 @@ layer with an output per class. The 120M-parameter ImageNet classifier of VGG19 
 head too (as in Keras-style transfer learning): it would dominate memory, optimiser state and artifact size
 (548 MB per model) while the convolutional features carry the transfer.
 
-Pretrained weights are never downloaded at run time: ``imagenet`` reads torchvision's file from TORCH_HOME's
-checkpoint cache and checks it against the hash in its name; a path loads a torchvision-layout state dict.
+Where the starting weights come from is decided once per architecture by :func:`resolve_weights`:
+
+- ``auto`` (the default): torchvision's ImageNet file from TORCH_HOME's checkpoint cache when it is there;
+  otherwise downloaded by torchvision's own mechanism (``WeightsEnum.get_state_dict`` with its SHA-256 check)
+  when the machine is online; otherwise random initialisation, with one warning, and the fallback recorded as
+  :attr:`InitWeights.tag` (``scratch (no ImageNet weights available)``) on every run and model it makes.
+- ``imagenet``: the same file, strictly: missing weights are an error saying which file to put where. It never
+  downloads, so an air-gapped run fails loudly instead of silently training from scratch.
+- ``none``: random initialisation; a path: a torchvision-layout state dict.
+
+A file in TORCH_HOME is always checked against the hash prefix torchvision puts in its name; a corrupt file is an
+error for ``auto`` too (the user put it there on purpose). ``bonetumor weights fetch`` downloads the files ahead of
+time (:func:`fetch_imagenet_weights`). ``BONETUMOR_OFFLINE=1`` skips the download attempt of ``auto``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import urllib.error
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from bonetumor.errors import ConfigError, WeightsUnavailableError
+from bonetumor.errors import ConfigError, WeightsCorruptError, WeightsUnavailableError
 from bonetumor.utils import sha256_file
 
 log = logging.getLogger(__name__)
@@ -38,6 +52,18 @@ class ArchSpec:
     top_block: Callable[[nn.Module], nn.Module]
     #: The last convolutional block: what Grad-CAM explains.
     cam_layer: Callable[[nn.Module], nn.Module]
+
+
+#: Seconds a download of ImageNet weights may stall before ``auto`` gives up and trains from scratch.
+DOWNLOAD_TIMEOUT_S = 30.0
+#: Environment variable that, set to 1, makes ``train.weights: auto`` skip the download attempt.
+OFFLINE_ENV = "BONETUMOR_OFFLINE"
+
+
+def _build_resnet50() -> nn.Module:
+    # zero_init_residual: each residual branch starts as the identity (Goyal et al. 2017), which trains a ResNet50
+    # from random initialisation markedly faster; ImageNet weights overwrite it when they are loaded.
+    return tvm.resnet50(weights=None, zero_init_residual=True)
 
 
 def _resnet50_head(model: nn.Module, num_classes: int, dropout: float) -> None:
@@ -80,7 +106,7 @@ def _vgg(model: nn.Module) -> tvm.VGG:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "resnet50": ArchSpec(
-        build=lambda: tvm.resnet50(weights=None),
+        build=_build_resnet50,
         imagenet_weights=tvm.ResNet50_Weights.DEFAULT,
         replace_head=_resnet50_head,
         head=lambda m: _resnet(m).fc,
@@ -120,28 +146,169 @@ def _spec(arch: str) -> ArchSpec:
         raise ConfigError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}") from None
 
 
+@dataclass(frozen=True)
+class InitWeights:
+    """Where an architecture's starting weights come from, decided once by :func:`resolve_weights`.
+
+    Attributes:
+        arch: The architecture.
+        source: ``imagenet``, ``file`` (a user's state dict) or ``scratch`` (random initialisation).
+        detail: The file, or why there are no pretrained weights.
+        fallback: ``train.weights: auto`` wanted ImageNet weights and fell back to random initialisation.
+        state: The backbone state dict to load (None for ``scratch``).
+    """
+
+    arch: str
+    source: Literal["imagenet", "file", "scratch"]
+    detail: str
+    fallback: bool = False
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone starts from trained weights."""
+        return self.source != "scratch"
+
+    @property
+    def tag(self) -> str:
+        """One line for runs, model versions, reports and ``/model_info``, e.g. ``scratch (no ImageNet ...)``."""
+        return f"{self.source} ({self.detail})"
+
+
+def _check_imagenet_file(path: Path, url: str) -> dict[str, torch.Tensor]:
+    # torchvision names its files <name>-<first 8 hex of sha256>.pth; check it so a corrupt copy is caught here.
+    expected = path.stem.rsplit("-", 1)[-1]
+    actual = sha256_file(path)
+    if not actual.startswith(expected):
+        raise WeightsCorruptError(
+            f"{path}: sha256 {actual[:16]}... does not match the hash prefix {expected!r} in its torchvision file "
+            f"name; the file is corrupt or not {url}. Delete it and run `bonetumor weights fetch`, or download it "
+            "again."
+        )
+    return _read_state_dict(path)
+
+
 def _load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
     path = imagenet_weights_path(arch)
     url = _spec(arch).imagenet_weights.url
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"train.weights=imagenet: the ImageNet weights of {arch} are not at {path}, and this project never "
-            f"downloads at run time. On a machine with internet, download {url} and copy it to {path} "
-            f"(or point TORCH_HOME at a folder whose checkpoints/ holds it), or set train.weights to a file path "
-            f"(use {{arch}} in the path for one file per architecture)."
+            f"train.weights=imagenet: the ImageNet weights of {arch} are not at {path}, and `imagenet` never "
+            f"downloads. Run `bonetumor weights fetch {arch}` on a machine with internet and copy the file to "
+            f"{path} (or point TORCH_HOME at a folder whose hub/checkpoints/ holds it), use train.weights: auto "
+            f"(downloads when online, else trains from scratch), or set train.weights to a file path (use {{arch}} "
+            f"in the path for one file per architecture)."
         )
-    # torchvision names its files <name>-<first 8 hex of sha256>.pth; check it so a corrupt copy is caught here.
-    expected = path.stem.rsplit("-", 1)[-1]
-    actual = sha256_file(path)
-    if not actual.startswith(expected):
+    return _check_imagenet_file(path, url)
+
+
+def download_imagenet_state(arch: str, timeout: float = DOWNLOAD_TIMEOUT_S, progress: bool = True) -> Path:
+    """Download torchvision's ImageNet weights of ``arch`` into TORCH_HOME, hash-checked, and return the file.
+
+    Uses torchvision's own mechanism (``WeightsEnum.get_state_dict(check_hash=True)``, i.e.
+    ``torch.hub.load_state_dict_from_url``), so the file lands where torchvision and ``train.weights: imagenet``
+    look for it, and a download whose SHA-256 does not match the file name is rejected.
+
+    Args:
+        arch: A key of :data:`ARCHITECTURES`.
+        timeout: Seconds a connection may stall.
+        progress: Show torch's download progress bar.
+
+    Raises:
+        WeightsUnavailableError: The machine is offline or the server cannot be reached.
+        WeightsCorruptError: The download does not match its hash.
+    """
+    spec = _spec(arch)
+    path = imagenet_weights_path(arch)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # urllib inside torch.hub takes no timeout of its own
+    try:
+        spec.imagenet_weights.get_state_dict(progress=progress, check_hash=True)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
         raise WeightsUnavailableError(
-            f"{path}: sha256 {actual[:16]}... does not match the hash prefix {expected!r} in its torchvision file "
-            f"name; the file is corrupt or not {url}. Download it again."
-        )
-    return _read_state_dict(path)
+            f"cannot download the ImageNet weights of {arch} from {spec.imagenet_weights.url} ({reason})"
+        ) from exc
+    except RuntimeError as exc:  # torch.hub's hash check
+        raise WeightsCorruptError(
+            f"the download of {spec.imagenet_weights.url} is corrupt ({exc}); nothing was kept at {path}"
+        ) from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+    return path
+
+
+def resolve_weights(arch: str, weights: str) -> InitWeights:
+    """Decide where ``arch``'s starting weights come from (``train.weights``), loading them once.
+
+    Args:
+        arch: A key of :data:`ARCHITECTURES`.
+        weights: ``auto``, ``imagenet``, ``none`` or a path (``{arch}`` is replaced by the architecture).
+
+    Returns:
+        The decision and, unless ``scratch``, the state dict. With ``auto`` and neither a file in TORCH_HOME nor
+        a working download, ``scratch`` with ``fallback=True``, after one warning.
+
+    Raises:
+        ConfigError: Unknown architecture.
+        WeightsUnavailableError: ``imagenet`` without the file, a corrupt file in TORCH_HOME, a download that fails
+            its hash check, or a path that does not hold a state dict.
+    """
+    spec = _spec(arch)
+    if weights == "none":
+        return InitWeights(arch, "scratch", "train.weights: none")
+    if weights == "imagenet":
+        return InitWeights(arch, "imagenet", imagenet_weights_path(arch).name, state=_load_imagenet_state(arch))
+    if weights != "auto":
+        path = Path(weights.replace("{arch}", arch))
+        return InitWeights(arch, "file", str(path), state=_read_state_dict(path))
+    path = imagenet_weights_path(arch)
+    if not path.is_file():
+        if os.environ.get(OFFLINE_ENV) == "1":
+            reason = f"{OFFLINE_ENV}=1"
+        else:
+            try:
+                download_imagenet_state(arch, progress=False)
+                reason = ""
+            except WeightsCorruptError:
+                raise
+            except WeightsUnavailableError as exc:
+                reason = str(exc)
+        if not path.is_file():
+            log.warning(
+                "train.weights=auto: no ImageNet weights for %s (%s, nothing at %s); training from random "
+                "initialisation. For transfer learning run `bonetumor weights fetch %s` where there is internet and "
+                "copy the file there.",
+                arch,
+                reason or "download left no file",
+                path,
+                arch,
+            )
+            return InitWeights(arch, "scratch", "no ImageNet weights available", fallback=True)
+    return InitWeights(arch, "imagenet", path.name, state=_check_imagenet_file(path, spec.imagenet_weights.url))
+
+
+def fetch_imagenet_weights(archs: list[str]) -> list[Path]:
+    """Download (or find, hash-checked) the ImageNet files of ``archs`` in TORCH_HOME; ``bonetumor weights fetch``.
+
+    Raises:
+        ConfigError: Unknown architecture.
+        WeightsUnavailableError: A download failed or a file is corrupt.
+    """
+    paths = []
+    for arch in archs:
+        spec = _spec(arch)
+        path = imagenet_weights_path(arch)
+        if not path.is_file():
+            download_imagenet_state(arch)
+        _check_imagenet_file(path, spec.imagenet_weights.url)
+        paths.append(path)
+    return paths
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path}: weights file not found; expected a torchvision-layout state dict")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
@@ -157,7 +324,7 @@ def build_model(
     arch: str,
     num_classes: int,
     dropout: float = 0.5,
-    weights: str = "none",
+    weights: str | InitWeights = "none",
     trainable: str = "all",
 ) -> nn.Module:
     """Build a classifier by architecture name.
@@ -166,29 +333,34 @@ def build_model(
         arch: A key of :data:`ARCHITECTURES`.
         num_classes: Number of output logits.
         dropout: Dropout probability before the final linear layer.
-        weights: ``none``, ``imagenet``, or a path to a torchvision-layout state dict of the backbone
-            (``{arch}`` in the path is replaced by the architecture name).
+        weights: An :class:`InitWeights` from :func:`resolve_weights` (what training passes, resolved once per
+            architecture), or ``train.weights`` itself (``none``, ``auto``, ``imagenet`` or a path), resolved here.
         trainable: ``all``, ``top`` (last block and head) or ``head``: the other parameters are frozen.
 
     Returns:
         The model, in training mode.
 
     Raises:
-        ConfigError: Unknown architecture or ``trainable`` value.
+        ConfigError: Unknown architecture or ``trainable`` value, or frozen layers on a randomly initialised
+            backbone (``auto`` fell back to scratch).
         WeightsUnavailableError: Pretrained weights are missing, corrupt, or do not fit the architecture.
     """
     spec = _spec(arch)
+    init = weights if isinstance(weights, InitWeights) else resolve_weights(arch, weights)
+    if init.arch != arch:
+        raise ConfigError(f"build_model: weights resolved for {init.arch!r} cannot initialise {arch!r}")
+    if not init.pretrained and trainable != "all":
+        raise ConfigError(
+            f"train.trainable={trainable!r} freezes layers, but {arch} starts from random initialisation "
+            f"({init.detail}); use trainable: all, or provide ImageNet weights (`bonetumor weights fetch {arch}`)"
+        )
     model = spec.build()
-    if weights == "imagenet":
-        state = _load_imagenet_state(arch)
-    elif weights != "none":
-        state = _read_state_dict(Path(weights.replace("{arch}", arch)))
-    if weights != "none":
+    if init.state is not None:
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(init.state)
         except RuntimeError as exc:
             raise WeightsUnavailableError(
-                f"weights {weights!r} do not fit torchvision's {arch} (expected its ImageNet state-dict layout): "
+                f"weights {init.tag} do not fit torchvision's {arch} (expected its ImageNet state-dict layout): "
                 f"{str(exc).splitlines()[0]}"
             ) from exc
     spec.replace_head(model, num_classes, dropout)

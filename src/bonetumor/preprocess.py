@@ -1,8 +1,12 @@
 """Image decoding and the preprocessing shared by training, evaluation and serving.
 
-One function builds the tensor a model sees from an image (:func:`build_eval_transform`); the training
-transform is the augmentation policy followed by exactly that function's steps, and the served model carries the
-same parameters (and its fitted stain normaliser, :mod:`bonetumor.stain`) in its metadata. There is no second
+Every tile takes the same deterministic first steps, :func:`tile_ops`: the fitted stain normaliser (when the model
+has one, :mod:`bonetumor.stain`), the centred square crop, and a resize to ``preprocess.tile_size``, which fixes
+the physical scale of a pixel. Evaluation and serving then turn that tile into the normalised tensor
+(:func:`build_eval_transform`, ``(3, tile_size, tile_size)``), and the model's test-time views
+(:mod:`bonetumor.tta`) cut their fixed ``input_size`` crops out of it. Training takes random ``input_size`` crops of
+the same resized tile instead (:func:`bonetumor.augment.build_train_transform`), and ends with the same
+:func:`tensor_tail`. The served model carries the same parameters in its metadata, so there is no second
 implementation to drift.
 """
 
@@ -85,24 +89,21 @@ def decode_image(data: bytes | str | Path, source: str | None = None) -> Image.I
 
 
 def build_eval_transform(config: PreprocessConfig, stain: StainNormalizer | None = None) -> v2.Compose:
-    """Return the deterministic transform from an RGB PIL image to the model's input tensor.
+    """Return the deterministic transform from an RGB PIL image to the model's input tile tensor.
 
-    Stain normalisation first (when the model was trained with a fitted normaliser), then the shared tail:
-    centre square crop, resize to ``image_size`` squared (antialiased), scale to [0, 1], normalise with
-    ``mean``/``std``.
+    :func:`tile_ops` (stain normalisation, centred square crop, resize to ``tile_size``), then :func:`tensor_tail`
+    (scale to [0, 1], normalise with ``mean``/``std``). The result is ``(3, tile_size, tile_size)``: the input of
+    the model's test-time views (:class:`bonetumor.tta.TestTimeAugmented`), which cut the ``input_size`` crops.
 
     Args:
         config: The preprocess section the model was trained with.
         stain: The model's fitted stain normaliser, or None when it was trained without one.
     """
-    return v2.Compose(([stain] if stain is not None else []) + tensor_tail(config))
+    return v2.Compose([*tile_ops(config, stain), *tensor_tail(config)])
 
 
 class CenterSquareCrop:
-    """Crop a PIL image to the largest centred square, so a non-square tile is cropped, never squashed.
-
-    Training's zoom step already cuts square crops; this keeps evaluation and serving consistent with it.
-    """
+    """Crop a PIL image to the largest centred square, so a non-square tile is cropped, never squashed."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
         """Return the centred square crop (the image itself when already square)."""
@@ -114,13 +115,23 @@ class CenterSquareCrop:
         return image.crop((left, top, left + side, top + side))
 
 
-def tensor_tail(config: PreprocessConfig) -> list[Any]:
-    """Return the crop, resize and normalise steps that end both the training and the evaluation transform."""
-    size = config.image_size
+def tile_ops(config: PreprocessConfig, stain: StainNormalizer | None = None) -> list[Any]:
+    """Return the deterministic image-to-image steps every tile takes first, in training, evaluation and serving.
+
+    The stain normaliser (on the full-resolution tile, when given), the centred square crop, and an antialiased
+    resize to ``tile_size`` squared. Their output is what training caches per tile and crops at random.
+    """
     return [
+        *([stain] if stain is not None else []),
         CenterSquareCrop(),
+        v2.Resize((config.tile_size, config.tile_size), antialias=True),
+    ]
+
+
+def tensor_tail(config: PreprocessConfig) -> list[Any]:
+    """Return the steps that end both the training and the evaluation transform: to a float tensor, normalised."""
+    return [
         v2.ToImage(),
-        v2.Resize((size, size), antialias=True),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(config.mean), std=list(config.std)),
     ]

@@ -3,14 +3,15 @@
 Why refit rather than keep the best fold's model: each fold model saw only (k-1)/k of the slides, and picking
 the fold with the best validation score would pick partly on luck. The cross-validation estimates how well the
 *recipe* generalises; the served model is that recipe applied to every training tile (GAN-balanced the same way,
-stain-normalised to a target fitted on those tiles), trained for the median best epoch over the folds, since
-without a validation set there is nothing to stop early on.
+stain-normalised to a target fitted on those tiles, from the same starting weights), trained for the median best
+step over the folds, since without a validation set there is nothing to stop early on.
 
 The bundle carries the referral rule the evaluate stage chose on the winner's out-of-fold predictions (temperature
 and thresholds). With a held-out test set (``split.test_fraction``), the refit model is scored on it once, here.
 
 The champion gate (:mod:`bonetumor.gate`) then decides the alias: ``register.alias`` (champion) only when the new
-model beats the current champion on the same data and folds and meets the referral recall target, otherwise
+model's referral rule meets its targets, it beats the colour-histogram baseline on the same folds
+(``register.require_beats_baseline``) and it beats the current champion on the same data and folds; otherwise
 ``register.challenger_alias``. The decision and both sides' figures are tags on the new version.
 """
 
@@ -35,12 +36,14 @@ from bonetumor.gate import GateMetrics, decide, gate_document
 from bonetumor.inference import ModelMetadata, Predictor, save_bundle
 from bonetumor.manifest import read_manifest, resolve_paths
 from bonetumor.metrics import classification_metrics
+from bonetumor.models import InitWeights, resolve_weights
 from bonetumor.preprocess import decode_image
 from bonetumor.registry import champion_metrics, log_and_register
 from bonetumor.split import held_out_rows, read_folds
 from bonetumor.stain import fit_from_files
-from bonetumor.tracking import TAG_PREFIX, flatten_params, log_epoch_metrics, provenance_tags, require_run, setup_mlflow
-from bonetumor.train import RUNS_FILE, TRAIN_SECTIONS, refit
+from bonetumor.tracking import TAG_PREFIX, flatten_params, log_step_metrics, provenance_tags, require_run, setup_mlflow
+from bonetumor.train import INIT_TAG, RUNS_FILE, TRAIN_SECTIONS, refit
+from bonetumor.tta import with_views
 from bonetumor.utils import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,24 @@ def score_test_set(predictor: Predictor, rows: Any, dataset_dir: Path, classes: 
     result["referral_coverage"] = float(accepted.mean())
     result["accepted_accuracy"] = float((y_true == y_pred)[accepted].mean()) if accepted.any() else None
     return result
+
+
+def _refit_init(arch: str, weights: str, cv_init: str) -> InitWeights:
+    """Where the refit's weights start: the same source as the cross-validation's, which estimated the recipe.
+
+    Raises:
+        ArtifactError: The weights available now differ from what the cross-validation used (for example,
+            ImageNet weights were fetched after a run that fell back to random initialisation).
+    """
+    if cv_init.startswith("scratch") and weights == "auto":
+        return InitWeights(arch, "scratch", cv_init.removeprefix("scratch (").removesuffix(")"), fallback=True)
+    init = resolve_weights(arch, weights)
+    if cv_init and init.tag != cv_init:
+        raise ArtifactError(
+            f"{arch}: the cross-validation started from {cv_init!r} but the refit would start from {init.tag!r}; "
+            "rerun `bonetumor train` (dvc repro -f train) so that both use the same weights"
+        )
+    return init
 
 
 def run_registration(
@@ -131,19 +152,31 @@ def run_registration(
         f"{winner} ranked first of {comparison['ranking']} by {comparison['selection']}: "
         f"mean per-fold macro-F1 {scores['fold_f1_macro_mean']:.4f}, pooled accuracy {scores['accuracy']:.4f}"
     )
+    baseline = (comparison.get("baseline") or {}).get("fold_f1_macro_mean")
+    fold_f1 = float(scores["fold_f1_macro_mean"])
     candidate = GateMetrics(
         version="",
-        fold_f1_macro_mean=float(scores["fold_f1_macro_mean"]),
+        fold_f1_macro_mean=fold_f1,
         target_recall=referral.accepted_target_recall,
         target_met=referral.target_met,
         data_version=tags[f"{TAG_PREFIX}data_version"],
         folds_digest=sha256_file(folds_path),
+        baseline_fold_f1_macro_mean=None if baseline is None else float(baseline),
+        beats_baseline=None if baseline is None else fold_f1 > float(baseline),
     )
     champion_now = champion_metrics(config.register.model_name, config.register.alias)
-    decision = decide(candidate, champion_now, config.referral.target_recall, config.referral.target_class)
+    decision = decide(
+        candidate,
+        champion_now,
+        config.referral.target_recall,
+        config.referral.target_class,
+        config.register.require_beats_baseline,
+    )
     alias = config.register.alias if decision.promote else config.register.challenger_alias
     log.info("champion gate: %s -> @%s", decision.reason, alias)
     dataset_dir = manifest_path.parent
+    arch_config = config.for_arch(winner)
+    init = _refit_init(winner, config.train.weights, cv.get("init", ""))
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp)
         run_tags = {
@@ -151,13 +184,14 @@ def run_registration(
             f"{TAG_PREFIX}stage": "register",
             f"{TAG_PREFIX}arch": winner,
             f"{TAG_PREFIX}cv_run_id": cv["run_id"],
+            INIT_TAG: init.tag,
         }
         with mlflow.start_run(run_name=f"refit-{winner}", tags=run_tags) as run:
             mlflow.log_params(
                 {
-                    **flatten_params(config, (*TRAIN_SECTIONS, "referral", "register")),
+                    **flatten_params(arch_config, (*TRAIN_SECTIONS, "referral", "register")),
                     "arch": winner,
-                    "refit_epochs": cv["refit_epochs"],
+                    "refit_steps": cv["refit_steps"],
                 }
             )
             # The stain target is fitted on the refit's own real training tiles: every tile outside the test set.
@@ -168,23 +202,26 @@ def run_registration(
             # Outside the atomic output folder, which a killed run discards; removed once registered.
             checkpoints = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints"
             result = refit(
-                config,
+                arch_config,
                 winner,
-                cv["refit_epochs"],
+                cv["refit_steps"],
                 balance_dir,
                 dataset_dir,
                 policy,
-                log_epoch_metrics,
+                log_step_metrics,
                 stain=stain,
                 checkpoint_dir=checkpoints,
                 fingerprint=f"{config.section_hash(*TRAIN_SECTIONS)}-{winner}-{cv['run_id']}-{policy.digest()}",
+                init=init,
             )
             mlflow.log_metrics({f"cv_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
             provenance = {
                 **{k.removeprefix(TAG_PREFIX): v for k, v in tags.items() if k.startswith(TAG_PREFIX)},
                 "cv_run_id": cv["run_id"],
                 "refit_run_id": run.info.run_id,
-                "refit_epochs": cv["refit_epochs"],
+                "refit_steps": cv["refit_steps"],
+                "init": init.tag,
+                "temperature_at_bound": referral.temperature_at_bound,
                 "oof_f1_macro": scores["f1_macro"],
                 "oof_accuracy": scores["accuracy"],
                 "fold_f1_macro_mean": scores["fold_f1_macro_mean"],
@@ -194,10 +231,13 @@ def run_registration(
             metadata = ModelMetadata(
                 arch=winner,
                 classes=config.data.classes,
-                image_size=config.preprocess.image_size,
-                mean=config.preprocess.mean,
-                std=config.preprocess.std,
-                dropout=config.train.dropout,
+                tile_size=arch_config.preprocess.tile_size,
+                input_size=arch_config.preprocess.input_size,
+                mean=arch_config.preprocess.mean,
+                std=arch_config.preprocess.std,
+                dropout=arch_config.train.dropout,
+                test_crops=arch_config.preprocess.test_crops,
+                test_flips=arch_config.preprocess.test_flips,
                 provenance=provenance,
                 versions=ModelMetadata.current_versions(),
                 stain=None if stain is None else stain.to_dict(),
@@ -210,8 +250,8 @@ def run_registration(
                     real, config.candidates.calibration_tiles, seed=config.train.seed
                 )
                 _, quantized = int8_classifier(
-                    result.model,
-                    config.preprocess,
+                    with_views(result.model, metadata.views),
+                    arch_config.preprocess,
                     stain,
                     calibration,
                     tmp / ONNX_DIR,
@@ -242,6 +282,9 @@ def run_registration(
                 f"{TAG_PREFIX}fold_f1_macro_mean": f"{scores['fold_f1_macro_mean']:.4f}",
                 f"{TAG_PREFIX}oof_accuracy": f"{scores['accuracy']:.4f}",
                 f"{TAG_PREFIX}selection_reason": reason,
+                INIT_TAG: init.tag,
+                f"{TAG_PREFIX}temperature": f"{referral.temperature:.4g}",
+                f"{TAG_PREFIX}temperature_at_bound": str(referral.temperature_at_bound),
                 **candidate.to_tags("candidate"),
                 **({} if champion_now is None else champion_now.to_tags("champion")),
                 **decision.to_tags(alias),

@@ -105,7 +105,7 @@ def log_and_register(
         python_model=str(MODEL_CODE),
         artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
         signature=signature(metadata.classes),
-        input_example=pd.DataFrame({"image": [_example_png(metadata.image_size)]}),
+        input_example=pd.DataFrame({"image": [_example_png(metadata.tile_size)]}),
         # Listing requirements skips MLflow's slow inference subprocess; the package must be installed to load.
         pip_requirements=[
             f"bonetumor=={__version__}",
@@ -113,7 +113,13 @@ def log_and_register(
             f"torchvision=={torchvision.__version__.split('+')[0]}",
             f"mlflow=={mlflow.__version__}",
         ],
-        metadata={"classes": list(metadata.classes), "image_size": metadata.image_size, "arch": metadata.arch},
+        metadata={
+            "classes": list(metadata.classes),
+            "tile_size": metadata.tile_size,
+            "input_size": metadata.input_size,
+            "arch": metadata.arch,
+            "init": metadata.provenance.get("init", ""),
+        },
     )
     client = MlflowClient()
     try:

@@ -22,7 +22,13 @@ def _check_level(level: float) -> None:
         raise ValueError(f"confidence level {level} must lie strictly between 0 and 1 (e.g. 0.95)")
 
 
-def fold_summary(values: Sequence[float | None], level: float = 0.95) -> dict[str, Any]:
+#: The range of every metric these intervals are computed for (accuracy, F1, precision, recall).
+UNIT_INTERVAL: tuple[float, float] = (0.0, 1.0)
+
+
+def fold_summary(
+    values: Sequence[float | None], level: float = 0.95, bounds: tuple[float, float] | None = UNIT_INTERVAL
+) -> dict[str, Any]:
     """Mean, sample standard deviation and Student-t confidence interval of a metric over folds.
 
     NaN (or None) values, such as a metric undefined on a fold, are dropped and counted in ``n_dropped``.
@@ -30,6 +36,8 @@ def fold_summary(values: Sequence[float | None], level: float = 0.95) -> dict[st
     Args:
         values: The metric on each fold.
         level: Confidence level of the interval, in (0, 1).
+        bounds: The range the metric lives in; the interval is clipped to it (a t interval over 3 folds easily
+            reaches past 1 otherwise, which no accuracy can). None: no clipping.
 
     Returns:
         ``{"n", "n_dropped", "mean", "std", "ci_low", "ci_high", "level"}``. ``std`` uses ``ddof=1``; with one
@@ -55,7 +63,10 @@ def fold_summary(values: Sequence[float | None], level: float = 0.95) -> dict[st
     if n >= 2:
         std = float(kept.std(ddof=1))
         half = float(scipy_stats.t.ppf((1 + level) / 2, df=n - 1)) * std / math.sqrt(n)
-        summary.update(std=std, ci_low=summary["mean"] - half, ci_high=summary["mean"] + half)
+        low, high = summary["mean"] - half, summary["mean"] + half
+        if bounds is not None:
+            low, high = max(low, bounds[0]), min(high, bounds[1])
+        summary.update(std=std, ci_low=low, ci_high=high)
     return summary
 
 

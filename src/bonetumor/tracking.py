@@ -135,9 +135,9 @@ def _first_md5(document: dict[str, Any], key: str, path: str | None) -> str:
     return ""
 
 
-def log_epoch_metrics(stats: dict[str, float]) -> None:
-    """Log one epoch's metrics to the active MLflow run, with the epoch as the step."""
-    mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
+def log_step_metrics(stats: dict[str, float]) -> None:
+    """Log one evaluation's metrics to the active MLflow run, with its optimiser step as the MLflow step."""
+    mlflow.log_metrics({k: v for k, v in stats.items() if k != "step"}, step=int(stats["step"]))
 
 
 def provenance_tags(config: Config, manifest_path: str | Path, code_dir: str | Path | None = None) -> dict[str, str]:

@@ -1,20 +1,25 @@
-"""Train: every architecture on every fold, with early stopping, tracked in MLflow (the loop is in ``engine``).
+"""Train: the baseline and every architecture on every fold, with early stopping, tracked in MLflow.
 
-Per architecture, one parent MLflow run holds the cross-validation; each fold is a nested run with per-epoch
-metrics. Each fold early-stops on a grouped hold-out of its own training slides (``train.inner_val_fraction``);
-the model of its best epoch (by ``train.monitor``) then predicts the fold's validation tiles once, which gives
-the out-of-fold predictions that evaluation scores. The median best epoch sets the length of the final refit
-on all tiles (see ``register``).
+The loop is in ``engine``. First the colour-histogram baseline (:mod:`bonetumor.baseline`) is fitted and scored
+on every fold: the figure every network must beat. Then, per architecture, one parent MLflow run holds the
+cross-validation; each fold is a nested run with metrics per evaluation step. Each fold early-stops on a grouped
+hold-out of its own training slides (``train.inner_val_fraction``); the model of its best step (by
+``train.monitor``) then predicts the fold's validation tiles once, through its test-time views, which gives the
+out-of-fold predictions that evaluation scores. The median best step sets the length of the final refit on all
+tiles (see ``register``).
 
 Each fold fits its own stain-normalisation target on its own training tiles (the validation tiles never inform
-it), draws a Grad-CAM gallery of a few of its validation tiles with its own model, and checkpoints every epoch:
-a killed stage, rerun, resumes each fold where it stopped (``train.checkpoint``). The Great Expectations Data Docs
-of the data set are logged with every architecture's run.
+it), draws a Grad-CAM gallery of a few of its validation tiles with its own model, and checkpoints at every
+evaluation: a killed stage, rerun, resumes each fold where it stopped (``train.checkpoint``). The Great
+Expectations Data Docs of the data set are logged with every architecture's run. Where each architecture's
+starting weights came from (``train.weights``; ``auto`` may fall back to random initialisation) is tagged on
+every run as ``bonetumor.init``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -30,6 +35,8 @@ import pandas as pd
 import torch
 
 from bonetumor.augment import AugmentPolicy, load_policy
+from bonetumor.baseline import BASELINE, HistogramForest
+from bonetumor.baseline import describe as describe_baseline
 from bonetumor.candidates import (
     INT8,
     PRUNED,
@@ -43,23 +50,26 @@ from bonetumor.candidates import (
     select_calibration_files,
 )
 from bonetumor.config import Config, save_resolved
-from bonetumor.datasets import load_training_table, split_tables
+from bonetumor.datasets import label_indices, load_training_table, split_tables
 from bonetumor.engine import FitResult, eval_dataset, fit, plot_history, predict_logits, select_device, training_dataset
 from bonetumor.errors import DatasetError
 from bonetumor.explain import gradcam_gallery, select_gallery_tiles
 from bonetumor.manifest import read_manifest, resolve_paths
 from bonetumor.metrics import macro_f1
-from bonetumor.models import build_model
+from bonetumor.models import InitWeights, build_model, resolve_weights
 from bonetumor.preprocess import build_eval_transform
 from bonetumor.split import inner_split, read_folds
 from bonetumor.stain import StainNormalizer, fit_from_files
-from bonetumor.tracking import flatten_params, log_epoch_metrics, provenance_tags, setup_mlflow
+from bonetumor.tracking import TAG_PREFIX, flatten_params, log_step_metrics, provenance_tags, setup_mlflow
+from bonetumor.tta import TestTimeViews, with_views
 from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
 RUNS_FILE = "runs.json"
 TRAIN_SECTIONS = ("data", "preprocess", "split", "augment", "balance", "train")
+#: Tag naming where a model's starting weights came from, e.g. ``scratch (no ImageNet weights available)``.
+INIT_TAG = f"{TAG_PREFIX}init"
 
 
 def run_cross_validation(
@@ -72,16 +82,17 @@ def run_cross_validation(
     project_dir: str | Path,
     validation_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train every architecture on every fold and write out-of-fold predictions.
+    """Fit the baseline and train every architecture on every fold, and write out-of-fold predictions.
 
     Args:
-        config: The whole config (train, preprocess, data, tracking sections are used).
+        config: The whole config (train, preprocess, baseline, data, tracking sections are used).
         manifest_path: The data set manifest.
         folds_path: The folds file from the split stage.
         policy_path: The augmentation policy from the augment stage.
         balance_dir: The balance stage's output (one training manifest per fold).
-        out_dir: Output folder: ``<arch>/oof.csv``, ``<arch>/history.json``, ``<arch>/learning_curves.png``
-            and ``runs.json`` (MLflow run ids for the evaluate and register stages).
+        out_dir: Output folder: ``<arch>/oof.csv``, ``<arch>/history.json``, ``<arch>/learning_curves.png``,
+            ``baseline/oof.csv`` and ``runs.json`` (MLflow run ids, initialisations and refit lengths for the
+            evaluate and register stages).
         project_dir: Base folder for relative tracking URIs and the git commit.
         validation_dir: The validate stage's output; its report and Data Docs are logged with each run.
 
@@ -99,13 +110,19 @@ def run_cross_validation(
     experiment_id = setup_mlflow(config.tracking, project_dir)
     tags = provenance_tags(config, manifest_path, project_dir)
     n_folds = len(folds["folds"])
-    timer = EtaTimer(_total_epochs(config, n_folds))
+    # Decided once per architecture: a fallback to random initialisation warns once and is tagged everywhere.
+    init_archs = [*config.train.architectures]
+    if config.candidates.two_stage and config.candidates.two_stage_arch not in init_archs:
+        init_archs.append(config.candidates.two_stage_arch)
+    inits = {arch: resolve_weights(arch, config.train.weights) for arch in init_archs}
+    timer = EtaTimer(_total_steps(config, n_folds))
     log.info(
-        "training %s on %d folds (up to %d epochs each) on %s; policy %s",
+        "training %s on %d folds (%s optimiser steps each) on %s; initialisation %s; policy %s",
         list(config.train.architectures),
         n_folds,
-        config.train.epochs,
+        {a: config.for_arch(a).train.steps for a in config.train.architectures},
         device,
+        {a: i.tag for a, i in inits.items()},
         policy.digest(),
     )
     runs: dict[str, Any] = {
@@ -116,6 +133,7 @@ def run_cross_validation(
         "candidates": {},
         # CPU milliseconds per tile of every model (fold 0's), batch candidates.latency_batch.
         "latency_ms": {},
+        "init": {arch: init.tag for arch, init in inits.items()},
     }
     # Checkpoints live outside the atomic output folder, which a killed run discards.
     out_dir = Path(out_dir)
@@ -130,15 +148,19 @@ def run_cross_validation(
                 sha256_file(Path(balance_dir) / "summary.json")
                 if (Path(balance_dir) / "summary.json").is_file()
                 else "",
+                json.dumps({a: i.tag for a, i in inits.items()}, sort_keys=True),
             ]
         ).encode()
     ).hexdigest()[:16]
     with atomic_dir(out_dir) as tmp:
-        save_resolved(config, tmp, TRAIN_SECTIONS)
+        save_resolved(config, tmp, (*TRAIN_SECTIONS, "baseline"))
+        runs["baseline"] = _cross_validate_baseline(
+            config, manifest, dataset_dir, folds, policy, Path(balance_dir), tmp / BASELINE, tags
+        )
         for arch in config.train.architectures:
             runs["architectures"][arch] = _cross_validate_arch(
                 arch,
-                config,
+                config.for_arch(arch),
                 manifest,
                 dataset_dir,
                 folds,
@@ -153,10 +175,11 @@ def run_cross_validation(
                 checkpoints / arch,
                 fingerprint,
                 runs,
+                inits[arch],
             )
         if config.candidates.two_stage:
             _cross_validate_two_stage(
-                config,
+                config.for_arch(config.candidates.two_stage_arch),
                 manifest,
                 dataset_dir,
                 folds,
@@ -169,11 +192,60 @@ def run_cross_validation(
                 runs,
                 checkpoints,
                 fingerprint,
+                inits[config.candidates.two_stage_arch],
             )
         write_json(tmp / RUNS_FILE, runs)
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("cross-validation finished in %.0fs", timer.elapsed)
     return runs
+
+
+def _cross_validate_baseline(
+    config: Config,
+    manifest: pd.DataFrame,
+    dataset_dir: Path,
+    folds: dict[str, Any],
+    policy: AugmentPolicy,
+    balance_dir: Path,
+    out_dir: Path,
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """Fit and score the colour-histogram baseline on every fold (real training tiles, the fold's stain target)."""
+    classes = config.data.classes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts: list[pd.DataFrame] = []
+    fold_f1: list[float] = []
+    with mlflow.start_run(
+        run_name=f"cv-{BASELINE}", tags={**tags, f"{TAG_PREFIX}stage": "train", f"{TAG_PREFIX}arch": BASELINE}
+    ) as run:
+        mlflow.log_params(
+            {**flatten_params(config, ("data", "preprocess", "augment", "baseline")), "arch": BASELINE}
+            | {f"baseline.{k}": v for k, v in describe_baseline(config.baseline, config.preprocess).items()}
+        )
+        for fold_info in folds["folds"]:
+            k = int(fold_info["fold"])
+            val_rows, train_table, _, _, stain = _fold_inputs(
+                config, manifest, dataset_dir, folds, policy, balance_dir, k
+            )
+            # Real tiles only: the networks' GAN tiles are there to balance a loss; a forest needs no such help.
+            real = train_table[~train_table["synthetic"]]
+            forest = HistogramForest(config.baseline, config.preprocess, classes, stain).fit(
+                list(real["file"]), label_indices(real["label"], classes)
+            )
+            logits = forest.logits(resolve_paths(val_rows, dataset_dir))
+            truth = label_indices(val_rows["label"], classes)
+            fold_f1.append(macro_f1(truth, logits.argmax(1)))
+            mlflow.log_metric("fold_macro_f1", fold_f1[-1], step=k)
+            parts.append(_oof_frame(val_rows, k, logits, classes))
+        oof = pd.concat(parts).sort_values("path").reset_index(drop=True)
+        oof.to_csv(out_dir / "oof.csv", index=False)
+        mlflow.log_artifact(str(out_dir / "oof.csv"))
+    log.info(
+        "baseline (colour-histogram random forest): per-fold macro-F1 %s, mean %.3f",
+        [round(f, 3) for f in fold_f1],
+        statistics.fmean(fold_f1),
+    )
+    return {"run_id": run.info.run_id, "fold_macro_f1": fold_f1}
 
 
 def _cross_validate_arch(
@@ -193,16 +265,20 @@ def _cross_validate_arch(
     checkpoints: Path,
     fingerprint: str,
     runs: dict[str, Any],
+    init: InitWeights,
 ) -> dict[str, Any]:
+    """Cross-validate one architecture; ``config`` is already ``config.for_arch(arch)``."""
     classes = config.data.classes
+    views = TestTimeViews.from_config(config.preprocess)
     candidate_parts: dict[str, list[pd.DataFrame]] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     n_folds = len(folds["folds"])
     oof_parts: list[pd.DataFrame] = []
     histories: dict[str, list[dict[str, float]]] = {}
     fold_runs: list[dict[str, Any]] = []
+    arch_tags = {**tags, f"{TAG_PREFIX}init": init.tag}
     with mlflow.start_run(
-        run_name=f"cv-{arch}", tags={**tags, "bonetumor.stage": "train", "bonetumor.arch": arch}
+        run_name=f"cv-{arch}", tags={**arch_tags, f"{TAG_PREFIX}stage": "train", f"{TAG_PREFIX}arch": arch}
     ) as parent:
         mlflow.log_params(
             {**flatten_params(config, TRAIN_SECTIONS), "arch": arch, "augment.policy_digest": policy.digest()}
@@ -225,9 +301,9 @@ def _cross_validate_arch(
             )
             val_set = eval_dataset(resolve_paths(val_rows, dataset_dir), list(val_rows["label"]), config, stain=stain)
             seed_everything(config.train.seed + k)
-            model = build_model(arch, len(classes), config.train.dropout, config.train.weights, config.train.trainable)
+            model = build_model(arch, len(classes), config.train.dropout, init, config.train.trainable)
             with mlflow.start_run(
-                run_name=f"cv-{arch}-fold{k}", nested=True, tags={**tags, "bonetumor.fold": str(k)}
+                run_name=f"cv-{arch}-fold{k}", nested=True, tags={**arch_tags, f"{TAG_PREFIX}fold": str(k)}
             ) as run:
                 mlflow.log_params(
                     {
@@ -239,28 +315,29 @@ def _cross_validate_arch(
                         "val_groups": ",".join(fold_info["val_groups"])[:6000],
                     }
                 )
-                # val_* metrics per epoch are the early-stopping set's; the fold's own validation tiles are
-                # predicted once, with the chosen epoch, and only scored (fold_* metrics, oof.csv).
+                # val_* metrics per evaluation are the early-stopping set's; the fold's own validation tiles are
+                # predicted once, with the chosen step, and only scored (fold_* metrics, oof.csv).
                 result = fit(
                     model,
                     train_set,
                     stop_set,
                     config.train,
                     device,
-                    config.train.epochs,
+                    config.train.steps,
                     name,
-                    log_epoch_metrics,
+                    log_step_metrics,
                     timer,
                     arch=arch,
                     checkpoint_dir=checkpoints / f"fold-{k}" if config.train.checkpoint else None,
                     fingerprint=f"{fingerprint}-{arch}-{k}",
+                    views=views,
                 )
-                logits = predict_logits(result.model, val_set, config.train, device)
-                best = result.history[result.best_epoch - 1]
+                logits = predict_logits(result.model, val_set, config.train, device, views)
+                best = next(h for h in result.history if h["step"] == result.best_step)
                 predictions = logits.argmax(1)
                 mlflow.log_metrics(
                     {
-                        "best_epoch": result.best_epoch,
+                        "best_step": result.best_step,
                         **{f"best_{k2}": v for k2, v in best.items() if k2.startswith("val_")},
                         "fold_accuracy": float(np.mean(predictions == np.array(val_set.labels))),
                         "fold_macro_f1": macro_f1(val_set.labels, predictions),
@@ -268,11 +345,13 @@ def _cross_validate_arch(
                 )
                 fold_oof = _oof_frame(val_rows, k, logits, classes)
                 if config.evaluate.gradcam_per_class:
-                    gallery = _gradcam(result.model, arch, fold_oof, config, stain, device, dataset_dir, out_dir, k)
+                    gallery = _gradcam(
+                        result.model, arch, fold_oof, config, stain, device, dataset_dir, out_dir, k, views
+                    )
                     mlflow.log_artifact(str(gallery), "gradcam")
                 if k == 0:
                     runs["latency_ms"][arch] = cpu_latency_ms(
-                        result.model, config.preprocess.image_size, config.candidates.latency_batch
+                        with_views(result.model, views), config.preprocess.tile_size, config.candidates.latency_batch
                     )
                 extra = _fold_candidates(
                     arch,
@@ -290,6 +369,7 @@ def _cross_validate_arch(
                     timer,
                     k,
                     runs["latency_ms"],
+                    views,
                 )
                 for candidate, candidate_logits in extra.items():
                     candidate_parts.setdefault(candidate, []).append(_oof_frame(val_rows, k, candidate_logits, classes))
@@ -300,9 +380,9 @@ def _cross_validate_arch(
                 {
                     "fold": k,
                     "run_id": run.info.run_id,
-                    "best_epoch": result.best_epoch,
+                    "best_step": result.best_step,
                     "stopped_early": result.stopped_early,
-                    "resumed_epochs": result.resumed_from,
+                    "resumed_steps": result.resumed_from,
                     "stain": None if stain is None else stain.to_dict(),
                 }
             )
@@ -316,9 +396,9 @@ def _cross_validate_arch(
         mlflow.log_artifact(str(out_dir / "oof.csv"))
         if (out_dir / "gradcam").is_dir():
             mlflow.log_artifacts(str(out_dir / "gradcam"), "gradcam")
-        best_epochs = [f["best_epoch"] for f in fold_runs]
-        refit_epochs = max(1, math.ceil(statistics.median(best_epochs)))
-        mlflow.log_metric("refit_epochs", refit_epochs)
+        best_steps = [f["best_step"] for f in fold_runs]
+        refit_steps = max(1, math.ceil(statistics.median(best_steps)))
+        mlflow.log_metric("refit_steps", refit_steps)
         for candidate, parts in candidate_parts.items():
             path = out_dir.parent / candidate / "oof.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,16 +406,16 @@ def _cross_validate_arch(
             mlflow.log_artifact(str(path), f"candidates/{candidate}")
             kind = PRUNED if candidate == candidate_name(PRUNED, arch) else INT8
             runs["candidates"][candidate] = {"base": arch, "kind": kind, "run_id": parent.info.run_id}
-    return {"run_id": parent.info.run_id, "folds": fold_runs, "refit_epochs": refit_epochs}
+    return {"run_id": parent.info.run_id, "folds": fold_runs, "refit_steps": refit_steps, "init": init.tag}
 
 
-def _total_epochs(config: Config, n_folds: int) -> int:
-    """Epochs the train stage will run, for the ETA: architectures, then candidates."""
-    total = len(config.train.architectures) * n_folds * config.train.epochs
+def _total_steps(config: Config, n_folds: int) -> int:
+    """Optimiser steps the train stage will run (at most), for the ETA: architectures, then candidates."""
+    total = sum(n_folds * config.for_arch(arch).train.steps for arch in config.train.architectures)
     if config.candidates.two_stage:
-        total += 2 * n_folds * config.train.epochs
+        total += 2 * n_folds * config.for_arch(config.candidates.two_stage_arch).train.steps
     if config.candidates.pruned_vgg19 and "vgg19" in config.train.architectures:
-        total += n_folds * config.candidates.prune_finetune_epochs
+        total += n_folds * config.candidates.prune_finetune_steps
     return total
 
 
@@ -355,28 +435,31 @@ def _fold_candidates(
     timer: EtaTimer,
     fold: int,
     latency: dict[str, float],
+    views: TestTimeViews,
 ) -> dict[str, np.ndarray]:
     """Build and score the candidates derived from one fold's trained model: pruned VGG19 and INT8 ONNX.
 
     Returns:
-        Candidate name to the fold's validation logits.
+        Candidate name to the fold's validation logits (through the test-time views, like the model's own).
     """
     out: dict[str, np.ndarray] = {}
-    size, batch = config.preprocess.image_size, config.candidates.latency_batch
+    size, batch = config.preprocess.tile_size, config.candidates.latency_batch
     if config.candidates.pruned_vgg19 and arch == "vgg19":
         pruned_name = candidate_name(PRUNED, arch)
-        pruned, summary = fit_pruned_vgg(model, arch, train_set, stop_set, config, device, f"{name} pruned", timer)
-        out[pruned_name] = predict_logits(pruned, val_set, config.train, device)
+        pruned, summary = fit_pruned_vgg(
+            model, arch, train_set, stop_set, config, device, f"{name} pruned", timer, views=views
+        )
+        out[pruned_name] = predict_logits(pruned, val_set, config.train, device, views)
         mlflow.log_metrics({"pruned_params_ratio": summary.params_ratio, "pruned_macs_ratio": summary.macs_ratio})
         if fold == 0:
-            latency[pruned_name] = cpu_latency_ms(pruned, size, batch)
+            latency[pruned_name] = cpu_latency_ms(with_views(pruned, views), size, batch)
     if config.candidates.int8:
         int8_name = candidate_name(INT8, arch)
         calibration = select_calibration_files(train_table, config.candidates.calibration_tiles, seed=config.train.seed)
         # The ONNX files are rebuilt from the fold model on demand; keeping ~100 MB per fold would only fill disks.
         with tempfile.TemporaryDirectory(prefix="bonetumor-int8-") as scratch:
             classifier, quantized = int8_classifier(
-                model,
+                with_views(model, views),
                 config.preprocess,
                 stain,
                 calibration,
@@ -406,6 +489,7 @@ def _cross_validate_two_stage(
     runs: dict[str, Any],
     checkpoints: Path,
     fingerprint: str,
+    init: InitWeights,
 ) -> None:
     """Cross-validate the paper's two-stage classifier on the same folds, with the same stain and augmentation.
 
@@ -416,10 +500,12 @@ def _cross_validate_two_stage(
     arch = config.candidates.two_stage_arch
     name = candidate_name(TWO_STAGE, arch)
     classes = config.data.classes
+    views = TestTimeViews.from_config(config.preprocess)
     n_folds = len(folds["folds"])
     parts: list[pd.DataFrame] = []
+    stage_tags = {**tags, f"{TAG_PREFIX}init": init.tag}
     with mlflow.start_run(
-        run_name=f"cv-{name}", tags={**tags, "bonetumor.stage": "train", "bonetumor.arch": name}
+        run_name=f"cv-{name}", tags={**stage_tags, f"{TAG_PREFIX}stage": "train", f"{TAG_PREFIX}arch": name}
     ) as parent:
         mlflow.log_params({**flatten_params(config, (*TRAIN_SECTIONS, "candidates")), "arch": name})
         for fold_info in folds["folds"]:
@@ -427,7 +513,9 @@ def _cross_validate_two_stage(
             val_rows, _, fit_table, stop_rows, stain = _fold_inputs(
                 config, manifest, dataset_dir, folds, policy, balance_dir, k
             )
-            with mlflow.start_run(run_name=f"cv-{name}-fold{k}", nested=True, tags={**tags, "bonetumor.fold": str(k)}):
+            with mlflow.start_run(
+                run_name=f"cv-{name}-fold{k}", nested=True, tags={**stage_tags, f"{TAG_PREFIX}fold": str(k)}
+            ):
                 try:
                     model = fit_two_stage(
                         arch,
@@ -440,9 +528,10 @@ def _cross_validate_two_stage(
                         f"{name} fold {k + 1}/{n_folds}",
                         timer,
                         seed=config.train.seed + k,
-                        on_epoch=log_epoch_metrics,
+                        on_eval=log_step_metrics,
                         checkpoint_dir=checkpoints / name / f"fold-{k}" if config.train.checkpoint else None,
                         fingerprint=f"{fingerprint}-{name}-{k}",
+                        init=init,
                     )
                 except DatasetError as exc:
                     log.warning("%s left out: fold %d: %s", name, k, exc)
@@ -452,11 +541,11 @@ def _cross_validate_two_stage(
                 val_set = eval_dataset(
                     resolve_paths(val_rows, dataset_dir), list(val_rows["label"]), config, stain=stain
                 )
-                logits = predict_logits(model, val_set, config.train, device)
+                logits = predict_logits(model, val_set, config.train, device, views)
                 mlflow.log_metric("fold_macro_f1", macro_f1(val_set.labels, logits.argmax(1)))
                 if k == 0:
                     runs["latency_ms"][name] = cpu_latency_ms(
-                        model, config.preprocess.image_size, config.candidates.latency_batch
+                        with_views(model, views), config.preprocess.tile_size, config.candidates.latency_batch
                     )
             parts.append(_oof_frame(val_rows, k, logits, classes))
         path = out_root / name / "oof.csv"
@@ -510,8 +599,9 @@ def _gradcam(
     dataset_dir: Path,
     out_dir: Path,
     fold: int,
+    views: TestTimeViews,
 ) -> Path:
-    """Draw Grad-CAM on a few of the fold's validation tiles per class, with the fold's own model."""
+    """Draw Grad-CAM on a few of the fold's validation tiles per class, with the fold's own model and views."""
     chosen = select_gallery_tiles(fold_oof, config.evaluate.gradcam_per_class, seed=config.train.seed + fold)
     (out_dir / "gradcam").mkdir(parents=True, exist_ok=True)
     return gradcam_gallery(
@@ -523,7 +613,8 @@ def _gradcam(
         build_eval_transform(config.preprocess, stain=stain),
         out_dir / "gradcam" / f"fold-{fold}.png",
         device=str(device),
-        title=f"{arch} fold {fold}: Grad-CAM on validation tiles (final conv block)",
+        title=f"{arch} fold {fold}: Grad-CAM on validation tiles (final conv block, mean over {views.count} views)",
+        views=views,
     )
 
 
@@ -562,32 +653,38 @@ def _oof_frame(val_rows: pd.DataFrame, fold: int, logits: np.ndarray, classes: S
 def refit(
     config: Config,
     arch: str,
-    epochs: int,
+    steps: int,
     balance_dir: str | Path,
     dataset_dir: str | Path,
     policy: AugmentPolicy,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
     stain: StainNormalizer | None = None,
     checkpoint_dir: Path | None = None,
     fingerprint: str = "",
+    init: InitWeights | None = None,
 ) -> FitResult:
-    """Train ``arch`` on every training tile (the balanced ``full`` set) for a fixed number of epochs.
+    """Train ``arch`` on every training tile (the balanced ``full`` set) for a fixed number of optimiser steps.
 
-    ``stain`` is the normaliser fitted on those tiles; the served model carries the same one. With a
-    ``checkpoint_dir`` (and ``train.checkpoint``), a killed refit resumes from its last epoch.
+    ``config`` is the architecture's (``config.for_arch(arch)``). ``stain`` is the normaliser fitted on those tiles;
+    the served model carries the same one. With a ``checkpoint_dir`` (and ``train.checkpoint``), a killed refit
+    resumes from its last checkpoint. ``init`` is where its weights start (resolved from ``train.weights`` when
+    None).
 
-    The cosine schedule spans ``train.epochs`` as in the folds, so epoch ``e`` of the refit uses the learning
-    rate epoch ``e`` of a fold used. (With ``scheduler: plateau`` there is no validation set to react to, so the
-    refit keeps the initial rate.)
+    The schedule spans ``train.steps`` as in the folds, so step ``s`` of the refit uses the learning rate step
+    ``s`` of a fold used, and it stops at the folds' median best step.
     """
     device = select_device(config.train.device)
     table = load_training_table(balance_dir, "full", dataset_dir)
     train_set = training_dataset(table, config, policy, stain=stain)
     seed_everything(config.train.seed)
     model = build_model(
-        arch, len(config.data.classes), config.train.dropout, config.train.weights, config.train.trainable
+        arch,
+        len(config.data.classes),
+        config.train.dropout,
+        init if init is not None else config.train.weights,
+        config.train.trainable,
     )
-    timer = EtaTimer(epochs)
+    timer = EtaTimer(steps)
     name = f"{arch} refit on all tiles"
     return fit(
         model,
@@ -595,11 +692,11 @@ def refit(
         None,
         config.train,
         device,
-        epochs,
+        steps,
         name,
-        on_epoch,
+        on_eval,
         timer,
-        config.train.epochs,
+        config.train.steps,
         arch=arch,
         checkpoint_dir=checkpoint_dir if config.train.checkpoint else None,
         fingerprint=fingerprint,
