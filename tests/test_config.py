@@ -15,11 +15,47 @@ def test_params_yaml_mirrors_the_dataclass_defaults() -> None:
 
 def test_unknown_field_and_out_of_range_value_are_both_named() -> None:
     with pytest.raises(ConfigError) as info:
-        Config.from_dict({"train": {"epochs": 0, "epochz": 3}}, source="params.yaml")
+        Config.from_dict({"train": {"steps": 0, "stepz": 3}}, source="params.yaml")
     message = str(info.value)
     assert "params.yaml" in message
-    assert "train.epochs" in message
-    assert "train.epochz" in message
+    assert "train.steps" in message
+    assert "train.stepz" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "hint"),
+    [
+        ({"train": {"epochs": 6}}, r"train\.epochs: replaced by steps"),
+        ({"train": {"head_epochs": 2}}, r"train\.head_epochs: replaced by head_steps"),
+        ({"preprocess": {"image_size": 128}}, r"preprocess\.image_size: replaced by tile_size .* and input_size"),
+        ({"candidates": {"prune_finetune_epochs": 2}}, r"prune_finetune_steps"),
+    ],
+)
+def test_settings_of_an_older_params_yaml_say_what_replaced_them(raw: dict[str, dict[str, object]], hint: str) -> None:
+    with pytest.raises(ConfigError, match=hint):
+        Config.from_dict(raw, source="params.yaml")
+
+
+def test_per_arch_overrides_apply_to_that_architecture_only() -> None:
+    config = Config.from_dict({"train": {"lr": 0.002, "per_arch": {"vgg19": {"lr": 0.0005, "input_size": 32}}}})
+    vgg = config.for_arch("vgg19")
+    assert (vgg.train.lr, vgg.preprocess.input_size) == (0.0005, 32)
+    assert vgg.preprocess.tile_size == config.preprocess.tile_size
+    assert config.for_arch("resnet50") is config
+
+
+@pytest.mark.parametrize(
+    ("per_arch", "message"),
+    [
+        ({"alexnet": {"lr": 0.1}}, r"per_arch: unknown architecture 'alexnet'"),
+        ({"vgg19": {"optimizer": "sgd"}}, r"per_arch\.vgg19: unknown setting\(s\) \['optimizer'\]"),
+        ({"vgg19": {"lr": -1}}, r"train\.per_arch\.vgg19: lr: .*greater than 0"),
+        ({"vgg19": {"input_size": 512}}, r"train\.per_arch\.vgg19: .*input_size=512 is larger than tile_size"),
+    ],
+)
+def test_per_arch_mistakes_are_named_at_load_time(per_arch: dict[str, dict[str, object]], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({"train": {"per_arch": per_arch}})
 
 
 def test_unknown_section_lists_the_expected_sections() -> None:
@@ -62,7 +98,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 def test_section_hash_changes_only_with_its_sections() -> None:
     base = Config()
-    changed = Config.from_dict({"train": {"epochs": 2}})
+    changed = Config.from_dict({"train": {"steps": 2}})
     assert base.section_hash("split") == changed.section_hash("split")
     assert base.section_hash("train") != changed.section_hash("train")
 
@@ -71,7 +107,10 @@ def test_section_hash_changes_only_with_its_sections() -> None:
     ("raw", "field"),
     [
         ({"balance": {"batch_size": 1}}, "balance.batch_size"),  # the generator's batch norm needs 2
-        ({"preprocess": {"image_size": 16}}, "preprocess.image_size"),  # VGG19 pools 5 times
+        ({"preprocess": {"input_size": 16}}, "preprocess.input_size"),  # VGG19 pools 5 times
+        ({"preprocess": {"tile_size": 64, "input_size": 96}}, "input_size=96 is larger than tile_size=64"),
+        ({"train": {"batch_size": 1}}, "train.batch_size"),  # batch norm needs 2
+        ({"referral": {"confidence": 0.2}}, "referral.confidence"),
         ({"train": {"inner_val_fraction": 0.8}}, "train.inner_val_fraction"),
     ],
 )

@@ -14,24 +14,28 @@ import pytest
 import torch
 from conftest import CLASS_COLOURS, CLASSES, write_tile
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 from torchvision import models as tvm
 
 from bonetumor.augment import AugmentPolicy
-from bonetumor.config import Config, TrainConfig
+from bonetumor.config import AugmentConfig, Config, TrainConfig
 from bonetumor.datasets import TileDataset
 from bonetumor.engine import (
     FitResult,
+    StepBatchSampler,
     channels_last_enabled,
     checkpoint_path,
     class_weights,
     clear_checkpoint,
     fit,
+    lr_multiplier,
     predict_logits,
     training_dataset,
 )
 from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.models import ARCHITECTURES, ArchSpec
+from bonetumor.tta import TestTimeViews
 
 CPU = torch.device("cpu")
 ARCH = "tiny"
@@ -99,14 +103,14 @@ def _tensors(n: int = 24, size: int = 16, seed: int = 0, labels: list[int] | Non
 
 @pytest.fixture
 def augmented_tiles(tmp_path: Path) -> TileDataset:
-    """Twelve 32 px JPEG tiles through the real augmenting training transform (rotation, flips, zoom)."""
+    """Twelve 32 px JPEG tiles through the real augmenting training transform (24 px crops, flips, rotations)."""
     files, labels = [], []
     for c, label in enumerate(CLASSES):
         for t in range(4):
             files.append(write_tile(tmp_path / "tiles" / f"{c}-{t}.jpg", CLASS_COLOURS[label], 32, seed=10 * c + t))
             labels.append(label)
-    config = Config.from_dict({"preprocess": {"image_size": 32}})
-    policy = AugmentPolicy(rotation_degrees=90, hflip_p=0.5, vflip_p=0.5, zoom_max=1.25)
+    config = Config.from_dict({"preprocess": {"tile_size": 32, "input_size": 32}})
+    policy = AugmentPolicy.from_config(AugmentConfig(color_jitter=0.0, hed_jitter=0.0, stain_normalization="none"))
     return training_dataset(pd.DataFrame({"file": files, "label": labels}), config, policy)
 
 
@@ -116,7 +120,11 @@ def _config(**overrides: Any) -> TrainConfig:
         "weights": "pretrained.pt",  # two-phase needs "pretrained" weights; fit itself never reads them
         "batch_size": 8,
         "lr": 1e-2,
-        "epochs": 4,
+        "steps": 4,
+        "eval_every": 1,
+        "scheduler": "constant",
+        "warmup_fraction": 0.0,
+        "label_smoothing": 0.0,
         "patience": 10,
         "progress": False,
         "channels_last": "off",
@@ -142,16 +150,48 @@ def _without_seconds(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
+def test_the_batches_of_a_step_depend_only_on_the_seed_and_the_step() -> None:
+    sampler = StepBatchSampler(n=5, batch_size=4, steps=6, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6
+    assert all(len(b) == 4 for b in batches)  # always full, running into the next shuffle
+    stream = [i for b in batches for i in b]
+    # Consecutive passes are permutations of the 5 tiles: every tile once per pass.
+    assert all(sorted(stream[p * 5 : p * 5 + 5]) == list(range(5)) for p in range(4))
+    assert stream[:5] != stream[5:10]  # a new shuffle each pass
+    resumed = StepBatchSampler(n=5, batch_size=4, steps=6, seed=1, start=3)
+    assert list(resumed) == batches[3:]
+    assert list(StepBatchSampler(5, 4, 6, seed=2)) != batches
+    with pytest.raises(DatasetError, match="empty"):
+        StepBatchSampler(0, 4, 6, seed=1)
+
+
+def test_one_cycle_warms_up_from_a_25th_and_anneals_towards_zero() -> None:
+    total, warmup = 100, 20
+    rates = [lr_multiplier(done, total, warmup, "onecycle") for done in range(total)]
+    assert rates[0] == pytest.approx(1 / 25)
+    assert max(rates) == pytest.approx(1.0)
+    assert rates.index(max(rates)) == warmup
+    assert rates[-1] < 1e-3
+    assert all(a <= b for a, b in zip(rates[:warmup], rates[1 : warmup + 1], strict=True))  # rising
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1 :], strict=False))  # then falling
+    cosine = [lr_multiplier(done, 10, 2, "cosine") for done in range(10)]
+    assert cosine[:2] == pytest.approx([1 / 3, 2 / 3])  # linear warm-up
+    assert cosine[2] == pytest.approx(1.0)
+    assert [lr_multiplier(d, 10, 0, "constant") for d in range(3)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match="scheduler"):
+        lr_multiplier(0, 10, 0, "plateau")
+
+
 @pytest.mark.parametrize("trainable", ["all", "top"])
 def test_two_phase_trains_the_head_first_then_unfreezes_at_the_lower_rate(trainable: str) -> None:
-    config = _config(head_epochs=2, epochs=4, trainable=trainable, scheduler="cosine", finetune_lr_factor=0.1)
+    config = _config(head_steps=2, steps=4, trainable=trainable, scheduler="cosine", finetune_lr_factor=0.1)
     model = _tiny()
     start = {"features": _snapshot(model.features), "top": _snapshot(model.top), "head": _snapshot(model.head)}
     after: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
     def record(stats: dict[str, float]) -> None:
-        epoch = int(stats["epoch"])
-        after[epoch] = {
+        after[int(stats["step"])] = {
             "features": _snapshot(model.features),
             "top": _snapshot(model.top),
             "head": _snapshot(model.head),
@@ -159,14 +199,14 @@ def test_two_phase_trains_the_head_first_then_unfreezes_at_the_lower_rate(traina
 
     result = fit(model, _tensors(), None, config, CPU, 4, "two-phase", record, arch=ARCH)
 
-    for epoch in (1, 2):  # head phase: the backbone is untouched, BatchNorm running statistics included
-        assert _same(after[epoch]["features"], start["features"])
-        assert _same(after[epoch]["top"], start["top"])
-        assert not _same(after[epoch]["head"], start["head"])
+    for step in (1, 2):  # head phase: the backbone is untouched, BatchNorm running statistics included
+        assert _same(after[step]["features"], start["features"])
+        assert _same(after[step]["top"], start["top"])
+        assert not _same(after[step]["head"], start["head"])
     assert not _same(after[4]["top"], after[2]["top"])
     assert _same(after[4]["features"], start["features"]) == (trainable == "top")
-    # Cosine: constant through the head phase, then annealed over the 2 fine-tuning epochs; backbone at 0.1x.
-    multipliers = [1.0, 1.0, 1.0, 0.5]
+    # Cosine without warm-up over the 4 steps, the rate each step was taken at; backbone at 0.1x.
+    multipliers = [(1 + math.cos(math.pi * done / 4)) / 2 for done in range(4)]
     assert [h["lr"] for h in result.history] == pytest.approx([1e-2 * m for m in multipliers])
     assert [h["lr_backbone"] for h in result.history] == pytest.approx([1e-3 * m for m in multipliers])
     # Afterwards the model is frozen as `trainable` says, like a model built with it.
@@ -174,27 +214,38 @@ def test_two_phase_trains_the_head_first_then_unfreezes_at_the_lower_rate(traina
     assert all(p.requires_grad for p in model.features.parameters()) == (trainable == "all")
 
 
-def test_refit_of_a_two_phase_recipe_follows_the_folds_schedule() -> None:
-    config = _config(head_epochs=1, epochs=5, scheduler="cosine")
-    result = fit(_tiny(), _tensors(n=6), None, config, CPU, 3, "refit", arch=ARCH, schedule_epochs=5)
-    # Fine-tuning spans 4 epochs of the 5-epoch recipe, so epoch 3 (2nd fine-tuning epoch) anneals by cos(pi/4).
-    assert [h["lr"] for h in result.history] == pytest.approx([1e-2, 1e-2, 1e-2 * (1 + math.cos(math.pi / 4)) / 2])
+def test_refit_follows_the_folds_schedule() -> None:
+    config = _config(steps=5, scheduler="cosine")
+    result = fit(_tiny(), _tensors(n=6), None, config, CPU, 3, "refit", arch=ARCH, schedule_steps=5)
+    # Three steps of the 5-step schedule: the rates a fold took its first three steps at.
+    assert [h["lr"] for h in result.history] == pytest.approx(
+        [1e-2 * (1 + math.cos(math.pi * done / 5)) / 2 for done in range(3)]
+    )
 
 
 def test_early_stopping_waits_for_the_fine_tuning_phase() -> None:
     data = _tensors(n=6, labels=[0, 1, 2, 0, 1, 2])
-    config = _config(head_epochs=3, epochs=7, patience=2, batch_size=6, scheduler="none")
+    config = _config(head_steps=3, steps=7, patience=2, batch_size=6)
     result = fit(ConstantLogits(), data, data, config, CPU, 7, "patience", arch="constant")
-    # Nothing ever improves after epoch 1. Patience 2 would stop after epoch 3, but that is still the head phase;
-    # patience then counts fine-tuning epochs only (4 and 5), not the stale head-phase epochs before them.
-    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    # Nothing ever improves after step 1. Patience 2 would stop after step 3, but that is still the head phase;
+    # patience then counts fine-tuning evaluations only (4 and 5), not the stale head-phase ones before them.
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
     assert result.stopped_early
-    assert result.best_epoch == 1
+    assert result.best_step == 1
+
+
+def test_early_stopping_never_stops_during_the_warm_up() -> None:
+    data = _tensors(n=6, labels=[0, 1, 2, 0, 1, 2])
+    config = _config(steps=8, patience=1, batch_size=6, warmup_fraction=0.5, eval_every=2)
+    result = fit(ConstantLogits(), data, data, config, CPU, 8, "warm-up", arch="constant")
+    # Warm-up is 4 steps: the stale evaluation at step 2 and 4 cannot stop it; the one at step 6 does.
+    assert [h["step"] for h in result.history] == [2, 4, 6]
+    assert result.stopped_early
 
 
 def test_two_phase_needs_the_architecture() -> None:
     with pytest.raises(ConfigError, match="arch="):
-        fit(_tiny(), _tensors(n=6), None, _config(head_epochs=1), CPU, 2, "no arch")
+        fit(_tiny(), _tensors(n=6), None, _config(head_steps=1), CPU, 2, "no arch")
 
 
 def test_class_weights_are_normalised_inverse_frequencies() -> None:
@@ -221,10 +272,42 @@ def test_class_weighted_loss_weights_the_training_loss_but_not_the_validation_lo
     weighted = float(nn.functional.cross_entropy(logits, y, weight=class_weights(labels, 3)))
     plain = float(nn.functional.cross_entropy(logits, y))
     assert weighted != pytest.approx(plain, rel=1e-3)
-    config = _config(class_weighted_loss=True, batch_size=6, lr=1e-9, scheduler="none")
+    config = _config(class_weighted_loss=True, batch_size=6, lr=1e-9)
     result = fit(model, data, data, config, CPU, 1, "weighted")
     assert result.history[0]["train_loss"] == pytest.approx(weighted, rel=1e-5)
     assert result.history[0]["val_loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_label_smoothing_smooths_the_training_loss_only() -> None:
+    labels = [0, 1, 2, 0, 1, 2]
+    data = _tensors(labels=labels)
+    model = ConstantLogits()
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
+    logits, y = model(data.tensors[0]).detach(), torch.tensor(labels)
+    smoothed = float(nn.functional.cross_entropy(logits, y, label_smoothing=0.2))
+    result = fit(model, data, data, _config(label_smoothing=0.2, batch_size=6, lr=1e-9), CPU, 1, "smooth")
+    assert result.history[0]["train_loss"] == pytest.approx(smoothed, rel=1e-5)
+    assert result.history[0]["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_grad_clip_bounds_the_gradient_norm_of_every_step() -> None:
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        fit(_tiny(), _tensors(n=8), None, _config(steps=3, lr=1e-2), CPU, 3, "free")
+        free = list(norms)
+        norms.clear()
+        fit(_tiny(), _tensors(n=8), None, _config(steps=3, lr=1e-2, grad_clip=0.05), CPU, 3, "clipped")
+    finally:
+        handle.remove()
+    assert min(free) > 0.05  # the tiny net's gradients are larger than the clip ...
+    assert norms == pytest.approx([0.05] * 3, rel=1e-4)  # ... and clipping scales each step's down to it
 
 
 def test_channels_last_trains_in_nhwc_and_predicts_like_nchw() -> None:
@@ -244,12 +327,26 @@ def test_channels_last_trains_in_nhwc_and_predicts_like_nchw() -> None:
     nhwc_model = results["on"].model
     assert next(nhwc_model.parameters()).is_contiguous()  # saved weights are back in the usual layout
     nhwc, nchw = (predict_logits(results[s].model, data, _config(), CPU) for s in ("on", "off"))
-    # Six Adam steps in either layout end at nearly the same weights (summation order differs, nothing else).
+    # Two AdamW steps in either layout end at nearly the same weights (summation order differs, nothing else).
     np.testing.assert_allclose(nhwc, nchw, atol=5e-3)
     assert (nhwc.argmax(1) == nchw.argmax(1)).mean() >= 0.9
     # And one set of weights predicts the same in both layouts.
     nhwc_model.to(memory_format=torch.channels_last)
     np.testing.assert_allclose(predict_logits(nhwc_model, data, _config(), CPU), nhwc, rtol=1e-5, atol=1e-5)
+
+
+def test_predictions_with_views_average_the_views_log_probabilities() -> None:
+    data = _tensors(n=5, size=20)
+    model = _tiny().eval()
+    views = TestTimeViews(tile_size=20, input_size=16, crops=5, flips=True)
+    got = predict_logits(model, data, _config(), CPU, views)
+    x = data.tensors[0]
+    with torch.no_grad():
+        manual = []
+        for top, left in [(2, 2), (0, 0), (0, 4), (4, 0), (4, 4)]:
+            crop = x[:, :, top : top + 16, left : left + 16]
+            manual += [torch.log_softmax(model(crop), 1), torch.log_softmax(model(torch.flip(crop, dims=[3])), 1)]
+    np.testing.assert_allclose(got, torch.stack(manual).mean(0).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_channels_last_settings() -> None:
@@ -266,11 +363,11 @@ def test_channels_last_settings() -> None:
 def test_the_same_seed_repeats_weights_and_history_exactly(augmented_tiles: TileDataset) -> None:
     runs = []
     for _ in range(2):
-        config = _config(head_epochs=1, epochs=3, class_weighted_loss=True)
+        config = _config(head_steps=1, steps=3, class_weighted_loss=True, label_smoothing=0.1)
         runs.append(fit(_tiny(seed=5), augmented_tiles, None, config, CPU, 3, "repeat", arch=ARCH))
     assert _without_seconds(runs[0].history) == _without_seconds(runs[1].history)
     assert _same(runs[0].model.state_dict(), runs[1].model.state_dict())
-    other = fit(_tiny(seed=5), augmented_tiles, None, _config(head_epochs=1, epochs=3, seed=4), CPU, 3, "s", arch=ARCH)
+    other = fit(_tiny(seed=5), augmented_tiles, None, _config(head_steps=1, steps=3, seed=4), CPU, 3, "s", arch=ARCH)
     assert not _same(runs[0].model.state_dict(), other.model.state_dict())  # the seed does matter
 
 
@@ -278,15 +375,23 @@ class Interrupted(KeyboardInterrupt):
     """Stands in for Ctrl-C or a killed job."""
 
 
-def _interrupt_after(epoch: int) -> Callable[[dict[str, float]], None]:
+def _interrupt_after(step: int) -> Callable[[dict[str, float]], None]:
     def callback(stats: dict[str, float]) -> None:
-        if stats["epoch"] == epoch:
+        if stats["step"] == step:
             raise Interrupted
 
     return callback
 
 
-RESUME_RECIPE = {"head_epochs": 1, "epochs": 4, "class_weighted_loss": True, "channels_last": "on"}
+RESUME_RECIPE = {
+    "head_steps": 1,
+    "steps": 4,
+    "class_weighted_loss": True,
+    "channels_last": "on",
+    "scheduler": "onecycle",
+    "warmup_fraction": 0.25,
+    "label_smoothing": 0.1,
+}
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
@@ -322,16 +427,16 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
         CPU,
         4,
         "resumed",
-        lambda s: seen.append(int(s["epoch"])),
+        lambda s: seen.append(int(s["step"])),
         arch=ARCH,
         checkpoint_dir=ckpt,
         fingerprint="data-v1",
     )
 
     assert resumed.resumed_from == 2
-    assert seen == [1, 2, 3, 4]  # restored epochs are replayed to the callback, then the new ones
+    assert seen == [1, 2, 3, 4]  # restored evaluations are replayed to the callback, then the new ones
     assert _without_seconds(resumed.history) == _without_seconds(reference.history)
-    assert resumed.best_epoch == reference.best_epoch
+    assert resumed.best_step == reference.best_step
     assert _same(resumed.model.state_dict(), reference.model.state_dict())
 
     # A finished checkpoint is not trained again; clear_checkpoint removes it once the caller has the result.
@@ -356,7 +461,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
 def test_a_checkpoint_of_other_data_is_ignored_and_overwritten(
     augmented_tiles: TileDataset, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = _config(**{**RESUME_RECIPE, "epochs": 3})
+    config = _config(**{**RESUME_RECIPE, "steps": 3})
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupted):
         fit(
@@ -389,7 +494,7 @@ def test_a_checkpoint_of_other_data_is_ignored_and_overwritten(
         _tiny(),
         augmented_tiles,
         None,
-        _config(**{**RESUME_RECIPE, "epochs": 3, "lr": 5e-3}),
+        _config(**{**RESUME_RECIPE, "steps": 3, "lr": 5e-3}),
         CPU,
         3,
         "changed",
@@ -400,9 +505,9 @@ def test_a_checkpoint_of_other_data_is_ignored_and_overwritten(
     assert changed.resumed_from == 0
 
 
-def test_progress_bar_shows_the_name_epoch_and_loss(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_shows_the_name_step_and_loss(capsys: pytest.CaptureFixture[str]) -> None:
     fit(_tiny(), _tensors(n=16), None, _config(progress=True), CPU, 2, "tiny fold 1/3", arch=ARCH)
     err = capsys.readouterr().err
     assert "tiny fold 1/3" in err
-    assert "epoch 2/2" in err
+    assert "step 2/2" in err
     assert "loss " in err

@@ -54,7 +54,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_eval_transform_resizes_and_normalises_exactly() -> None:
-    config = PreprocessConfig(image_size=40, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    config = PreprocessConfig(tile_size=40, input_size=32, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
     # Pixel values chosen so that (value/255 - mean) / std is exactly 1, 1 and 0.2.
     image = Image.new("RGB", (100, 60), (255, 128, 51))
     tensor = build_eval_transform(config)(image)
@@ -76,7 +76,7 @@ def test_inspect_reports_mode_without_converting(tmp_path: Path) -> None:
 
 
 def test_a_non_square_tile_is_centre_cropped_not_squashed() -> None:
-    config = PreprocessConfig(image_size=32)
+    config = PreprocessConfig(tile_size=32, input_size=32)
     wide = Image.effect_noise((128, 64), 50).convert("RGB")
     centre = wide.crop((32, 0, 96, 64))
     transform = build_eval_transform(config)

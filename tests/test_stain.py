@@ -244,7 +244,7 @@ def test_a_normaliser_file_that_is_not_a_mapping_is_rejected(tmp_path: Path) -> 
 
 
 def test_eval_transform_applies_the_normaliser_before_the_shared_tail() -> None:
-    config = PreprocessConfig(image_size=32)
+    config = PreprocessConfig(tile_size=32, input_size=32)
     normaliser = fit_stain_normalizer("macenko", [he_tile(48, 0.08, 0.05, seed=2)])
     assert normaliser is not None
     tile = he_tile(48, 0.03, 0.03, seed=1)

@@ -17,6 +17,7 @@ from bonetumor.manifest import resolve_paths
 from bonetumor.models import build_model
 from bonetumor.split import make_folds
 from bonetumor.train import early_stopping_split
+from bonetumor.tta import TestTimeViews
 
 
 def test_known_answer_the_loop_learns_a_clear_class_signal(make_dataset: DatasetFactory, tmp_path: Path) -> None:
@@ -27,23 +28,25 @@ def test_known_answer_the_loop_learns_a_clear_class_signal(make_dataset: Dataset
     train_rows, val_rows = split_tables(manifest, folds, 0)
     config = Config.from_dict(
         {
-            "preprocess": {"image_size": 32},
-            "train": {"architectures": ["resnet50"], "epochs": 8, "lr": 1e-3, "batch_size": 8, "patience": 8},
+            "preprocess": {"tile_size": 40, "input_size": 32},
+            "train": {"architectures": ["resnet50"], "steps": 40, "eval_every": 10, "batch_size": 8, "patience": 8},
         }
     )
-    policy = AugmentPolicy(rotation_degrees=90, hflip_p=0.5, vflip_p=0.5, zoom_max=1.25)
+    policy = AugmentPolicy.from_config(config.augment)
     train_set = training_dataset(
         train_rows.assign(file=list(map(str, resolve_paths(train_rows, tmp_path)))), config, policy
     )
     val_set = eval_dataset(resolve_paths(val_rows, tmp_path), list(val_rows["label"]), config)
+    views = TestTimeViews.from_config(config.preprocess)
     torch.manual_seed(0)
     model = build_model("resnet50", 3, dropout=0.2)
-    result = fit(model, train_set, val_set, config.train, torch.device("cpu"), 8, "known-answer")
+    result = fit(model, train_set, val_set, config.train, torch.device("cpu"), 40, "known-answer", views=views)
 
-    predictions = predict_logits(result.model, val_set, config.train, torch.device("cpu")).argmax(1)
+    predictions = predict_logits(result.model, val_set, config.train, torch.device("cpu"), views).argmax(1)
     accuracy = float(np.mean(predictions == np.array(val_set.labels)))
     assert accuracy >= 0.95, result.history
-    assert 1 <= result.best_epoch <= len(result.history) <= 8
+    assert result.best_step in {h["step"] for h in result.history}
+    assert [h["step"] for h in result.history][:2] == [10, 20]
     assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"} <= set(result.history[0])
 
 
@@ -69,16 +72,23 @@ class ConstantLogits(torch.nn.Module):
 @pytest.fixture
 def small_sets(make_dataset: DatasetFactory, tmp_path: Path) -> tuple[Config, TileDataset]:
     manifest = ingest(make_dataset(per_slide=1, slides=2, size=32), CLASSES, tmp_path / "manifest.csv")
-    config = Config.from_dict({"preprocess": {"image_size": 32}, "train": {"patience": 1, "batch_size": 8}})
+    config = Config.from_dict(
+        {
+            "preprocess": {"tile_size": 32, "input_size": 32},
+            "train": {"patience": 1, "batch_size": 8, "eval_every": 1, "warmup_fraction": 0},
+        }
+    )
     return config, eval_dataset(resolve_paths(manifest, tmp_path), list(manifest["label"]), config)
 
 
-def test_patience_stops_after_that_many_epochs_without_improvement(small_sets: tuple[Config, TileDataset]) -> None:
+def test_patience_stops_after_that_many_evaluations_without_improvement(
+    small_sets: tuple[Config, TileDataset],
+) -> None:
     config, data = small_sets
     result = fit(ConstantLogits(), data, data, config.train, torch.device("cpu"), 5, "patience")
     assert result.stopped_early
-    assert [h["epoch"] for h in result.history] == [1, 2]
-    assert result.best_epoch == 1
+    assert [h["step"] for h in result.history] == [1, 2]
+    assert result.best_step == 1
 
 
 def test_the_best_epochs_weights_are_restored(small_sets: tuple[Config, TileDataset]) -> None:
@@ -88,14 +98,14 @@ def test_the_best_epochs_weights_are_restored(small_sets: tuple[Config, TileData
         build_model("resnet50", 3),
         data,
         data,
-        config.train.__class__(patience=5, lr=1e-3),
+        config.train.__class__(patience=5, lr=1e-3, eval_every=1),
         torch.device("cpu"),
         4,
         "best",
     )
     logits = torch.from_numpy(predict_logits(result.model, data, config.train, torch.device("cpu")))
     loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(data.labels)))
-    assert loss == pytest.approx(result.history[result.best_epoch - 1]["val_loss"], rel=1e-5)
+    assert loss == pytest.approx(result.history[result.best_step - 1]["val_loss"], rel=1e-5)
 
 
 def test_cuda_requested_without_a_gpu_is_a_config_error() -> None:
@@ -109,11 +119,11 @@ def test_cuda_requested_without_a_gpu_is_a_config_error() -> None:
 
 def test_refit_follows_the_folds_learning_rate_schedule(small_sets: tuple[Config, TileDataset]) -> None:
     _, data = small_sets
-    train_config = TrainConfig(lr=1e-3, scheduler="cosine", epochs=6)
-    # A 2-epoch refit of a 6-epoch recipe uses the folds' first two learning rates, not a 2-epoch annealing.
-    result = fit(ConstantLogits(), data, None, train_config, torch.device("cpu"), 2, "refit", schedule_epochs=6)
+    train_config = TrainConfig(lr=1e-3, scheduler="cosine", steps=6, eval_every=1, warmup_fraction=0)
+    # A 2-step refit of a 6-step recipe uses the folds' first two learning rates, not a 2-step annealing.
+    result = fit(ConstantLogits(), data, None, train_config, torch.device("cpu"), 2, "refit", schedule_steps=6)
     assert [h["lr"] for h in result.history] == pytest.approx([1e-3, 1e-3 * (1 + math.cos(math.pi / 6)) / 2])
-    assert result.best_epoch == 2  # without validation the last epoch is kept
+    assert result.best_step == 2  # without validation the last step is kept
 
 
 def test_early_stopping_tiles_are_whole_real_slides_and_synthetic_tiles_stay_in_training(

@@ -243,7 +243,7 @@ def train_image_ops(
         ConfigError: ``stain`` was fitted with another method than the policy names.
     """
     _check_stain(policy, stain)
-    return tile_ops(preprocess, stain) + augmentation_ops(policy, preprocess.input_size)
+    return tile_ops(preprocess.tile_size, stain) + augmentation_ops(policy, preprocess.input_size)
 
 
 def build_train_transform(
@@ -286,7 +286,7 @@ def preview_columns(
     resize = v2.Compose([CenterSquareCrop(), v2.Resize((size, size), antialias=True)])
     columns: list[PreviewColumn] = [(f"tile ({size} px)", resize)]
     if stain is not None:
-        columns.append((f"stain-normalised ({stain.method})", v2.Compose(tile_ops(preprocess, stain))))
+        columns.append((f"stain-normalised ({stain.method})", v2.Compose(tile_ops(preprocess.tile_size, stain))))
     if policy.hed_jitter > 0:
         jitter = v2.Compose([resize, HedJitter(policy.hed_jitter)])
         columns += [(f"HED jitter {i + 1}", jitter) for i in range(PREVIEW_HED_EXAMPLES)]
@@ -300,7 +300,9 @@ def preview_columns(
     columns += [(f"training input {i + 1}", full) for i in range(samples)]
     margin = (size - preprocess.input_size) // 2
     centre = v2.Compose(
-        [*tile_ops(preprocess, stain), v2.CenterCrop(preprocess.input_size)] if margin else tile_ops(preprocess, stain)
+        [*tile_ops(preprocess.tile_size, stain), v2.CenterCrop(preprocess.input_size)]
+        if margin
+        else tile_ops(preprocess.tile_size, stain)
     )
     columns.append(("test-time centre crop", centre))
     return columns

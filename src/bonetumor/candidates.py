@@ -213,7 +213,7 @@ def _binary_datasets(
     roles = class_roles(classes, config.referral.safe_class, config.referral.target_class)
     train_transform = build_train_transform(config.preprocess, policy, stain=stain)
     eval_transform = v2.Compose(tensor_tail(config.preprocess))
-    prepare = v2.Compose(tile_ops(config.preprocess, stain))
+    prepare = v2.Compose(tile_ops(config.preprocess.tile_size, stain))
 
     def split(table: pd.DataFrame, what: str) -> dict[str, tuple[list[Path], list[int]]]:
         for column in ("file", "label"):

@@ -101,8 +101,8 @@ class PreprocessConfig:
         std: Per-channel standard deviation divided after subtracting the mean.
     """
 
-    tile_size: Annotated[int, Field(ge=32, le=1024)] = 128
-    input_size: Annotated[int, Field(ge=32, le=1024)] = 64
+    tile_size: Annotated[int, Field(ge=32, le=1024)] = 64
+    input_size: Annotated[int, Field(ge=32, le=1024)] = 48
     test_crops: Literal[1, 5] = 5
     test_flips: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -243,6 +243,7 @@ PER_ARCH_TRAIN_FIELDS = (
     "weight_decay",
     "warmup_fraction",
     "label_smoothing",
+    "grad_clip",
     "dropout",
     "patience",
 )
@@ -281,6 +282,8 @@ class TrainConfig:
             (linear warm-up, then ``lr``).
         warmup_fraction: Share of ``steps`` spent warming up.
         label_smoothing: Label smoothing of the training cross-entropy (the reported losses are unsmoothed).
+        grad_clip: Largest global gradient norm; larger gradients are scaled down to it (0 = off). A deep net
+            without normalisation layers (VGG19) otherwise diverges at a learning rate a ResNet50 trains well at.
         monitor: Early-stopping-set quantity for early stopping and best-step selection.
         patience: Evaluations without improvement of ``monitor`` before stopping (never during warm-up).
         inner_val_fraction: Share of each fold's training slides held out for early stopping (the outer
@@ -314,6 +317,7 @@ class TrainConfig:
     scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.15
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
     monitor: Literal["val_macro_f1", "val_loss"] = "val_macro_f1"
     patience: PositiveInt = 5
     inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.25
@@ -429,17 +433,23 @@ class CandidatesConfig:
 class BaselineConfig:
     """The simple baseline every network must beat: colour histograms into a random forest, on the same folds.
 
-    Each tile goes through the same preprocessing as the networks' input (stain normalisation, centred square,
-    ``preprocess.tile_size``); its features are ``bins``-bin histograms of the R, G, B, H, S and V channels (and,
-    with ``texture``, a uniform local-binary-pattern histogram of the grey image).
+    Each tile is cropped to its centred square and resized to ``tile_size``; its features are ``bins``-bin
+    histograms of the R, G, B, H, S and V channels (and, with ``texture``, a uniform local-binary-pattern histogram
+    of the grey image). It sees the tiles' own colours unless ``stain_normalization`` is on: stain normalisation
+    removes much of the colour signal a histogram lives on (measured on the sample: mean per-fold macro-F1 0.90
+    without, 0.69 with Macenko), and a bar lowered that way would flatter every network.
 
     Attributes:
+        tile_size: Side the tiles are resized to before the histograms.
+        stain_normalization: Apply each fold's fitted stain normaliser (the networks' ``augment`` setting) first.
         bins: Histogram bins per channel.
         trees: Trees of the scikit-learn random forest.
         texture: Add the local-binary-pattern texture histogram (scikit-image) to the colour features.
         seed: Seed of the forest.
     """
 
+    tile_size: Annotated[int, Field(ge=16, le=1024)] = 128
+    stain_normalization: bool = False
     bins: Annotated[int, Field(ge=2, le=256)] = 16
     trees: PositiveInt = 500
     texture: bool = False
@@ -556,6 +566,8 @@ class Config:
     def for_arch(self, arch: str) -> Config:
         """Return the config one architecture trains with: ``train.per_arch[arch]`` applied to train/preprocess.
 
+        The result holds the effective settings and an empty ``per_arch`` (the overrides are applied).
+
         Args:
             arch: An architecture name (one without overrides gets this config itself).
 
@@ -568,7 +580,7 @@ class Config:
         train = {k: v for k, v in overrides.items() if k in PER_ARCH_TRAIN_FIELDS}
         preprocess = {k: v for k, v in overrides.items() if k in PER_ARCH_PREPROCESS_FIELDS}
         try:
-            train_section = TrainConfig(**{**dataclasses.asdict(self.train), **train})
+            train_section = TrainConfig(**{**dataclasses.asdict(self.train), **train, "per_arch": {}})
             preprocess_section = PreprocessConfig(**{**dataclasses.asdict(self.preprocess), **preprocess})
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())

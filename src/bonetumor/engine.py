@@ -8,9 +8,10 @@ The recipe of :func:`fit`, driven by ``Config.train``:
 - Length in optimiser steps (``steps``), not epochs: each step draws ``batch_size`` tiles from an endless stream of
   fresh shuffles of the training set (:class:`StepBatchSampler`), so the batch of step ``s`` depends only on the
   seed and ``s``. That is what makes a resumed run exact, and a recipe independent of how many tiles a fold has.
-- AdamW (or Adam) with label smoothing; the learning rate follows ``scheduler`` per step: ``onecycle`` (cosine
-  warm-up from lr/25 to lr over ``warmup_fraction`` of the steps, then cosine annealing to lr/250000, as torch's
-  OneCycleLR), ``cosine`` (linear warm-up, cosine to 0) or ``constant`` (linear warm-up). The schedule spans
+- AdamW (or Adam) with label smoothing and optional gradient-norm clipping (``grad_clip``); the learning rate
+  follows ``scheduler`` per step: ``onecycle`` (cosine warm-up from lr/25 to lr over ``warmup_fraction`` of the
+  steps, then cosine annealing to lr/250000, as torch's OneCycleLR), ``cosine`` (linear warm-up, cosine to 0) or
+  ``constant`` (linear warm-up). The schedule spans
   ``schedule_steps`` (default ``steps``): the refit stops earlier than the folds but sees the same rates.
 - Early stopping: every ``eval_every`` steps the model, with its test-time views (:mod:`bonetumor.tta`), predicts
   the early-stopping set; the best evaluation by ``monitor`` is kept, and ``patience`` evaluations without
@@ -535,9 +536,7 @@ def fit(
     dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     weights: torch.Tensor | None = None
-    if config.class_weighted_loss:
-        weights = class_weights(dataset_labels(train_set), _output_size(model)).to(device)
-        log.info("%s: class weights %s", name, [round(float(w), 4) for w in weights])
+    train_labels = dataset_labels(train_set) if config.class_weighted_loss else None
     val_criterion = nn.CrossEntropyLoss()
     val_targets = torch.from_numpy(dataset_labels(val_set)) if val_set is not None else None
 
@@ -569,7 +568,14 @@ def fit(
             done = steps  # finished run: nothing left to train
 
     sampler = StepBatchSampler(len(train_set), config.batch_size, steps, config.seed, start=done)  # type: ignore[arg-type]
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
+    # Its own generator: starting to iterate draws a worker seed from it, which from the global generator would
+    # shift every augmentation draw of a resumed run against an uninterrupted one.
+    loader = DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed + done),
+    )
     bar = tqdm(
         total=steps,
         initial=done,
@@ -593,10 +599,17 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, dtype):
                 logits = model(x)
+                if train_labels is not None and weights is None:  # the model's output size counts the classes
+                    weights = class_weights(train_labels, logits.shape[1]).to(device)
+                    log.info("%s: class weights %s", name, [round(float(w), 4) for w in weights])
                 loss = nn.functional.cross_entropy(
                     logits.float(), y, weight=weights, label_smoothing=config.label_smoothing
                 )
             scaler.scale(loss).backward()
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            used_lrs = [group["lr"] for group in optimizer.param_groups]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -619,10 +632,10 @@ def fit(
                 "step": step,
                 "train_loss": total_loss / max(seen, 1),
                 "train_accuracy": correct / max(seen, 1),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": used_lrs[0],  # the rate this step was taken at
             }
-            if len(optimizer.param_groups) > 1:
-                stats["lr_backbone"] = optimizer.param_groups[1]["lr"]
+            if len(used_lrs) > 1:
+                stats["lr_backbone"] = used_lrs[1]
             if val_set is not None and val_targets is not None:
                 logits_val = torch.from_numpy(predict_logits(model, val_set, config, device, views))
                 stats["val_loss"] = float(val_criterion(logits_val, val_targets))
@@ -704,13 +717,6 @@ def fit(
     return result
 
 
-def _output_size(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise DatasetError("class_weighted_loss: the model has no linear output layer to count classes from")
-    return int(last[-1].out_features)
-
-
 def training_dataset(
     table: pd.DataFrame, config: Config, policy: AugmentPolicy, stain: StainNormalizer | None = None
 ) -> TileDataset:
@@ -723,7 +729,7 @@ def training_dataset(
         list(table["file"]),
         label_indices(table["label"], config.data.classes),
         build_train_transform(config.preprocess, policy, stain=stain),
-        prepare=v2.Compose(tile_ops(config.preprocess, stain)),
+        prepare=v2.Compose(tile_ops(config.preprocess.tile_size, stain)),
     )
 
 
@@ -739,7 +745,7 @@ def eval_dataset(
         list(files),
         label_indices(labels, config.data.classes),
         v2.Compose(tensor_tail(config.preprocess)),
-        prepare=v2.Compose(tile_ops(config.preprocess, stain)),
+        prepare=v2.Compose(tile_ops(config.preprocess.tile_size, stain)),
     )
 
 

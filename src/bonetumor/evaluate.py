@@ -478,7 +478,7 @@ def run_evaluation(
             if baseline is None
             else {
                 "name": baseline,
-                "what": describe_baseline(config.baseline, config.preprocess),
+                "what": describe_baseline(config.baseline),
                 "fold_f1_macro_mean": scores[baseline]["fold_f1_macro_mean"],
                 "accuracy": scores[baseline]["accuracy"],
                 "f1_macro": scores[baseline]["f1_macro"],

@@ -99,7 +99,7 @@ def build_eval_transform(config: PreprocessConfig, stain: StainNormalizer | None
         config: The preprocess section the model was trained with.
         stain: The model's fitted stain normaliser, or None when it was trained without one.
     """
-    return v2.Compose([*tile_ops(config, stain), *tensor_tail(config)])
+    return v2.Compose([*tile_ops(config.tile_size, stain), *tensor_tail(config)])
 
 
 class CenterSquareCrop:
@@ -115,16 +115,17 @@ class CenterSquareCrop:
         return image.crop((left, top, left + side, top + side))
 
 
-def tile_ops(config: PreprocessConfig, stain: StainNormalizer | None = None) -> list[Any]:
+def tile_ops(tile_size: int, stain: StainNormalizer | None = None) -> list[Any]:
     """Return the deterministic image-to-image steps every tile takes first, in training, evaluation and serving.
 
     The stain normaliser (on the full-resolution tile, when given), the centred square crop, and an antialiased
-    resize to ``tile_size`` squared. Their output is what training caches per tile and crops at random.
+    resize to ``tile_size`` squared (``preprocess.tile_size``). Their output is what training caches per tile and
+    crops at random.
     """
     return [
         *([stain] if stain is not None else []),
         CenterSquareCrop(),
-        v2.Resize((config.tile_size, config.tile_size), antialias=True),
+        v2.Resize((tile_size, tile_size), antialias=True),
     ]
 
 

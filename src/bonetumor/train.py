@@ -219,8 +219,8 @@ def _cross_validate_baseline(
         run_name=f"cv-{BASELINE}", tags={**tags, f"{TAG_PREFIX}stage": "train", f"{TAG_PREFIX}arch": BASELINE}
     ) as run:
         mlflow.log_params(
-            {**flatten_params(config, ("data", "preprocess", "augment", "baseline")), "arch": BASELINE}
-            | {f"baseline.{k}": v for k, v in describe_baseline(config.baseline, config.preprocess).items()}
+            {**flatten_params(config, ("data", "augment", "baseline")), "arch": BASELINE}
+            | {f"baseline.{k}": v for k, v in describe_baseline(config.baseline).items()}
         )
         for fold_info in folds["folds"]:
             k = int(fold_info["fold"])
@@ -229,7 +229,7 @@ def _cross_validate_baseline(
             )
             # Real tiles only: the networks' GAN tiles are there to balance a loss; a forest needs no such help.
             real = train_table[~train_table["synthetic"]]
-            forest = HistogramForest(config.baseline, config.preprocess, classes, stain).fit(
+            forest = HistogramForest(config.baseline, classes, stain).fit(
                 list(real["file"]), label_indices(real["label"], classes)
             )
             logits = forest.logits(resolve_paths(val_rows, dataset_dir))

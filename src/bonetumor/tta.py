@@ -41,6 +41,8 @@ class TestTimeViews:
         flips: Whether each crop is also seen mirrored left-right.
     """
 
+    __test__ = False  # not a pytest test class, whatever its name says
+
     tile_size: int
     input_size: int
     crops: int = 5
@@ -154,6 +156,7 @@ class TestTimeAugmented(nn.Module):
     tile, which softmax, temperature scaling and arg-max treat as logits.
     """
 
+    __test__ = False  # not a pytest test class, whatever its name says
     model: nn.Module
     views: TestTimeViews
 
