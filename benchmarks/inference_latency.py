@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bonetumor-latency-") as tmp:
         for size in args.size:
-            transform = build_eval_transform(PreprocessConfig(image_size=size))
+            transform = build_eval_transform(PreprocessConfig(tile_size=size, input_size=size))
             x = np.stack([transform(im).numpy() for im in eval_images]).astype(np.float32)
             calibration = np.stack([transform(im).numpy() for im in calibration_images]).astype(np.float32)
             repeats = args.repeats if size < 224 else args.large_repeats

@@ -1,6 +1,6 @@
 """Training throughput of the real loop against a bare forward+backward loop, per architecture and input size.
 
-Prints images/s of :func:`bonetumor.engine.fit` (JPEG decode, augmentation, preprocessing, loss, Adam) and of a
+Prints images/s of :func:`bonetumor.engine.fit` (JPEG decode, augmentation, preprocessing, loss, AdamW) and of a
 bare loop over tensors already in memory on the device (forward, cross-entropy, backward, Adam step), and their
 ratio: the overhead of our loop. Tiles are generated (random 256 px JPEGs): this measures speed, not accuracy.
 
@@ -54,14 +54,15 @@ def _sync(device: torch.device) -> None:
 
 
 def loop_throughput(dataset: TileDataset, config: Config, arch: str, device: torch.device) -> float:
-    """Images per second of one epoch of :func:`fit` (after a warm-up epoch), without validation."""
+    """Images per second of :func:`fit` over as many steps as one pass of ``dataset`` (after a warm-up step)."""
     model = build_model(arch, 3)
     fit(model, dataset, None, config.train, device, 1, "warm-up", arch=arch)
     _sync(device)
+    steps = max(1, len(dataset) // config.train.batch_size)
     start = time.perf_counter()
-    fit(model, dataset, None, config.train, device, 1, "timed", arch=arch)
+    fit(model, dataset, None, config.train, device, steps, "timed", arch=arch)
     _sync(device)
-    return len(dataset) / (time.perf_counter() - start)
+    return steps * config.train.batch_size / (time.perf_counter() - start)
 
 
 def bare_throughput(
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print one line per architecture and size."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["resnet50", "vgg19"])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[48, 128, 224], help="input crop sides")
     parser.add_argument("--images", type=int, default=32, help="images per timed epoch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -147,13 +148,15 @@ def main(argv: list[str] | None = None) -> None:
                 for setting, nhwc, bare_rate in zip(args.channels_last, formats, bare, strict=True):
                     config = Config.from_dict(
                         {
-                            "preprocess": {"image_size": size},
+                            "preprocess": {"tile_size": size, "input_size": size},
                             "train": {
                                 "batch_size": args.batch_size,
                                 "device": args.device,
                                 "channels_last": setting,
                                 "progress": False,
                                 "checkpoint": False,
+                                "eval_every": 1000,
+                                "weights": "none",
                             },
                         }
                     )

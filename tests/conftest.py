@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bonetumor.augment import AugmentPolicy
 from bonetumor.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +24,9 @@ CLASSES = ("Non-Tumor", "Non-Viable-Tumor", "Viable-Tumor")
 #: A distinct mean colour per class, so generated tiles carry a learnable class signal.
 CLASS_COLOURS = {"Non-Tumor": (225, 120, 160), "Non-Viable-Tumor": (150, 60, 200), "Viable-Tumor": (90, 40, 120)}
 
+# Tests never read the developer's downloaded weights: train.weights auto sees an empty TORCH_HOME.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="bonetumor-torch-home-")
+
 # Telemetry off and no progress bars in every test and the subprocesses they start.
 for key, value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -29,6 +34,8 @@ for key, value in {
     "BENTOML_DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Tests run offline: train.weights auto must not try a download (its own tests switch this off).
+    "BONETUMOR_OFFLINE": "1",
 }.items():
     os.environ.setdefault(key, value)
 
@@ -98,18 +105,41 @@ def make_dataset(tmp_path: Path) -> DatasetFactory:
 
 
 def tiny_params(**overrides: dict[str, object]) -> dict[str, dict[str, object]]:
-    """Params small enough for a test: 32 px, 2 folds, 1 epoch, a 5-step GAN."""
+    """Params small enough for a test: 40 px tiles seen as 32 px crops, 2 folds, 2 steps, a 5-step GAN."""
     params: dict[str, dict[str, object]] = {
-        "preprocess": {"image_size": 32},
+        "preprocess": {"tile_size": 40, "input_size": 32},
         "validate": {"min_size": 32},
         "split": {"n_folds": 2},
         "augment": {"preview_tiles": 3, "preview_samples": 2},
         "balance": {"steps": 5, "image_size": 16, "batch_size": 8},
-        "train": {"architectures": ["resnet50", "vgg19"], "epochs": 1, "batch_size": 16, "patience": 1},
+        "train": {
+            "architectures": ["resnet50", "vgg19"],
+            "weights": "auto",  # offline in tests: falls back to random initialisation, as the demo does here
+            "steps": 2,
+            "eval_every": 1,
+            "batch_size": 8,
+            "patience": 1,
+        },
+        "baseline": {"trees": 20},
     }
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     return params
+
+
+def plain_policy(**fields: object) -> AugmentPolicy:
+    """An augmentation policy with everything off but what ``fields`` turns on."""
+    base: dict[str, object] = {
+        "rotation_degrees": 0.0,
+        "rotate90": False,
+        "hflip_p": 0.0,
+        "vflip_p": 0.0,
+        "zoom_max": 1.0,
+        "hed_jitter": 0.0,
+        "color_jitter": 0.0,
+        "stain_normalization": "none",
+    }
+    return AugmentPolicy(**{**base, **fields})  # type: ignore[arg-type]
 
 
 @pytest.fixture

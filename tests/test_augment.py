@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, plain_policy
 from PIL import Image
 from skimage.color import hed2rgb
 from torchvision.transforms import v2
@@ -37,21 +37,6 @@ def he_tile(size: int, h: float, e: float, seed: int) -> Image.Image:
     return Image.fromarray(np.rint(hed2rgb(hed) * 255).astype(np.uint8), mode="RGB")
 
 
-def policy_of(**fields: object) -> AugmentPolicy:
-    """A policy with everything off but what ``fields`` turns on."""
-    base: dict[str, object] = {
-        "rotation_degrees": 0.0,
-        "rotate90": False,
-        "hflip_p": 0.0,
-        "vflip_p": 0.0,
-        "zoom_max": 1.0,
-        "hed_jitter": 0.0,
-        "color_jitter": 0.0,
-        "stain_normalization": "none",
-    }
-    return AugmentPolicy(**{**base, **fields})  # type: ignore[arg-type]
-
-
 def prepared(image: Image.Image, config: PreprocessConfig, stain: StainNormalizer | None = None) -> Image.Image:
     """What the training dataset caches for a tile: the shared deterministic tile steps."""
     return v2.Compose(tile_ops(config.tile_size, stain))(image)
@@ -73,7 +58,7 @@ def test_policy_artifact_round_trips_and_detects_tampering(tmp_path: Path) -> No
 
 
 def test_policy_digest_covers_every_field() -> None:
-    base = policy_of(hflip_p=0.5)
+    base = plain_policy(hflip_p=0.5)
     for change in (
         {"hed_jitter": 0.03},
         {"stain_normalization": "reinhard"},
@@ -101,7 +86,7 @@ def test_older_policy_versions_are_rejected_with_the_fix(tmp_path: Path, version
     [({"stain_normalization": "vahadane"}, "'stain_normalization' is 'vahadane'"), ({"rotate90": ...}, "rotate90")],
 )
 def test_malformed_policy_is_rejected(tmp_path: Path, change: dict, message: str) -> None:
-    fields = {**asdict(policy_of(hed_jitter=0.03, stain_normalization="reinhard")), **change}
+    fields = {**asdict(plain_policy(hed_jitter=0.03, stain_normalization="reinhard")), **change}
     fields = {key: value for key, value in fields.items() if value is not ...}
     path = tmp_path / "policy.json"
     digest = AugmentPolicy(**fields).digest() if "rotate90" in fields else "x"
@@ -112,7 +97,7 @@ def test_malformed_policy_is_rejected(tmp_path: Path, change: dict, message: str
 
 def test_train_transform_gives_random_crops_of_the_input_size() -> None:
     config = PreprocessConfig(tile_size=64, input_size=32)
-    policy = policy_of(rotate90=True, hflip_p=0.5, vflip_p=0.5, zoom_max=1.2)
+    policy = plain_policy(rotate90=True, hflip_p=0.5, vflip_p=0.5, zoom_max=1.2)
     transform = build_train_transform(config, policy)
     # A tile with an asymmetric pattern: augmented draws must differ from one another.
     image = Image.new("RGB", (96, 96), (255, 255, 255))
@@ -152,7 +137,7 @@ def test_rotate90_is_lossless_and_covers_every_quarter_turn() -> None:
 
 
 def test_identity_policy_gives_the_centre_view_of_the_eval_tile() -> None:
-    policy = policy_of()
+    policy = plain_policy()
     image = Image.effect_noise((64, 64), 40).convert("RGB")
     config = PreprocessConfig(tile_size=32, input_size=32)
     train = build_train_transform(config, policy)(prepared(image, config))
@@ -162,7 +147,7 @@ def test_identity_policy_gives_the_centre_view_of_the_eval_tile() -> None:
 def test_train_and_eval_normalise_stain_identically_when_augmentation_is_off() -> None:
     stain = fit_stain_normalizer("macenko", [he_tile(48, 0.08, 0.05, seed=2)])
     assert stain is not None
-    policy = policy_of(stain_normalization="macenko")
+    policy = plain_policy(stain_normalization="macenko")
     config = PreprocessConfig(tile_size=32, input_size=32)
     tile = he_tile(48, 0.03, 0.03, seed=1)
     train = build_train_transform(config, policy, stain)(prepared(tile, config, stain))
@@ -188,13 +173,13 @@ def test_train_steps_run_stain_then_tile_then_crop_geometry_then_colour() -> Non
         v2.ColorJitter,
     ]
     with pytest.raises(ConfigError, match="uses 'reinhard' but the augmentation policy says"):
-        build_train_transform(config, policy_of(), stain)
+        build_train_transform(config, plain_policy(), stain)
 
 
 def test_hed_jitter_makes_the_train_transform_random_in_colour() -> None:
     # No geometry: only the jitter can make two draws differ.
     config = PreprocessConfig(tile_size=32, input_size=32)
-    transform = build_train_transform(config, policy_of(hed_jitter=0.05))
+    transform = build_train_transform(config, plain_policy(hed_jitter=0.05))
     tile = prepared(he_tile(32, 0.05, 0.05, seed=3), config)
     torch.manual_seed(0)
     draws = [transform(tile) for _ in range(3)]

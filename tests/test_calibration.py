@@ -11,10 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.stats import beta
 
 from bonetumor.calibration import (
     ReferralPolicy,
     choose_referral,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
     expected_calibration_error,
     fit_temperature,
     oof_arrays,
@@ -24,6 +27,7 @@ from bonetumor.calibration import (
     reliability_table,
     risk_coverage,
     softmax,
+    temperature_at_bound,
 )
 from bonetumor.config import ReferralConfig
 from bonetumor.errors import ArtifactError, ConfigError
@@ -64,7 +68,14 @@ def hand_case() -> tuple[np.ndarray, np.ndarray]:
 
 
 def referral_config(**overrides: object) -> ReferralConfig:
-    values: dict[str, object] = {"calibrate": False, "target_recall": 0.95, "max_target_prob_when_safe": 0.2}
+    # No error claim and a point-estimate-like recall bound unless a test asks: confidence 0.5 is the median.
+    values: dict[str, object] = {
+        "calibrate": False,
+        "target_recall": 0.75,
+        "max_error": 1.0,
+        "confidence": 0.5,
+        "max_target_prob_when_safe": 0.2,
+    }
     values.update(overrides)
     return ReferralConfig(**values)  # type: ignore[arg-type]
 
@@ -229,11 +240,29 @@ def test_calibrated_probs_applies_the_temperature() -> None:
 # --- threshold selection -----------------------------------------------------------------------------------------
 
 
-def test_choose_referral_picks_lowest_threshold_meeting_target_by_hand() -> None:
+def test_clopper_pearson_bounds_match_their_closed_forms() -> None:
+    # No failure in n trials: upper bound 1 - (1 - c)^(1/n). 58 error-free tiles cannot vouch for 5 % at 95 %, 59 can.
+    upper = clopper_pearson_upper(np.array([0, 0, 2, 5, 0]), np.array([58, 59, 7, 5, 0]), 0.95)
+    assert upper[0] == pytest.approx(1 - 0.05 ** (1 / 58))
+    assert upper[0] > 0.05
+    assert upper[1] == pytest.approx(1 - 0.05 ** (1 / 59))
+    assert upper[1] <= 0.05
+    assert upper[2] == pytest.approx(beta.ppf(0.95, 3, 5))
+    assert upper[3] == 1.0  # every trial failed
+    assert upper[4] == 1.0  # no trial: nothing is vouched for
+    lower = clopper_pearson_lower(np.array([8, 0, 3, 0]), np.array([8, 4, 4, 0]), 0.9)
+    assert lower[0] == pytest.approx(0.1 ** (1 / 8))
+    assert lower[1] == 0.0
+    assert lower[2] == pytest.approx(beta.ppf(0.1, 3, 2))
+    assert math.isnan(lower[3])
+
+
+def test_choose_referral_picks_lowest_threshold_meeting_the_recall_bound_by_hand() -> None:
     probs, labels = hand_case()
     chosen = choose_referral(np.log(probs), labels, CLASSES, referral_config())
     # Tiles 5 and 7 are always referred (safe-class rule). Accepted VT tiles at threshold 0 and 0.5: 0, 1, 2, 3
-    # with tile 2 missed -> recall 3/4. Threshold 0.6 (tile 2's confidence) refers tile 2 -> recall 3/3.
+    # with tile 2 missed: 3/4, median bound 0.614 < 0.75. Threshold 0.6 (tile 2's confidence) refers tile 2:
+    # 3/3, bound 0.5^(1/3) = 0.794 >= 0.75.
     assert chosen.temperature == 1.0
     assert chosen.confidence_threshold == pytest.approx(0.6)
     assert chosen.target_met
@@ -242,20 +271,47 @@ def test_choose_referral_picks_lowest_threshold_meeting_target_by_hand() -> None
     assert chosen.coverage == pytest.approx(6 / 9)
     assert chosen.accepted_accuracy == pytest.approx(5 / 6)
     assert chosen.accepted_target_recall == pytest.approx(1.0)
+    assert chosen.accepted_recall_lower == pytest.approx(0.5 ** (1 / 3))
+    assert chosen.accepted_error_upper == pytest.approx(beta.ppf(0.5, 2, 5))
     _, refer, _ = chosen.decide_batch(softmax(np.log(probs)))
     assert np.flatnonzero(refer).tolist() == [2, 5, 7]
 
 
+def test_the_error_bound_raises_the_threshold_or_refers_everything() -> None:
+    probs, labels = hand_case()
+    # Recall no constraint; errors: 2 of 7 accepted at 0 (bound 0.364), 1 of 6 at 0.6 (bound 0.264).
+    loose = choose_referral(np.log(probs), labels, CLASSES, referral_config(target_recall=0.0, max_error=0.3))
+    assert loose.confidence_threshold == pytest.approx(0.6)
+    assert loose.accepted_error_upper == pytest.approx(beta.ppf(0.5, 2, 5))
+    # Below 0.264 no threshold with a Viable-Tumor tile left among the accepted ones qualifies: refer all.
+    strict = choose_referral(np.log(probs), labels, CLASSES, referral_config(target_recall=0.0, max_error=0.25))
+    assert strict.refers_everything
+    assert not strict.target_met
+
+
+def test_a_constant_predictor_refers_everything() -> None:
+    # The failure the rule exists for: one class for every tile, equally confident. At 95 % the bound of 20 errors
+    # in 30 accepted tiles is far above any useful error target, so nothing is accepted.
+    labels = np.repeat([NT, NVT, VT], 10)
+    logits = np.tile(np.log([[0.3, 0.3, 0.4]]), (30, 1))
+    chosen = choose_referral(logits, labels, CLASSES, ReferralConfig())
+    assert chosen.refers_everything
+    assert not chosen.target_met
+    _, refer, reasons = chosen.decide_batch(chosen.calibrated_probs(logits))
+    assert refer.all()
+    assert "error rate <= 0.05" in reasons[0]
+
+
 def test_choose_referral_lower_goal_accepts_everything_but_safe_rule() -> None:
     probs, labels = hand_case()
-    chosen = choose_referral(np.log(probs), labels, CLASSES, referral_config(target_recall=0.75))
+    chosen = choose_referral(np.log(probs), labels, CLASSES, referral_config(target_recall=0.6))
     assert chosen.confidence_threshold == 0.0
     assert chosen.coverage == pytest.approx(7 / 9)
     assert chosen.accepted_target_recall == pytest.approx(0.75)
 
 
 def test_unattainable_target_refers_everything(caplog: pytest.LogCaptureFixture) -> None:
-    # Every Viable-Tumor tile is called Non-Viable-Tumor with high confidence: no threshold can reach recall 0.95.
+    # Every Viable-Tumor tile is called Non-Viable-Tumor with high confidence: no threshold can reach the recall.
     probs = np.array([[0.05, 0.9, 0.05], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05], [0.05, 0.9, 0.05]])
     labels = np.array([VT, VT, NT, NVT])
     with caplog.at_level(logging.WARNING, logger="bonetumor.calibration"):
@@ -264,8 +320,8 @@ def test_unattainable_target_refers_everything(caplog: pytest.LogCaptureFixture)
     assert chosen.confidence_threshold == 1.0
     assert chosen.coverage == 0.0
     assert math.isnan(chosen.accepted_accuracy)
-    assert "Viable-Tumor recall among accepted tiles >= 0.950" in caplog.text
-    assert "best reached 0.000" in caplog.text
+    assert "Viable-Tumor recall bound >= 0.750" in caplog.text
+    assert "recall bound 0.000" in caplog.text
     _, refer, reasons = chosen.decide_batch(probs)
     assert refer.all()
     assert all("every tile is referred" in r for r in reasons)
@@ -277,12 +333,24 @@ def test_no_target_tiles_refers_everything(caplog: pytest.LogCaptureFixture) -> 
         chosen = choose_referral(np.log(probs), np.array([NT, NVT]), CLASSES, referral_config())
     assert not chosen.target_met
     assert chosen.coverage == 0.0
-    assert "none of the 2 out-of-fold tiles is Viable-Tumor" in caplog.text
+    assert "none of the 2 out-of-fold tiles is an accepted Viable-Tumor tile" in caplog.text
+
+
+def test_a_temperature_fit_at_its_bound_is_flagged() -> None:
+    labels = np.repeat([NT, NVT, VT], 10)
+    # Logits that always point at the wrong class: the fit flattens them as far as it may (T at its upper bound).
+    wrong = 2.0 * np.eye(3)[(labels + 1) % 3]
+    chosen = choose_referral(wrong, labels, CLASSES, referral_config(calibrate=True))
+    assert chosen.temperature_at_bound
+    assert temperature_at_bound(chosen.temperature)
+    logits, labels = calibrated_sample(500, seed=1)
+    assert not choose_referral(logits, labels, CLASSES, referral_config(calibrate=True)).temperature_at_bound
 
 
 def test_choose_referral_calibrates_and_policy_holds_on_its_oof() -> None:
     logits, labels = calibrated_sample(3_000, seed=5)
-    chosen = choose_referral(logits * 2.0, labels, CLASSES, referral_config(calibrate=True, target_recall=0.9))
+    config = referral_config(calibrate=True, target_recall=0.9, max_error=0.2, confidence=0.95)
+    chosen = choose_referral(logits * 2.0, labels, CLASSES, config)
     assert chosen.temperature == pytest.approx(2.0, rel=0.1)
     assert chosen.target_met
     assert 0.0 < chosen.coverage < 1.0
@@ -291,6 +359,9 @@ def test_choose_referral_calibrates_and_policy_holds_on_its_oof() -> None:
     assert summary["accepted_target_recall"] == pytest.approx(chosen.accepted_target_recall)
     assert summary["accepted_target_recall"] >= 0.9
     assert summary["target_met"]
+    # The bound, not the point estimate, meets the target: the accepted error rate is clearly below it.
+    assert chosen.accepted_error_upper <= 0.2
+    assert 1 - chosen.accepted_accuracy < chosen.accepted_error_upper
 
 
 def test_choose_referral_rejects_unknown_class() -> None:
@@ -367,6 +438,15 @@ def test_bad_policy_dict_raises_artifact_error_naming_field(change: dict[str, ob
     data = policy().to_dict() | change
     with pytest.raises(ArtifactError, match=field):
         ReferralPolicy.from_dict(data, source="models/referral_policy.json")
+
+
+def test_a_rule_written_before_the_error_bound_still_loads() -> None:
+    data = policy().to_dict()
+    for name in ("max_error", "confidence", "accepted_error_upper", "accepted_recall_lower", "temperature_at_bound"):
+        del data[name]
+    restored = ReferralPolicy.from_dict(data)
+    assert restored.max_error == 1.0
+    assert not restored.temperature_at_bound
 
 
 def test_policy_dict_missing_field_and_non_mapping() -> None:

@@ -9,12 +9,11 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASSES, DatasetFactory, tiny_params
+from conftest import CLASSES, DatasetFactory, plain_policy, tiny_params
 from torch import nn
 from torchvision import models as tvm
 
 from bonetumor import candidates
-from bonetumor.augment import AugmentPolicy
 from bonetumor.candidates import (
     LOG_PROB_FLOOR,
     TwoStageModel,
@@ -191,7 +190,7 @@ def tiles(make_dataset: DatasetFactory) -> pd.DataFrame:
 def test_fit_two_stage_trains_each_stage_on_its_rows_and_learns_the_colours(
     tiny_arch: str, tiles: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(epochs=12, lr=0.03, batch_size=8, scheduler="none", patience=20, dropout=0.0)
+    config = _config(steps=40, eval_every=4, lr=0.03, batch_size=8, scheduler="constant", patience=20, dropout=0.0)
     stop = tiles.iloc[::4]
     seen: list[dict[str, Any]] = []
     real_fit = candidates.fit
@@ -201,18 +200,18 @@ def test_fit_two_stage_trains_each_stage_on_its_rows_and_learns_the_colours(
         return real_fit(model, train_set, stop_set, *a, **k)
 
     monkeypatch.setattr(candidates, "fit", recording_fit)
-    epochs: list[dict[str, float]] = []
+    evaluations: list[dict[str, float]] = []
     model = fit_two_stage(
         tiny_arch,
         tiles,
         stop,
         config,
-        AugmentPolicy(0.0, 0.5, 0.5, 1.0),
+        plain_policy(hflip_p=0.5, vflip_p=0.5),
         None,
         torch.device("cpu"),
         "two_stage tiny",
         seed=0,
-        on_epoch=epochs.append,
+        on_eval=evaluations.append,
     )
 
     labels = list(tiles["label"])
@@ -221,9 +220,10 @@ def test_fit_two_stage_trains_each_stage_on_its_rows_and_learns_the_colours(
     assert seen[1]["train"] == [int(label == "Viable-Tumor") for label in labels if label != "Non-Tumor"]
     assert seen[1]["stop"] == [int(label == "Viable-Tumor") for label in stop["label"] if label != "Non-Tumor"]
     assert set(model.histories) == {"stage1", "stage2"}
-    assert [e["epoch"] for e in epochs] == list(range(1, 25))  # stage 2 continues stage 1's step axis
-    assert "stage1_train_loss" in epochs[0]
-    assert "stage2_val_loss" in epochs[-1]
+    # Stage 2 continues stage 1's step axis.
+    assert [e["step"] for e in evaluations] == list(range(4, 41, 4)) + list(range(44, 81, 4))
+    assert "stage1_train_loss" in evaluations[0]
+    assert "stage2_val_loss" in evaluations[-1]
 
     transform = build_eval_transform(config.preprocess)
     x = torch.stack([transform(decode_image(f)) for f in tiles["file"]])
@@ -256,18 +256,18 @@ def test_fit_two_stage_needs_both_classes_of_each_stage(tiny_arch: str, tiles: p
     config = _config()
     no_viable = tiles[tiles["label"] != "Viable-Tumor"]
     with pytest.raises(DatasetError, match="stage2: the training table has no viable tumour tiles"):
-        fit_two_stage(tiny_arch, no_viable, None, config, AugmentPolicy(0, 0, 0, 1.0), None, torch.device("cpu"), "x")
+        fit_two_stage(tiny_arch, no_viable, None, config, plain_policy(), None, torch.device("cpu"), "x")
     wrong = tiles.assign(label=tiles["label"].replace({"Non-Tumor": "Normal"}))
     with pytest.raises(DatasetError, match="Normal"):
-        fit_two_stage(tiny_arch, wrong, None, config, AugmentPolicy(0, 0, 0, 1.0), None, torch.device("cpu"), "x")
+        fit_two_stage(tiny_arch, wrong, None, config, plain_policy(), None, torch.device("cpu"), "x")
 
 
 def test_fit_pruned_vgg_returns_a_smaller_model_that_predicts_three_classes(tiles: pd.DataFrame) -> None:
-    tiles = tiles.iloc[::3]  # 9 tiles, 3 per class: one fine-tuning epoch of VGG19 at 32 px
+    tiles = tiles.iloc[::3]  # 9 tiles, 3 per class: one fine-tuning step of VGG19 at 32 px
     config = Config.from_dict(
         tiny_params(
             train={"progress": False, "checkpoint": False, "device": "cpu", "batch_size": 16},
-            candidates={"prune_amount": 0.5, "prune_finetune_epochs": 1},
+            candidates={"prune_amount": 0.5, "prune_finetune_steps": 1},
         )
     )
     torch.manual_seed(0)
@@ -296,20 +296,20 @@ def test_fit_pruned_vgg_fine_tunes_at_the_backbone_rate_without_a_head_phase(mon
         tiny_params(
             train={
                 "weights": "/nowhere/{arch}.pth",
-                "head_epochs": 2,
-                "epochs": 5,
+                "head_steps": 2,
+                "steps": 5,
                 "lr": 1e-3,
                 "finetune_lr_factor": 0.1,
             },
-            candidates={"prune_finetune_epochs": 3},
+            candidates={"prune_finetune_steps": 3},
         )
     )
     calls: list[dict[str, Any]] = []
 
     def fake_fit(
-        model: nn.Module, train_set: Any, stop_set: Any, train: Any, device: Any, epochs: int, *a: Any, **k: Any
+        model: nn.Module, train_set: Any, stop_set: Any, train: Any, device: Any, steps: int, *a: Any, **k: Any
     ) -> FitResult:
-        calls.append({"train": train, "epochs": epochs, **k})
+        calls.append({"train": train, "steps": steps, **k})
         return FitResult(model=model)
 
     monkeypatch.setattr(candidates, "fit", fake_fit)
@@ -318,9 +318,9 @@ def test_fit_pruned_vgg_fine_tunes_at_the_backbone_rate_without_a_head_phase(mon
     fit_pruned_vgg(model, "vgg19", dataset, None, config, torch.device("cpu"), "x")
 
     (call,) = calls
-    assert call["train"].head_epochs == 0
+    assert call["train"].head_steps == 0
     assert call["train"].lr == pytest.approx(1e-4)
-    assert call["epochs"] == call["schedule_epochs"] == 3
+    assert call["steps"] == call["schedule_steps"] == 3
     assert call["arch"] == "vgg19"
 
 

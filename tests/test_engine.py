@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -173,7 +174,7 @@ def test_one_cycle_warms_up_from_a_25th_and_anneals_towards_zero() -> None:
     assert max(rates) == pytest.approx(1.0)
     assert rates.index(max(rates)) == warmup
     assert rates[-1] < 1e-3
-    assert all(a <= b for a, b in zip(rates[:warmup], rates[1 : warmup + 1], strict=True))  # rising
+    assert all(a <= b for a, b in itertools.pairwise(rates))  # rising
     assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1 :], strict=False))  # then falling
     cosine = [lr_multiplier(done, 10, 2, "cosine") for done in range(10)]
     assert cosine[:2] == pytest.approx([1 / 3, 2 / 3])  # linear warm-up
@@ -234,12 +235,14 @@ def test_early_stopping_waits_for_the_fine_tuning_phase() -> None:
     assert result.best_step == 1
 
 
-def test_early_stopping_never_stops_during_the_warm_up() -> None:
+def test_early_stopping_neither_stops_nor_chooses_during_the_warm_up() -> None:
     data = _tensors(n=6, labels=[0, 1, 2, 0, 1, 2])
-    config = _config(steps=8, patience=1, batch_size=6, warmup_fraction=0.5, eval_every=2)
-    result = fit(ConstantLogits(), data, data, config, CPU, 8, "warm-up", arch="constant")
-    # Warm-up is 4 steps: the stale evaluation at step 2 and 4 cannot stop it; the one at step 6 does.
-    assert [h["step"] for h in result.history] == [2, 4, 6]
+    config = _config(steps=10, patience=1, batch_size=6, warmup_fraction=0.4, eval_every=2)
+    result = fit(ConstantLogits(), data, data, config, CPU, 10, "warm-up", arch="constant")
+    # Warm-up is 4 steps: the evaluations at steps 2 and 4 are logged but can neither be the best nor stop the
+    # run; step 6 is the first candidate, and the stale one at step 8 stops it.
+    assert [h["step"] for h in result.history] == [2, 4, 6, 8]
+    assert result.best_step == 6
     assert result.stopped_early
 
 

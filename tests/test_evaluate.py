@@ -107,18 +107,36 @@ def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> N
     setup_mlflow(config.tracking, tmp_path)
     train_dir = tmp_path / "train"
     run_ids = {}
-    for arch, skill in (("resnet50", 3.0), ("vgg19", 0.5)):
+    for arch, skill in (("resnet50", 3.0), ("vgg19", 0.5), ("baseline", 1.5)):
         (train_dir / arch).mkdir(parents=True)
-        synthetic_oof(1 if arch == "resnet50" else 2, skill).to_csv(train_dir / arch / "oof.csv", index=False)
+        seed = {"resnet50": 1, "vgg19": 2, "baseline": 3}[arch]
+        synthetic_oof(seed, skill).to_csv(train_dir / arch / "oof.csv", index=False)
         with mlflow.start_run(run_name=f"cv-{arch}") as run:
             run_ids[arch] = run.info.run_id
-    (train_dir / "runs.json").write_text(json.dumps({"architectures": {a: {"run_id": r} for a, r in run_ids.items()}}))
+    runs = {
+        "architectures": {
+            a: {"run_id": run_ids[a], "init": "scratch (no ImageNet weights available)"} for a in ("resnet50", "vgg19")
+        },
+        "baseline": {"run_id": run_ids["baseline"]},
+    }
+    (train_dir / "runs.json").write_text(json.dumps(runs))
     comparison = run_evaluation(config, train_dir, tmp_path / "evaluate", tmp_path)
 
     assert comparison["winner"] == "resnet50"  # the model with the real signal
     assert comparison["candidates"] == ["ensemble"]
+    assert comparison["ranking"] == ["resnet50", "vgg19"]  # the baseline is the bar, never ranked
+    bar = comparison["scores"]["baseline"]["fold_f1_macro_mean"]
+    assert comparison["baseline"]["fold_f1_macro_mean"] == bar
+    assert (
+        comparison["scores"]["resnet50"]["fold_f1_macro_mean"]
+        > bar
+        > comparison["scores"]["vgg19"]["fold_f1_macro_mean"]
+    )
+    beats = comparison["beats_baseline"]
+    assert (beats["resnet50"], beats["vgg19"]) == (True, False)
+    assert beats["ensemble"] == (comparison["scores"]["ensemble"]["fold_f1_macro_mean"] > bar)
     out = tmp_path / "evaluate"
-    for name in ("resnet50", "vgg19", "ensemble"):
+    for name in ("baseline", "resnet50", "vgg19", "ensemble"):
         for plot in ("confusion_matrix", "roc_pr", "reliability", "risk_coverage"):
             assert (out / "plots" / f"{name}_{plot}.png").is_file(), (name, plot)
         policy = ReferralPolicy.from_dict(json.loads((out / "referral" / f"{name}.json").read_text()))
@@ -138,9 +156,15 @@ def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> N
     report = (out / "comparison.md").read_text()
     assert "| resnet50 | 0.942 |" in report  # the paper's figure beside ours
     assert "## ensemble: per class" in report
+    assert f"mean per-fold macro-F1 **{bar:.3f}**" in report
+    assert "vgg19 " in report
+    assert "**does not beat it**" in report
+    assert "resnet50 started from random initialisation" in report
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"resnet50", "vgg19", "ensemble"}
+    assert set(metrics) == {"baseline", "resnet50", "vgg19", "ensemble"}
     logged = mlflow.get_run(run_ids["resnet50"])
     assert "oof_ece_after" in logged.data.metrics
+    assert logged.data.tags["bonetumor.beats_baseline"] == "True"
+    assert mlflow.get_run(run_ids["baseline"]).data.tags["bonetumor.rank"] == "baseline"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_ids["resnet50"], "evaluation")}
     assert "evaluation/resnet50_reliability.png" in artifacts

@@ -15,6 +15,7 @@ from bonetumor.errors import ArtifactError
 from bonetumor.explain import gradcam_gallery, gradcam_heatmaps, overlay, select_gallery_tiles
 from bonetumor.models import build_model
 from bonetumor.preprocess import build_eval_transform
+from bonetumor.tta import TestTimeAugmented, TestTimeViews
 
 #: Input side of the tests. ResNet50's layer4 downsamples 32x: at 64 px its map is 2x2 (at 32 px, 1x1, a constant
 #: heatmap that Grad-CAM's min-max scaling turns into zeros).
@@ -24,12 +25,12 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 @pytest.fixture(scope="module")
 def transform() -> Transform:
-    return cast(Transform, build_eval_transform(PreprocessConfig(image_size=SIZE)))
+    return cast(Transform, build_eval_transform(PreprocessConfig(tile_size=SIZE, input_size=SIZE)))
 
 
 @pytest.fixture(scope="module")
 def small_transform() -> Transform:
-    return cast(Transform, build_eval_transform(PreprocessConfig(image_size=32)))
+    return cast(Transform, build_eval_transform(PreprocessConfig(tile_size=32, input_size=32)))
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,29 @@ def test_heatmap_mass_lies_where_the_decision_is_made(small_transform: Transform
     assert heatmap[:16, :].sum() / total == pytest.approx(0.5, abs=0.1)  # not transposed to top/bottom
     with pytest.raises(ValueError, match="target_layer"):
         gradcam_heatmaps(model, None, random_images(1), small_transform)
+
+
+def test_views_are_explained_for_the_tiles_answer_and_put_back_where_they_were_cut() -> None:
+    model = LeftHalfModel()
+    tile_transform = cast(Transform, build_eval_transform(PreprocessConfig(tile_size=40, input_size=32)))
+    views = TestTimeViews(tile_size=40, input_size=32, crops=5, flips=False)
+    images = random_images(2, seed=5)
+    heatmaps = gradcam_heatmaps(model, None, images, tile_transform, target_layer=model.mask, views=views)
+    assert [h.shape for h in heatmaps] == [(40, 40)] * 2  # the whole tile, not one crop
+    for heatmap in heatmaps:
+        # Each crop decides on its left 16 columns; the crops start at columns 0, 4 and 8, so tile columns
+        # 24..39 lie only in right halves and get no heat, and the merged map covers the left of the tile.
+        assert heatmap[:, 24:].max() == pytest.approx(0.0, abs=1e-6)
+        assert heatmap[:, :24].max() == pytest.approx(1.0)
+    # A wrapped model explains through its own views, the same way.
+    wrapped = gradcam_heatmaps(TestTimeAugmented(model, views), None, images, tile_transform, target_layer=model.mask)
+    for a, b in zip(heatmaps, wrapped, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    mirrored = gradcam_heatmaps(
+        model, None, images, tile_transform, target_layer=model.mask, views=TestTimeViews(40, 32, 5, flips=True)
+    )
+    # Mirrored views decide on their left half, which is the tile's right half: heat reaches the right edge.
+    assert all(h[:, 24:].max() > 0.1 for h in mirrored)
 
 
 def test_targets_default_to_the_prediction_and_work_inside_no_grad(small_transform: Transform) -> None:

@@ -24,9 +24,10 @@ from bonetumor.export import (
 )
 from bonetumor.inference import ModelMetadata, Predictor
 from bonetumor.preprocess import build_eval_transform
+from bonetumor.tta import TestTimeAugmented, TestTimeViews
 
 SIZE = 32
-PREPROCESS = PreprocessConfig(image_size=SIZE)
+PREPROCESS = PreprocessConfig(tile_size=SIZE, input_size=SIZE)
 
 
 def tiles(per_class: int, seed: int) -> tuple[list[Image.Image], list[int]]:
@@ -112,7 +113,15 @@ def test_export_onnx_restores_mode_and_writes_nothing_when_verification_fails(tm
 def test_onnx_classifier_gives_the_probabilities_of_the_torch_predictor(trained: nn.Module, onnx_file: Path) -> None:
     images, _ = tiles(3, seed=1)
     metadata = ModelMetadata(
-        arch="tiny", classes=CLASSES, image_size=SIZE, mean=PREPROCESS.mean, std=PREPROCESS.std, dropout=0.0
+        arch="tiny",
+        classes=CLASSES,
+        tile_size=SIZE,
+        input_size=SIZE,
+        mean=PREPROCESS.mean,
+        std=PREPROCESS.std,
+        dropout=0.0,
+        test_crops=1,
+        test_flips=False,
     )
     answers = Predictor(trained, metadata).predict_images(images)
     expected = np.array([[a["probabilities"][c] for c in CLASSES] for a in answers])
@@ -124,6 +133,28 @@ def test_onnx_classifier_gives_the_probabilities_of_the_torch_predictor(trained:
     np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     assert classifier.predict_proba([]).shape == (0, len(CLASSES))
+
+
+def test_the_exported_graph_averages_the_test_time_views_as_torch_does(trained: nn.Module, tmp_path: Path) -> None:
+    # The served ONNX/INT8 files take whole tiles and cut and average the views inside the graph.
+    views = TestTimeViews(tile_size=40, input_size=SIZE, crops=5, flips=True)
+    wrapped = TestTimeAugmented(trained, views).eval()
+    path = export_onnx(wrapped, 40, tmp_path / "views.onnx")
+    transform = build_eval_transform(PreprocessConfig(tile_size=40, input_size=SIZE))
+    images, _ = tiles(3, seed=6)
+    batch = torch.stack([transform(im) for im in images])
+    with torch.no_grad():
+        expected = torch.softmax(wrapped(batch), 1).numpy()
+        one_view = torch.softmax(trained(batch[:, :, 4:36, 4:36]), 1).numpy()
+    probs = OnnxClassifier(path, CLASSES, transform, threads=1).predict_proba(images)
+    np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+    assert not np.allclose(probs, one_view, atol=1e-3)  # ten views, not the centre crop alone
+    int8 = quantize_int8(path, tmp_path / "views.int8.onnx", [b.numpy() for b in batch])
+    assert int8.method == "static_qdq"
+    assert (
+        agreement(expected, OnnxClassifier(int8.path, CLASSES, transform).predict_proba(images))["top1_agreement"]
+        >= 0.8
+    )
 
 
 def test_onnx_classifier_rejects_a_class_list_of_the_wrong_length(onnx_file: Path) -> None:

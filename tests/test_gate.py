@@ -19,15 +19,38 @@ from bonetumor.registry import STATUS_TAG, champion_metrics, log_and_register, p
 from bonetumor.tracking import setup_mlflow
 
 
-def metrics(f1: float, met: bool = True, data: str = "d1", folds: str = "f1", version: str = "") -> GateMetrics:
-    return GateMetrics(version, f1, 0.96 if met else 0.5, met, data, folds)
+def metrics(
+    f1: float,
+    met: bool = True,
+    data: str = "d1",
+    folds: str = "f1",
+    version: str = "",
+    baseline: float | None = 0.4,
+) -> GateMetrics:
+    beats = None if baseline is None else f1 > baseline
+    return GateMetrics(version, f1, 0.96 if met else 0.5, met, data, folds, baseline, beats)
 
 
-def test_first_model_is_champion_only_when_it_meets_the_recall_target() -> None:
+def test_first_model_is_champion_only_when_its_referral_rule_meets_the_targets() -> None:
     assert decide(metrics(0.5), None, 0.95, "Viable-Tumor").promote
     refused = decide(metrics(0.9, met=False), None, 0.95, "Viable-Tumor")
     assert not refused.promote
-    assert "Viable-Tumor recall of accepted out-of-fold predictions is 0.500, below the target 0.950" in refused.reason
+    assert "the referral rule refers every tile" in refused.reason
+    assert "Viable-Tumor recall (>= 0.950)" in refused.reason
+
+
+def test_a_model_that_does_not_beat_the_baseline_stays_challenger() -> None:
+    refused = decide(metrics(0.70, baseline=0.83), None, 0.95, "V")
+    assert not refused.promote
+    assert "does not beat the baseline's 0.8300" in refused.reason
+    # A tie is not a win; and without a baseline score the requirement cannot be met.
+    assert not decide(metrics(0.83, baseline=0.83), None, 0.95, "V").promote
+    assert "(not scored)" in decide(metrics(0.9, baseline=None), None, 0.95, "V").reason
+    # Switched off (register.require_beats_baseline: false), the other rules decide alone.
+    assert decide(metrics(0.70, baseline=0.83), None, 0.95, "V", require_beats_baseline=False).promote
+    winner = decide(metrics(0.90, baseline=0.83), None, 0.95, "V")
+    assert winner.promote
+    assert "baseline (colour-histogram random forest) 0.8300" in winner.reason
 
 
 def test_a_better_macro_f1_on_the_same_data_and_folds_wins() -> None:
@@ -50,7 +73,11 @@ def test_scores_on_other_data_or_folds_are_not_comparable(other: dict[str, str])
 def test_gate_tags_round_trip() -> None:
     original = metrics(0.8125, version="7")
     tags = original.to_tags("candidate")
+    assert tags[f"{GATE_PREFIX}candidate.beats_baseline"] == "True"
     assert GateMetrics.from_tags(tags, "7") == original
+    # A version registered before the baseline existed reads as not scored against it.
+    older = {k: v for k, v in tags.items() if "baseline" not in k}
+    assert GateMetrics.from_tags(older, "7") == metrics(0.8125, version="7", baseline=None)
     with pytest.raises(ArtifactError, match="no readable gate tags"):
         GateMetrics.from_tags({}, "7")
 

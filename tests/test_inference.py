@@ -1,4 +1,5 @@
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ from bonetumor.models import build_model
 from bonetumor.preprocess import build_eval_transform, decode_image
 
 
-def metadata(arch: str = "resnet50", size: int = 32) -> ModelMetadata:
+def metadata(arch: str = "resnet50", size: int = 40) -> ModelMetadata:
     return ModelMetadata(
         arch=arch,
         classes=CLASSES,
-        image_size=size,
+        tile_size=size,
+        input_size=32,
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
         dropout=0.5,
@@ -41,7 +43,7 @@ def test_bundle_round_trip_gives_identical_outputs(bundle: Path) -> None:
     assert meta == metadata()
 
 
-def test_predictor_uses_the_training_preprocessing(bundle: Path) -> None:
+def test_predictor_uses_the_training_preprocessing_and_the_test_time_views(bundle: Path) -> None:
     predictor = Predictor.from_bundle(bundle, name="m", version="7")
     tile = SAMPLE / "images" / "Viable-Tumor" / "Case-4-C29-29639-16570.jpg"
     answer = predictor.predict_bytes(tile.read_bytes())
@@ -49,11 +51,24 @@ def test_predictor_uses_the_training_preprocessing(bundle: Path) -> None:
     assert set(answer["probabilities"]) == set(CLASSES)
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert answer["model"] == {"name": "m", "version": "7"}
-    # Same numbers as running the model by hand on the shared eval transform.
-    x = build_eval_transform(metadata().preprocess)(decode_image(tile))[None]
+    # Same numbers as running the network by hand on the shared eval transform and the ten views.
+    network, meta = load_bundle(bundle)
+    x = build_eval_transform(meta.preprocess)(decode_image(tile))[None]
+    views = [x[:, :, t : t + 32, c : c + 32] for t, c in [(4, 4), (0, 0), (0, 8), (8, 0), (8, 8)]]
     with torch.no_grad():
-        expected = torch.softmax(predictor.model(x), dim=1)[0]
-    assert answer["probabilities"][answer["label"]] == pytest.approx(float(expected.max()), abs=1e-6)
+        logps = [torch.log_softmax(network(v), 1) for crop in views for v in (crop, torch.flip(crop, dims=[3]))]
+        expected = torch.softmax(torch.stack(logps).mean(0), dim=1)[0]
+    assert [answer["probabilities"][c] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_a_format_2_bundle_loads_as_one_view_of_its_image_size(bundle: Path) -> None:
+    raw = json.loads((bundle / "metadata.json").read_text())
+    for key in ("tile_size", "input_size", "test_crops", "test_flips"):
+        del raw[key]
+    raw.update(format_version=2, image_size=32)
+    (bundle / "metadata.json").write_text(json.dumps(raw))
+    _, meta = load_bundle(bundle)
+    assert (meta.tile_size, meta.input_size, meta.views.count) == (32, 32, 1)
 
 
 def test_predictor_accepts_png_and_tiff_and_refuses_junk(bundle: Path) -> None:

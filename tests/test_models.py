@@ -1,4 +1,6 @@
 import hashlib
+import logging
+import urllib.error
 from pathlib import Path
 from typing import cast
 
@@ -6,13 +8,16 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from bonetumor.errors import WeightsUnavailableError
+from bonetumor import models
+from bonetumor.errors import ConfigError, WeightsCorruptError, WeightsUnavailableError
 from bonetumor.models import (
     ARCHITECTURES,
+    OFFLINE_ENV,
     build_model,
     cam_layer,
     imagenet_weights_path,
     param_groups,
+    resolve_weights,
     set_trainable,
     trainable_parameters,
 )
@@ -62,7 +67,7 @@ def test_imagenet_without_the_file_says_how_to_provide_it(tmp_path: Path, monkey
     with pytest.raises(WeightsUnavailableError) as info:
         build_model("resnet50", 3, weights="imagenet")
     message = str(info.value)
-    assert "https://download.pytorch.org/models/resnet50-" in message
+    assert "bonetumor weights fetch resnet50" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
     assert "never downloads" in message
 
@@ -75,6 +80,73 @@ def test_imagenet_file_with_a_wrong_hash_is_refused(tmp_path: Path, monkeypatch:
     assert not hashlib.sha256(path.read_bytes()).hexdigest().startswith(path.stem.rsplit("-", 1)[1])
     with pytest.raises(WeightsUnavailableError, match="does not match the hash prefix"):
         build_model("resnet50", 3, weights="imagenet")
+
+
+def fabricated_imagenet_file(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A ResNet50 state dict saved under a torchvision-style name whose hash prefix fits its content."""
+    torch.manual_seed(3)
+    state = tvm.resnet50(weights=None).state_dict()
+    scratch = folder / "weights.pth"
+    torch.save(state, scratch)
+    digest = hashlib.sha256(scratch.read_bytes()).hexdigest()[:8]
+    path = folder / "hub" / "checkpoints" / f"resnet50-{digest}.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch.rename(path)
+    return path, state
+
+
+def test_auto_offline_falls_back_to_random_init_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with caplog.at_level(logging.WARNING, logger="bonetumor.models"):
+        init = resolve_weights("resnet50", "auto")
+    assert (init.source, init.fallback, init.state) == ("scratch", True, None)
+    assert init.tag == "scratch (no ImageNet weights available)"
+    assert len(caplog.records) == 1
+    assert "bonetumor weights fetch resnet50" in caplog.text
+    # Built from it, frozen layers make no sense: said plainly instead of training a random backbone's head.
+    assert build_model("resnet50", 3, weights=init).training
+    with pytest.raises(ConfigError, match="starts from random initialisation"):
+        build_model("resnet50", 3, weights=init, trainable="head")
+
+
+def test_auto_tries_torchvisions_download_and_falls_back_when_the_network_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    asked: list[str] = []
+
+    def offline(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        asked.append(url)
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with caplog.at_level(logging.WARNING, logger="bonetumor.models"):
+        init = resolve_weights("resnet50", "auto")
+    assert asked == [tvm.ResNet50_Weights.DEFAULT.url]  # torchvision's own URL, through torch.hub
+    assert init.fallback
+    assert "Name or service not known" in caplog.text
+
+
+def test_auto_uses_a_hash_checked_file_in_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, state = fabricated_imagenet_file(tmp_path)
+    monkeypatch.setattr(models, "imagenet_weights_path", lambda arch: path)
+    init = resolve_weights("resnet50", "auto")
+    assert (init.source, init.fallback, init.tag) == ("imagenet", False, f"imagenet ({path.name})")
+    model = build_model("resnet50", 3, weights=init)
+    assert torch.equal(model.state_dict()["conv1.weight"], state["conv1.weight"])
+    assert resolve_weights("resnet50", "imagenet").tag == init.tag  # strict mode finds the same file
+
+
+def test_auto_refuses_a_corrupt_file_in_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = fabricated_imagenet_file(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")  # same name, other content
+    monkeypatch.setattr(models, "imagenet_weights_path", lambda arch: path)
+    with pytest.raises(WeightsCorruptError, match=r"does not match the hash prefix.*bonetumor weights fetch"):
+        resolve_weights("resnet50", "auto")
 
 
 @pytest.mark.parametrize(("arch", "first_top", "cam_index"), [("vgg19", 28, 35), ("vgg19_bn", 40, 51)])

@@ -41,7 +41,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in tiny_params().items():
+    # The pruned VGG19 is off in the demo: on here, so that its outputs and evaluation are covered.
+    for section, values in tiny_params(candidates={"pruned_vgg19": True, "prune_finetune_steps": 1}).items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in (["git", "init", "-q"], ["git", "add", "-A"]):
@@ -61,6 +62,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def comparison_baseline(project: Path) -> float:
+    comparison = json.loads((project / "outputs" / "evaluate" / "comparison.json").read_text())
+    return float(comparison["baseline"]["fold_f1_macro_mean"])
+
+
 def test_every_stage_wrote_its_outputs(project: Path) -> None:
     out = project / "outputs"
     for path in (
@@ -76,6 +82,7 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
         "balance/fold-0/train_manifest.csv",
         "balance/full/train_manifest.csv",
         "train/runs.json",
+        "train/baseline/oof.csv",
         "train/resnet50/oof.csv",
         "train/vgg19/oof.csv",
         "train/vgg19_pruned/oof.csv",
@@ -96,15 +103,20 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
     # The resolved config is saved beside every output.
     for stage in ("ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register"):
         assert (out / stage / "config.resolved.yaml").is_file(), stage
-    for model in ("resnet50", "vgg19", "ensemble", "vgg19_pruned", "resnet50_int8", "vgg19_int8"):
+    models = ("baseline", "resnet50", "vgg19", "ensemble", "vgg19_pruned", "resnet50_int8", "vgg19_int8")
+    for model in models:
         for plot in ("confusion_matrix", "roc_pr", "reliability", "risk_coverage"):
             assert (out / "evaluate" / "plots" / f"{model}_{plot}.png").is_file(), (model, plot)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert {"resnet50", "vgg19", "ensemble", "vgg19_pruned", "resnet50_int8", "vgg19_int8"} <= set(metrics)
+    assert set(models) <= set(metrics)
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics.values())
-    assert all(m["cpu_ms_per_tile"] > 0 for m in metrics.values())
+    assert all(m["cpu_ms_per_tile"] > 0 for name, m in metrics.items() if name != "baseline")
     report = (out / "evaluate" / "comparison.md").read_text()
     assert "The paper's figures beside ours" in report
+    assert "Baseline to beat (baseline: colour histograms into a random forest, same folds)" in report
+    assert "`bonetumor.init = scratch (train.weights: none)`" in report
+    comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
+    assert set(comparison["beats_baseline"]) >= {"resnet50", "vgg19"}
     folds = json.loads((out / "split" / "folds.json").read_text())
     assert folds["n_folds"] == 2
     assert folds["group_by"] == "slide"
@@ -129,6 +141,8 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
         docs = {a.path for a in client.list_artifacts(info["run_id"], "data_validation/data_docs")}
         assert "data_validation/data_docs/index.html" in docs
         assert parent.data.tags["bonetumor.git_commit"].startswith(commit)
+        assert parent.data.tags["bonetumor.init"] == "scratch (train.weights: none)"
+        assert parent.data.tags["bonetumor.beats_baseline"] in ("True", "False")
         assert parent.data.params["split.n_folds"] == "2"
         assert "oof_f1_macro" in parent.data.metrics  # logged by the evaluate stage
         artifacts = {a.path for a in client.list_artifacts(info["run_id"], "evaluation")}
@@ -139,17 +153,24 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
         assert len(children) == 2
         for child in children:
             history = client.get_metric_history(child.info.run_id, "val_macro_f1")  # the early-stopping set
-            assert [m.step for m in history] == [1]
+            assert [m.step for m in history] == [1, 2]  # one point per evaluation, at its optimiser step
             assert 0.0 <= child.data.metrics["fold_macro_f1"] <= 1.0  # the fold's own validation tiles
 
     champion = json.loads((project / "outputs" / "register" / "champion.json").read_text())
     registered = client.get_model_version("bone-tumor-classifier", champion["version"])
-    # No champion existed: the gate promotes the first model only if its referral rule meets the recall target.
-    assert champion["alias"] == ("champion" if champion["gate"]["candidate"]["target_met"] else "challenger")
+    # No champion existed: the gate promotes the first model only if its referral rule meets its targets and it
+    # beats the baseline.
+    candidate = champion["gate"]["candidate"]
+    assert champion["alias"] == (
+        "champion" if candidate["target_met"] and candidate["beats_baseline"] else "challenger"
+    )
+    assert candidate["baseline_fold_f1_macro_mean"] == pytest.approx(comparison_baseline(project))
     assert registered.aliases == [champion["alias"]]
     assert registered.tags["bonetumor.gate.decision"] == champion["alias"]
     assert registered.tags["bonetumor.gate.reason"] == champion["gate"]["reason"]
     assert registered.tags["bonetumor.status"] == "ready"
+    assert registered.tags["bonetumor.init"] == "scratch (train.weights: none)"
+    assert registered.tags["bonetumor.temperature_at_bound"] in ("True", "False")
     assert registered.tags["bonetumor.dvc_data_md5"] == dvc_md5
     assert str(registered.version) == champion["version"]
     assert registered.run_id == champion["run_id"]
@@ -190,3 +211,6 @@ def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:
     if first["alias"] == "champion":
         assert "does not beat champion version" in tags["bonetumor.gate.reason"]
         assert tags["bonetumor.gate.champion.version"] == first["version"]
+    else:  # two steps of training: the tiny recipe loses to the baseline, or its rule refers every tile
+        reason = tags["bonetumor.gate.reason"]
+        assert "referral rule refers every tile" in reason or "does not beat the baseline's" in reason

@@ -25,7 +25,7 @@ def test_data_version_follows_the_tiles_not_their_paths(sample_copy: Path, tmp_p
 
 
 def test_a_stale_evaluation_never_registers(tmp_path: Path) -> None:
-    write_json(tmp_path / "train" / "runs.json", {"architectures": {"resnet50": {"run_id": "new", "refit_epochs": 1}}})
+    write_json(tmp_path / "train" / "runs.json", {"architectures": {"resnet50": {"run_id": "new", "refit_steps": 1}}})
     write_json(
         tmp_path / "evaluate" / "comparison.json",
         {"winner": "resnet50", "scores": {"resnet50": {}}, "cv_run_ids": {"resnet50": "old"}, "ranking": ["resnet50"]},

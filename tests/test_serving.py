@@ -48,13 +48,16 @@ def served_metadata() -> ModelMetadata:
         target_met=True,
     )
     return dataclasses.replace(
-        metadata(), stain=None if stain is None else stain.to_dict(), referral=referral.to_dict()
+        metadata(),
+        stain=None if stain is None else stain.to_dict(),
+        referral=referral.to_dict(),
+        provenance={"data_version": "abc", "init": "scratch (no ImageNet weights available)"},
     )
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """Register an (untrained, 32 px) model in a fresh sqlite registry and serve it; yields (URL, version)."""
+    """Register an (untrained, 40 px tiles, 32 px views) model in a fresh sqlite registry and serve it."""
     root = tmp_path_factory.mktemp("serving")
     (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "sqlite:///mlflow.db"}}))
     setup_mlflow(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db"), root)
@@ -146,8 +149,10 @@ def test_model_info_names_the_served_version_and_its_preprocessing(server: tuple
     info = requests.post(f"{url}/model_info", json={}, timeout=30).json()
     assert info["version"] == version
     assert info["classes"] == list(CLASSES)
-    assert info["image_size"] == 32
-    assert info["provenance"] == {"data_version": "abc"}
+    assert (info["tile_size"], info["input_size"]) == (40, 32)
+    assert info["test_time_views"] == {"tile_size": 40, "input_size": 32, "crops": 5, "flips": True, "count": 10}
+    assert info["init"] == "scratch (no ImageNet weights available)"
+    assert info["provenance"]["data_version"] == "abc"
     assert info["stain_normalization"] == "reinhard"
     assert info["referral"]["confidence_threshold"] == REFER_BELOW
     assert info["referral"]["temperature"] == 1.5

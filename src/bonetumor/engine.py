@@ -14,8 +14,8 @@ The recipe of :func:`fit`, driven by ``Config.train``:
   ``constant`` (linear warm-up). The schedule spans
   ``schedule_steps`` (default ``steps``): the refit stops earlier than the folds but sees the same rates.
 - Early stopping: every ``eval_every`` steps the model, with its test-time views (:mod:`bonetumor.tta`), predicts
-  the early-stopping set; the best evaluation by ``monitor`` is kept, and ``patience`` evaluations without
-  improvement stop the run, never during warm-up or the head phase.
+  the early-stopping set; the best evaluation by ``monitor`` after the warm-up is kept, and ``patience``
+  evaluations without improvement stop the run, never during warm-up or the head phase.
 - Two-phase fine-tuning (``head_steps > 0``, needs ``fit(..., arch=...)``): steps ``1..head_steps`` train the head
   only, at ``lr``; from step ``head_steps + 1`` the layers that ``trainable`` names are unfrozen too and learn at
   ``lr * finetune_lr_factor`` while the head keeps ``lr``. One optimiser holds both groups from the start; frozen
@@ -645,12 +645,15 @@ def fit(
                 _train_mode(model)
             stats["seconds"] = time.monotonic() - started
             state.history.append(stats)
-            improved = val_set is None or _improved(stats, state.best, config.monitor)
+            # An evaluation inside the warm-up is logged but never chosen: weights taken at a still-rising rate
+            # are no model to keep, and a 5-tile early-stopping set would pick one by luck.
+            eligible = step > warmup or step == steps
+            improved = eligible and (val_set is None or _improved(stats, state.best, config.monitor))
             if improved:
                 state.best, state.stale, state.best_step = stats, 0, step
                 if val_set is not None:  # without validation the last step is kept: nothing to restore
                     state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            else:
+            elif eligible:
                 state.stale += 1
             stop = (
                 val_set is not None

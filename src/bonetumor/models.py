@@ -194,8 +194,9 @@ def _load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsUnavailableError(
             f"train.weights=imagenet: the ImageNet weights of {arch} are not at {path}, and `imagenet` never "
-            f"downloads. Run `bonetumor weights fetch {arch}` on a machine with internet and copy the file to "
-            f"{path} (or point TORCH_HOME at a folder whose hub/checkpoints/ holds it), use train.weights: auto "
+            f"downloads. Run `bonetumor weights fetch {arch}` (or download {url}) on a machine with internet and "
+            f"copy the file to {path} (or point TORCH_HOME at a folder whose hub/checkpoints/ holds it), use "
+            f"train.weights: auto "
             f"(downloads when online, else trains from scratch), or set train.weights to a file path (use {{arch}} "
             f"in the path for one file per architecture)."
         )
