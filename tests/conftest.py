@@ -137,6 +137,7 @@ def plain_policy(**fields: object) -> AugmentPolicy:
         "zoom_max": 1.0,
         "hed_jitter": 0.0,
         "color_jitter": 0.0,
+        "hue_jitter": 0.0,
         "stain_normalization": "none",
     }
     return AugmentPolicy(**{**base, **fields})  # type: ignore[arg-type]

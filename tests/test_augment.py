@@ -64,6 +64,7 @@ def test_policy_digest_covers_every_field() -> None:
         {"stain_normalization": "reinhard"},
         {"rotate90": True},
         {"color_jitter": 0.1},
+        {"hue_jitter": 0.05},
     ):
         assert base.digest() != AugmentPolicy(**{**asdict(base), **change}).digest()
     text = describe(AugmentPolicy(**{**asdict(base), "hed_jitter": 0.03, "stain_normalization": "reinhard"}))

@@ -148,7 +148,8 @@ def test_the_exported_graph_averages_the_test_time_views_as_torch_does(trained: 
         one_view = torch.softmax(trained(batch[:, :, 4:36, 4:36]), 1).numpy()
     probs = OnnxClassifier(path, CLASSES, transform, threads=1).predict_proba(images)
     np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
-    assert not np.allclose(probs, one_view, atol=1e-3)  # ten views, not the centre crop alone
+    # Ten views, not the centre crop alone (compared as log-probabilities: the trained model is very sure).
+    assert np.abs(np.log(probs) - np.log(one_view)).max() > 0.05
     int8 = quantize_int8(path, tmp_path / "views.int8.onnx", [b.numpy() for b in batch])
     assert int8.method == "static_qdq"
     assert (

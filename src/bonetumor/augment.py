@@ -58,7 +58,7 @@ PREVIEW_STAIN_TILES = 64
 class AugmentPolicy:
     """The augmentation of training tiles, after the stain normalisation and resize every tile gets.
 
-    In order: free rotation, scaled random crop, flips, 90-degree rotation, HED jitter, colour jitter.
+    In order: free rotation, scaled random crop, flips, 90-degree rotation, HED jitter, colour and hue jitter.
 
     Attributes:
         rotation_degrees: Uniform random rotation of the tile in +/- this many degrees (corners white); 0 = off.
@@ -68,6 +68,7 @@ class AugmentPolicy:
         zoom_max: The crop covers ``input_size * z`` tile pixels, ``z`` log-uniform in ``[1/zoom_max, zoom_max]``.
         hed_jitter: Strength of the HED stain jitter (:class:`bonetumor.stain.HedJitter`); 0 = off.
         color_jitter: Brightness, contrast and saturation jitter strength; 0 = off.
+        hue_jitter: Hue jitter, share of the colour circle; 0 = off.
         stain_normalization: ``none``, ``reinhard`` or ``macenko``: which normaliser training fits on each fold's
             training tiles and applies first (deterministic, also at evaluation and serving time).
     """
@@ -79,6 +80,7 @@ class AugmentPolicy:
     zoom_max: float
     hed_jitter: float = 0.0
     color_jitter: float = 0.0
+    hue_jitter: float = 0.0
     stain_normalization: str = "none"
 
     @classmethod
@@ -92,6 +94,7 @@ class AugmentPolicy:
             config.zoom_max,
             config.hed_jitter,
             config.color_jitter,
+            config.hue_jitter,
             config.stain_normalization,
         )
 
@@ -214,9 +217,16 @@ def augmentation_ops(policy: AugmentPolicy, input_size: int) -> list[Callable[[A
     ops = geometric_ops(policy, input_size)
     if policy.hed_jitter > 0:
         ops.append(HedJitter(policy.hed_jitter))
-    if policy.color_jitter > 0:
+    if policy.color_jitter > 0 or policy.hue_jitter > 0:
         strength = policy.color_jitter
-        ops.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
+        ops.append(
+            v2.ColorJitter(
+                brightness=strength or None,
+                contrast=strength or None,
+                saturation=strength or None,
+                hue=policy.hue_jitter or None,
+            )
+        )
     return ops
 
 
@@ -386,6 +396,7 @@ def describe(policy: AugmentPolicy) -> str:
     """Return a one-line human description of a policy."""
     jitter = f"HED jitter +/-{policy.hed_jitter:g}" if policy.hed_jitter > 0 else "no HED jitter"
     colour = f"colour jitter +/-{policy.color_jitter:g}" if policy.color_jitter > 0 else "no colour jitter"
+    colour += f", hue jitter +/-{policy.hue_jitter:g}" if policy.hue_jitter > 0 else ""
     rotation = f"rotation +/-{policy.rotation_degrees:g} deg, " if policy.rotation_degrees > 0 else ""
     return (
         f"stain normalisation {policy.stain_normalization}, random crops with scale jitter {policy.zoom_max:g}x, "

@@ -261,6 +261,29 @@ def register(
 
 
 @app.command()
+def report(
+    outputs: Annotated[Path, typer.Option(help="The pipeline's output folder.")] = OUT,
+    readme: Annotated[
+        Path | None, typer.Option(help="Write the figures into this README's measured block instead of printing.")
+    ] = None,
+    demo_time: Annotated[
+        str | None, typer.Option(help="Measured `time make pipeline` to quote, e.g. '12 min'.")
+    ] = None,
+) -> None:
+    """Print the run's measured figures as Markdown (or write them into the README), from the outputs only."""
+    from bonetumor.report import measured_markdown, update_readme
+
+    def stage() -> None:
+        block = measured_markdown(outputs, demo_time)
+        if readme is None:
+            typer.echo(block, nl=False)
+        else:
+            typer.echo(f"figures of {outputs} -> {update_readme(readme, block)}")
+
+    _run(stage)
+
+
+@app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="Registered model version to serve.")],
     reason: Annotated[str, typer.Option(help="Why (recorded on the version for the audit trail).")],

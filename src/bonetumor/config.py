@@ -90,7 +90,7 @@ class PreprocessConfig:
     Every tile is cropped to its centred square and resized to ``tile_size``: that fixes the physical scale a
     pixel stands for. The network sees ``input_size`` crops of it: random crops in training, and at evaluation
     and serving time a fixed set of crops (``test_crops``, each mirrored with ``test_flips``) whose
-    log-probabilities are averaged (:mod:`bonetumor.tta`).
+    probabilities are averaged (:mod:`bonetumor.tta`).
 
     Attributes:
         tile_size: Side in pixels every tile is resized to (the paper feeds 224 px whole tiles).
@@ -187,6 +187,7 @@ class AugmentConfig:
         hed_jitter: Strength of H&E stain augmentation: each of the haematoxylin, eosin and DAB channels (colour
             deconvolution) is scaled by 1 +/- and shifted by +/- this amount (0 = off).
         color_jitter: Brightness, contrast and saturation jitter, +/- this share (0 = off).
+        hue_jitter: Hue jitter, +/- this share of the colour circle (0 = off; at most 0.5).
         stain_normalization: ``none``, ``reinhard`` or ``macenko``. The target stain is fitted on the training
             tiles only (each fold's, and all training tiles for the final model), stored with the model, and
             applied to every tile in training, evaluation and serving.
@@ -202,6 +203,7 @@ class AugmentConfig:
     zoom_max: Annotated[float, Field(ge=1.0, le=4.0)] = 1.15
     hed_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
     color_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    hue_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
     stain_normalization: Literal["none", "reinhard", "macenko"] = "macenko"
     preview_tiles: PositiveInt = 6
     preview_samples: PositiveInt = 5

@@ -9,9 +9,9 @@ The recipe of :func:`fit`, driven by ``Config.train``:
   fresh shuffles of the training set (:class:`StepBatchSampler`), so the batch of step ``s`` depends only on the
   seed and ``s``. That is what makes a resumed run exact, and a recipe independent of how many tiles a fold has.
 - AdamW (or Adam) with label smoothing and optional gradient-norm clipping (``grad_clip``); the learning rate
-  follows ``scheduler`` per step: ``onecycle`` (cosine warm-up from lr/25 to lr over ``warmup_fraction`` of the
-  steps, then cosine annealing to lr/250000, as torch's OneCycleLR), ``cosine`` (linear warm-up, cosine to 0) or
-  ``constant`` (linear warm-up). The schedule spans
+  follows ``scheduler`` per step: ``onecycle`` (torch's OneCycleLR: cosine warm-up from lr/25 to lr over
+  ``warmup_fraction`` of the steps, then cosine annealing to lr/250000, with Adam's beta1 cycled the other way),
+  ``cosine`` (linear warm-up, cosine to 0) or ``constant`` (linear warm-up). The schedule spans
   ``schedule_steps`` (default ``steps``): the refit stops earlier than the folds but sees the same rates.
 - Early stopping: every ``eval_every`` steps the model, with its test-time views (:mod:`bonetumor.tta`), predicts
   the early-stopping set; the best evaluation by ``monitor`` after the warm-up is kept, and ``patience``
@@ -295,7 +295,7 @@ def predict_logits(
 ) -> np.ndarray:
     """Return the model's logits for every item of ``dataset``, in order (N, classes).
 
-    With ``views`` the model is run on each tile's test-time views and returns their mean log-probabilities
+    With ``views`` the model is run on each tile's test-time views and returns the log of their mean probabilities
     (:class:`bonetumor.tta.TestTimeAugmented`; a model already wrapped is used as it is). Inputs follow the
     model's memory format, and on CUDA ``mixed_precision`` autocasts as in training; the logits are float32.
     """
@@ -338,6 +338,36 @@ def lr_multiplier(done: int, total: int, warmup: int, scheduler: str) -> float:
     if scheduler == "constant":
         return 1.0
     return _cosine(1.0, 0.0, (done - warmup) / max(total - warmup, 1))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, scheduler: str, schedule_steps: int, warmup: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Return the per-step learning-rate scheduler of ``train.scheduler`` over ``schedule_steps`` steps.
+
+    ``onecycle`` is torch's ``OneCycleLR`` itself (cosine phases, and Adam's beta1 cycled from 0.95 down to 0.85
+    and back, inversely to the rate), with its peak at ``warmup`` steps; each parameter group peaks at its own
+    rate (the head and the backbone of two-phase fine-tuning). ``cosine`` and ``constant`` follow
+    :func:`lr_multiplier`.
+
+    Raises:
+        ConfigError: Unknown scheduler.
+    """
+    # torch's phases need at least two warm-up steps and one after them; shorter schedules (tests, tiny demos)
+    # follow the same curve through lr_multiplier, without the momentum cycle.
+    if scheduler == "onecycle" and 2 <= warmup < schedule_steps:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=schedule_steps,
+            pct_start=warmup / schedule_steps,
+            div_factor=ONECYCLE_DIV,
+            final_div_factor=ONECYCLE_FINAL_DIV,
+        )
+    lr_multiplier(0, schedule_steps, warmup, scheduler)  # an unknown name fails here, before training
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: lr_multiplier(done, schedule_steps, warmup, scheduler)
+    )
 
 
 def warmup_steps(config: TrainConfig, schedule_steps: int) -> int:
@@ -530,9 +560,7 @@ def fit(
     if head_steps > 0 and arch is not None:
         set_trainable(model, arch, "head")
     optimizer = _optimizer(model, config, arch, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: lr_multiplier(done, schedule, warmup, config.scheduler)
-    )
+    scheduler = make_scheduler(optimizer, config.scheduler, schedule, warmup)
     dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     weights: torch.Tensor | None = None
