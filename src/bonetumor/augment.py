@@ -398,9 +398,10 @@ def describe(policy: AugmentPolicy) -> str:
     colour = f"colour jitter +/-{policy.color_jitter:g}" if policy.color_jitter > 0 else "no colour jitter"
     colour += f", hue jitter +/-{policy.hue_jitter:g}" if policy.hue_jitter > 0 else ""
     rotation = f"rotation +/-{policy.rotation_degrees:g} deg, " if policy.rotation_degrees > 0 else ""
+    crops = f"random crops with scale jitter {policy.zoom_max:g}x" if policy.zoom_max > 1 else "random crops"
     return (
-        f"stain normalisation {policy.stain_normalization}, random crops with scale jitter {policy.zoom_max:g}x, "
-        f"{rotation}{'90-degree rotations, ' if policy.rotate90 else ''}hflip p={policy.hflip_p:g}, "
+        f"stain normalisation {policy.stain_normalization}, {crops}, {rotation}"
+        f"{'90-degree rotations, ' if policy.rotate90 else ''}hflip p={policy.hflip_p:g}, "
         f"vflip p={policy.vflip_p:g}, {jitter}, {colour}"
     )
 
