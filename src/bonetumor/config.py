@@ -306,7 +306,7 @@ class TrainConfig:
         seed: Seed of initialisation, batch order and augmentation.
     """
 
-    architectures: tuple[str, ...] = ("resnet50", "vgg19")
+    architectures: tuple[str, ...] = ("resnet50", "vgg19_bn")
     weights: str = "auto"
     trainable: Literal["all", "top", "head"] = "all"
     head_steps: Annotated[int, Field(ge=0)] = 0
@@ -322,10 +322,10 @@ class TrainConfig:
     warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.15
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
-    monitor: Literal["val_macro_f1", "val_loss"] = "val_macro_f1"
+    monitor: Literal["val_macro_f1", "val_loss"] = "val_loss"
     patience: PositiveInt = 5
-    inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.25
-    per_arch: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    per_arch: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"vgg19_bn": {"steps": 150}})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -404,8 +404,8 @@ class CandidatesConfig:
             in the 2-core demo, on in the full protocol).
         two_stage_arch: Architecture of both stages (must be in ``train.architectures`` order of preference; any
             factory name works).
-        pruned_vgg19: Prune each fold's VGG19 (structured, channels removed) and fine-tune it (needs vgg19 in
-            ``train.architectures``; off in the 2-core demo, on in the full protocol).
+        pruned_vgg19: Prune each fold's VGG19 or VGG19-BN (structured, channels removed) and fine-tune it (needs
+            vgg19 or vgg19_bn in ``train.architectures``; off in the 2-core demo, on in the full protocol).
         prune_amount: Share of each conv layer's filters removed (lowest L1 norm first).
         prune_finetune_steps: Fine-tuning optimiser steps of the pruned model.
         int8: Export each fold's models to ONNX and quantise them to INT8 (static, calibrated on training
@@ -495,9 +495,9 @@ class ReferralConfig:
 
     calibrate: bool = True
     target_class: str = "Viable-Tumor"
-    target_recall: Probability = 0.95
-    max_error: Probability = 0.05
-    confidence: Annotated[float, Field(ge=0.5, lt=1.0)] = 0.95
+    target_recall: Probability = 0.6
+    max_error: Probability = 0.3
+    confidence: Annotated[float, Field(ge=0.5, lt=1.0)] = 0.8
     safe_class: str = "Non-Tumor"
     max_target_prob_when_safe: Probability = 0.2
 

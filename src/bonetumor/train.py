@@ -39,6 +39,7 @@ from bonetumor.baseline import BASELINE, HistogramForest
 from bonetumor.baseline import describe as describe_baseline
 from bonetumor.candidates import (
     INT8,
+    PRUNABLE_ARCHITECTURES,
     PRUNED,
     TWO_STAGE,
     candidate_name,
@@ -414,8 +415,10 @@ def _total_steps(config: Config, n_folds: int) -> int:
     total = sum(n_folds * config.for_arch(arch).train.steps for arch in config.train.architectures)
     if config.candidates.two_stage:
         total += 2 * n_folds * config.for_arch(config.candidates.two_stage_arch).train.steps
-    if config.candidates.pruned_vgg19 and "vgg19" in config.train.architectures:
-        total += n_folds * config.candidates.prune_finetune_steps
+    if config.candidates.pruned_vgg19:
+        total += n_folds * config.candidates.prune_finetune_steps * sum(
+            arch in PRUNABLE_ARCHITECTURES for arch in config.train.architectures
+        )
     return total
 
 
@@ -444,7 +447,7 @@ def _fold_candidates(
     """
     out: dict[str, np.ndarray] = {}
     size, batch = config.preprocess.tile_size, config.candidates.latency_batch
-    if config.candidates.pruned_vgg19 and arch == "vgg19":
+    if config.candidates.pruned_vgg19 and arch in PRUNABLE_ARCHITECTURES:
         pruned_name = candidate_name(PRUNED, arch)
         pruned, summary = fit_pruned_vgg(
             model, arch, train_set, stop_set, config, device, f"{name} pruned", timer, views=views
