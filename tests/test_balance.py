@@ -48,7 +48,7 @@ def test_balance_stage_marks_synthetic_tiles_and_keeps_them_out_of_validation(
     manifest = ingest(source, CLASSES, manifest_path)
     folds = make_folds(manifest, SplitConfig(n_folds=2), CLASSES)
     write_folds(folds, tmp_path / "folds.json", manifest_path)
-    config = Config.from_dict({"balance": {"steps": 5, "image_size": 16, "batch_size": 4}})
+    config = Config.from_dict({"balance": {"enabled": True, "steps": 5, "image_size": 16, "batch_size": 4}})
     summary = run_balance(config, manifest_path, tmp_path / "folds.json", tmp_path / "balance")
 
     assert set(summary["sets"]) == {"fold-0", "fold-1", "full"}

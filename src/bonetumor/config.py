@@ -325,7 +325,7 @@ class TrainConfig:
     monitor: Literal["val_macro_f1", "val_loss"] = "val_loss"
     patience: PositiveInt = 5
     inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
-    per_arch: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"vgg19_bn": {"steps": 150}})
+    per_arch: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"vgg19_bn": {"batch_size": 8}})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -409,7 +409,8 @@ class CandidatesConfig:
         prune_amount: Share of each conv layer's filters removed (lowest L1 norm first).
         prune_finetune_steps: Fine-tuning optimiser steps of the pruned model.
         int8: Export each fold's models to ONNX and quantise them to INT8 (static, calibrated on training
-            tiles), and score the quantised models too.
+            tiles), and score the quantised models too (off in the demo: a minute of its budget; the registered
+            model is exported either way, ``register.export_onnx``).
         calibration_tiles: Training tiles used to calibrate the INT8 quantisation.
         latency_batch: Batch size of the CPU latency measurement reported for every model.
     """
@@ -419,7 +420,7 @@ class CandidatesConfig:
     pruned_vgg19: bool = False
     prune_amount: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     prune_finetune_steps: PositiveInt = 60
-    int8: bool = True
+    int8: bool = False
     calibration_tiles: PositiveInt = 32
     latency_batch: PositiveInt = 8
 
@@ -513,12 +514,15 @@ class RegisterConfig:
         challenger_alias: Alias a new version gets when it does not beat the current champion.
         require_beats_baseline: A model whose mean per-fold macro-F1 does not beat the baseline's (on the same
             folds) becomes the challenger, never the champion.
+        export_onnx: Export the registered model to ONNX (FP32) and INT8 (static, calibrated on
+            ``candidates.calibration_tiles`` of its training tiles), for small machines.
     """
 
     model_name: Annotated[str, Field(min_length=1)] = "bone-tumor-classifier"
     alias: Annotated[str, Field(min_length=1)] = "champion"
     challenger_alias: Annotated[str, Field(min_length=1)] = "challenger"
     require_beats_baseline: bool = True
+    export_onnx: bool = True
 
 
 @dataclass(config=_STRICT)

@@ -781,9 +781,14 @@ def eval_dataset(
 
 
 def plot_history(histories: dict[str, list[dict[str, float]]], title: str, out_png: str | Path) -> Path:
-    """Plot per fold and evaluation step the training loss, and the loss and macro-F1 of the early-stopping set."""
+    """Plot per fold and evaluation step the training loss, and the early-stopping set's loss and macro-F1.
+
+    Without an early-stopping set (``train.inner_val_fraction: 0``) the right panel shows the learning rate of
+    each step instead, so the figure still says how the run went.
+    """
     fig = Figure(figsize=(10, 3.4))
-    ax_loss, ax_f1 = fig.subplots(1, 2)
+    ax_loss, ax_right = fig.subplots(1, 2)
+    with_val = any(history and "val_loss" in history[0] for history in histories.values())
     for name, history in histories.items():
         steps = [h["step"] for h in history]
         line = ax_loss.plot(steps, [h["train_loss"] for h in history], label=f"{name} train")[0]
@@ -795,11 +800,20 @@ def plot_history(histories: dict[str, list[dict[str, float]]], title: str, out_p
                 color=line.get_color(),
                 label=f"{name} early-stopping set",
             )
-            ax_f1.plot(steps, [h["val_macro_f1"] for h in history], color=line.get_color(), label=name)
+            ax_right.plot(steps, [h["val_macro_f1"] for h in history], color=line.get_color(), label=name)
+        elif not with_val:
+            ax_right.plot(steps, [h["lr"] for h in history], color=line.get_color(), label=name)
     ax_loss.set(xlabel="optimiser step", ylabel="cross-entropy", title="loss (training: label-smoothed)")
-    ax_f1.set(xlabel="optimiser step", ylabel="macro-F1", title="early-stopping set macro-F1", ylim=(0, 1.02))
+    if with_val:
+        ax_right.set(xlabel="optimiser step", ylabel="macro-F1", title="early-stopping set macro-F1", ylim=(0, 1.02))
+    else:
+        ax_right.set(
+            xlabel="optimiser step",
+            ylabel="learning rate",
+            title="learning rate (no early-stopping set: every step runs)",
+        )
     ax_loss.legend(fontsize=6)
-    ax_f1.legend(fontsize=6)
+    ax_right.legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -15,6 +15,7 @@ the whole tile at ``tile_size``.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,8 @@ def gradcam_gallery(
             axis.set_xticks([])
             axis.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=9)
+        # Wrapped to the figure's width: a long title is otherwise cut off at both edges.
+        fig.suptitle("\n".join(textwrap.wrap(title, width=60)), fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     return Path(out_png)

@@ -244,7 +244,7 @@ def run_registration(
                 referral=referral.to_dict(),
             )
             bundle = save_bundle(result.model, metadata, tmp / "bundle")
-            if config.candidates.int8:
+            if config.register.export_onnx:
                 # For small machines: the champion as ONNX (FP32) and INT8, beside the bundle, same preprocessing.
                 calibration = select_calibration_files(
                     real, config.candidates.calibration_tiles, seed=config.train.seed
@@ -263,7 +263,7 @@ def run_registration(
                 mlflow.log_artifacts(str(tmp / ONNX_DIR), ONNX_DIR)
             else:
                 (tmp / ONNX_DIR).mkdir()
-                (tmp / ONNX_DIR / "DISABLED.txt").write_text("candidates.int8 is false: no ONNX export\n")
+                (tmp / ONNX_DIR / "DISABLED.txt").write_text("register.export_onnx is false: no ONNX export\n")
             test = held_out_rows(manifest, folds)
             test_scores = None
             if len(test):

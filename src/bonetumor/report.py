@@ -62,11 +62,12 @@ def measured_markdown(outputs: str | Path, demo_time: str | None = None) -> str:
     n_folds = next(iter(scores.values()))["fold_summary"]["f1_macro"]["n"]
     lines = [
         f"Out-of-fold predictions of grouped {n_folds}-fold cross-validation on the sample (folds by slide); "
-        f"per-fold means with {level:.0%} t intervals over the folds, clipped to [0, 1].",
+        f"per-fold means with {level:.0%} t intervals over the folds, clipped to [0, 1]. CPU ms/tile: fold 0's model "
+        "with its test-time views, batch `candidates.latency_batch`, on the machine that ran the pipeline.",
         "",
         "| model | starting weights | OOF accuracy | OOF macro-F1 | per-fold macro-F1 | beats baseline "
-        "| referral coverage | accuracy of accepted |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| referral coverage | accuracy of accepted | CPU ms/tile |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in [*([baseline] if baseline else []), *ranking, *candidates]:
         s = scores[name]
@@ -78,7 +79,8 @@ def measured_markdown(outputs: str | Path, demo_time: str | None = None) -> str:
         lines.append(
             f"| {name} | {init.get(name, 'n/a' if name != baseline else '-')} | {_num(s['accuracy'])} | "
             f"{_num(s['f1_macro'])} | {_interval(s['fold_summary'].get('f1_macro'))} | {verdict} | "
-            f"{_num(referral.get('coverage'), 2)} | {_num(referral.get('accepted_accuracy'))} |"
+            f"{_num(referral.get('coverage'), 2)} | {_num(referral.get('accepted_accuracy'))} | "
+            f"{_num(s.get('cpu_ms_per_tile'), 1)} |"
         )
     winner = scores[ranking[0]]
     bounded = [n for n, s in scores.items() if s.get("calibration", {}).get("temperature_at_bound")]

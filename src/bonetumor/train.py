@@ -416,8 +416,10 @@ def _total_steps(config: Config, n_folds: int) -> int:
     if config.candidates.two_stage:
         total += 2 * n_folds * config.for_arch(config.candidates.two_stage_arch).train.steps
     if config.candidates.pruned_vgg19:
-        total += n_folds * config.candidates.prune_finetune_steps * sum(
-            arch in PRUNABLE_ARCHITECTURES for arch in config.train.architectures
+        total += (
+            n_folds
+            * config.candidates.prune_finetune_steps
+            * sum(arch in PRUNABLE_ARCHITECTURES for arch in config.train.architectures)
         )
     return total
 
