@@ -103,7 +103,9 @@ def synthetic_oof(seed: int, skill: float, n: int = 60) -> pd.DataFrame:
 
 
 def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> None:
-    config = Config.from_dict({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+    config = Config.from_dict(
+        {"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "train": {"architectures": ["resnet50", "vgg19"]}}
+    )
     setup_mlflow(config.tracking, tmp_path)
     train_dir = tmp_path / "train"
     run_ids = {}

@@ -54,6 +54,8 @@ from bonetumor.stats import summarise_folds
 from bonetumor.tracking import require_run, setup_mlflow
 from bonetumor.train import RUNS_FILE
 from bonetumor.utils import atomic_dir, read_json, write_json
+from bonetumor.utils import format_interval as _ci
+from bonetumor.utils import format_number as _fmt
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +158,6 @@ def ensemble_oof(oofs: dict[str, pd.DataFrame], classes: Sequence[str]) -> pd.Da
     for i, name in enumerate(classes):
         ensemble[f"logit_{name}"] = np.log(np.clip(probs[:, i], 1e-12, 1.0))
     return ensemble
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _ci(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "n/a"
-    if summary.get("ci_low") is None:
-        return f"{summary['mean']:.3f} (1 fold)"
-    return f"{summary['mean']:.3f} [{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]"
 
 
 def comparison_markdown(

@@ -9,30 +9,17 @@ comments of a README, so ``bonetumor report --readme README.md`` after a run kee
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from bonetumor.errors import ArtifactError
+from bonetumor.utils import format_interval as _interval
+from bonetumor.utils import format_number as _num
 from bonetumor.utils import read_json
 
 #: The README's block of figures lies between these two lines.
 BEGIN = "<!-- measured:begin (written by `bonetumor report --readme README.md`; do not edit by hand) -->"
 END = "<!-- measured:end -->"
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def _interval(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "n/a"
-    if summary.get("ci_low") is None:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} [{summary['ci_low']:.2f}, {summary['ci_high']:.2f}]"
 
 
 def measured_markdown(outputs: str | Path, demo_time: str | None = None) -> str:
@@ -78,7 +65,7 @@ def measured_markdown(outputs: str | Path, demo_time: str | None = None) -> str:
             verdict = "n/a" if name not in beats else "yes" if beats[name] else "**no**"
         lines.append(
             f"| {name} | {init.get(name, 'n/a' if name != baseline else '-')} | {_num(s['accuracy'])} | "
-            f"{_num(s['f1_macro'])} | {_interval(s['fold_summary'].get('f1_macro'))} | {verdict} | "
+            f"{_num(s['f1_macro'])} | {_interval(s['fold_summary'].get('f1_macro'), 2, '')} | {verdict} | "
             f"{_num(referral.get('coverage'), 2)} | {_num(referral.get('accepted_accuracy'))} | "
             f"{_num(s.get('cpu_ms_per_tile'), 1)} |"
         )

@@ -20,6 +20,25 @@ import numpy as np
 from bonetumor.errors import ArtifactError
 
 
+def format_number(value: float | None, digits: int = 3) -> str:
+    """Return ``value`` with ``digits`` decimals, or ``n/a`` for None and NaN (undefined metrics in reports)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def format_interval(summary: dict[str, Any] | None, digits: int = 3, single: str = " (1 fold)") -> str:
+    """Return a fold summary (:func:`bonetumor.stats.fold_summary`) as ``mean [low, high]``.
+
+    ``n/a`` without a mean; the mean and ``single`` when there is no interval (one fold).
+    """
+    if not summary or summary.get("mean") is None:
+        return "n/a"
+    if summary.get("ci_low") is None:
+        return f"{summary['mean']:.3f}{single}"
+    return f"{summary['mean']:.3f} [{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Return the hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
