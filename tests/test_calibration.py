@@ -294,12 +294,14 @@ def test_a_constant_predictor_refers_everything() -> None:
     # in 30 accepted tiles is far above any useful error target, so nothing is accepted.
     labels = np.repeat([NT, NVT, VT], 10)
     logits = np.tile(np.log([[0.3, 0.3, 0.4]]), (30, 1))
-    chosen = choose_referral(logits, labels, CLASSES, ReferralConfig())
-    assert chosen.refers_everything
-    assert not chosen.target_met
-    _, refer, reasons = chosen.decide_batch(chosen.calibrated_probs(logits))
-    assert refer.all()
-    assert "error rate <= 0.05" in reasons[0]
+    clinical = ReferralConfig(max_error=0.05, target_recall=0.95, confidence=0.95)
+    for config in (ReferralConfig(), clinical):  # the sample's targets and the full protocol's
+        chosen = choose_referral(logits, labels, CLASSES, config)
+        assert chosen.refers_everything
+        assert not chosen.target_met
+        _, refer, reasons = chosen.decide_batch(chosen.calibrated_probs(logits))
+        assert refer.all()
+        assert f"error rate <= {config.max_error:g}" in reasons[0]
 
 
 def test_choose_referral_lower_goal_accepts_everything_but_safe_rule() -> None:

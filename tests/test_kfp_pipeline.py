@@ -36,7 +36,13 @@ EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
 }
 
 #: Small enough for about a minute on 2 CPU cores: the shared tiny params, one architecture.
-TINY_PARAMS: dict[str, Any] = tiny_params(train={"architectures": ["resnet50"]})
+#: Two optimiser steps cannot beat the baseline or meet referral targets; the gate is tested elsewhere (DVC run,
+#: test_gate), so here it is opened, and the run must end with a champion the registry serves.
+TINY_PARAMS: dict[str, Any] = tiny_params(
+    train={"architectures": ["resnet50"]},
+    register={"require_beats_baseline": False},
+    referral={"max_error": 1.0, "target_recall": 0.0, "confidence": 0.5},
+)
 
 
 def _spec() -> dict[str, Any]:

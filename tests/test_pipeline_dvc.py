@@ -115,7 +115,8 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
     report = (out / "evaluate" / "comparison.md").read_text()
     assert "The paper's figures beside ours" in report
     assert "Baseline to beat (baseline: colour histograms into a random forest, same folds)" in report
-    assert "`bonetumor.init = scratch (train.weights: none)`" in report
+    # Offline, train.weights auto fell back to random initialisation, and the report says so.
+    assert "`bonetumor.init = scratch (no ImageNet weights available)`" in report
     comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
     assert set(comparison["beats_baseline"]) >= {"resnet50", "vgg19"}
     folds = json.loads((out / "split" / "folds.json").read_text())
@@ -142,7 +143,7 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
         docs = {a.path for a in client.list_artifacts(info["run_id"], "data_validation/data_docs")}
         assert "data_validation/data_docs/index.html" in docs
         assert parent.data.tags["bonetumor.git_commit"].startswith(commit)
-        assert parent.data.tags["bonetumor.init"] == "scratch (train.weights: none)"
+        assert parent.data.tags["bonetumor.init"] == "scratch (no ImageNet weights available)"
         assert parent.data.tags["bonetumor.beats_baseline"] in ("True", "False")
         assert parent.data.params["split.n_folds"] == "2"
         assert "oof_f1_macro" in parent.data.metrics  # logged by the evaluate stage
@@ -170,7 +171,7 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
     assert registered.tags["bonetumor.gate.decision"] == champion["alias"]
     assert registered.tags["bonetumor.gate.reason"] == champion["gate"]["reason"]
     assert registered.tags["bonetumor.status"] == "ready"
-    assert registered.tags["bonetumor.init"] == "scratch (train.weights: none)"
+    assert registered.tags["bonetumor.init"] == "scratch (no ImageNet weights available)"
     assert registered.tags["bonetumor.temperature_at_bound"] in ("True", "False")
     assert registered.tags["bonetumor.dvc_data_md5"] == dvc_md5
     assert str(registered.version) == champion["version"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -31,12 +32,15 @@ def _convs(model: nn.Module) -> list[nn.Conv2d]:
 
 
 @pytest.mark.parametrize("arch", ["vgg19", "vgg19_bn"])
-def test_prune_vgg19_shrinks_model_and_round_trips_through_channel_plan(arch: str) -> None:
+def test_prune_vgg19_shrinks_model_and_round_trips_through_channel_plan(arch: str, tmp_path: Path) -> None:
     if arch not in ARCHITECTURES:
         pytest.skip(f"{arch} is not in bonetumor.models.ARCHITECTURES")
     torch.manual_seed(0)
-    # trainable="top" freezes most layers: pruning must still reach them and keep the flags.
-    model = build_model(arch, 3, dropout=0.3, trainable="top")
+    # trainable="top" freezes most layers: pruning must still reach them and keep the flags. Frozen layers need
+    # "pretrained" weights: a saved random backbone stands in for ImageNet's.
+    weights = tmp_path / f"{arch}.pth"
+    torch.save(ARCHITECTURES[arch].build().state_dict(), weights)
+    model = build_model(arch, 3, dropout=0.3, weights=str(weights), trainable="top")
     flags = [p.requires_grad for p in model.parameters()]
     x = torch.randn(2, 3, 32, 32)
 

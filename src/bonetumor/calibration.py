@@ -814,11 +814,12 @@ def referral_summary(policy: ReferralPolicy, probs: np.ndarray, labels: np.ndarr
 def plot_risk_coverage(
     probs: np.ndarray, labels: np.ndarray, policy: ReferralPolicy, title: str, out_png: str | Path
 ) -> Path:
-    """Plot risk against coverage and the target recall against coverage, marking the policy's operating point.
+    """Plot risk and target recall against coverage, with the conservative bounds the rule decides on.
 
     Left: error rate among accepted tiles against coverage, for the confidence threshold alone and with the
-    safe-class rule. Right: recall of ``target_class`` among accepted tiles against coverage (with the safe-class
-    rule), with the goal as a horizontal line. The star is the policy on these tiles.
+    safe-class rule, the Clopper-Pearson upper bound (at the policy's confidence) of the latter, and the policy's
+    ``max_error``. Right: recall of ``target_class`` among accepted tiles against coverage (with the safe-class
+    rule), its Clopper-Pearson lower bound, and the goal. The star is the policy on these tiles.
 
     Args:
         probs: **Calibrated** probabilities, shape ``(n, len(classes))``.
@@ -843,22 +844,47 @@ def plot_risk_coverage(
         if summary["accepted"]
         else "policy: every tile referred"
     )
+    with_rule = sweep["accepted"] > 0
+    accepted = sweep["accepted"][with_rule]
+    errors = accepted - np.nan_to_num(sweep["accuracy"][with_rule] * accepted)
+    error_bound = clopper_pearson_upper(errors, accepted, policy.confidence)
+    target_total = sweep["target_total"][with_rule]
+    recall_bound = clopper_pearson_lower(
+        np.nan_to_num(sweep["target_recall"][with_rule] * target_total), target_total, policy.confidence
+    )
+    level = f"{policy.confidence:.0%}"
     fig = Figure(figsize=(10, 4.4))
     left, right = fig.subplots(1, 2)
     left.plot(coverage, risk, drawstyle="steps-post", label="confidence threshold only")
-    with_rule = sweep["accepted"] > 0
     left.plot(
         sweep["coverage"][with_rule],
         1.0 - sweep["accuracy"][with_rule],
         drawstyle="steps-post",
         label=f"with the {policy.safe_class} rule",
     )
+    left.plot(
+        sweep["coverage"][with_rule],
+        error_bound,
+        drawstyle="steps-post",
+        linestyle=":",
+        color="tab:orange",
+        label=f"its upper bound (Clopper-Pearson, {level})",
+    )
+    left.axhline(policy.max_error, color="tab:red", linestyle="--", label=f"max error {policy.max_error:g}")
     right.plot(
         sweep["coverage"][with_rule],
         sweep["target_recall"][with_rule],
         drawstyle="steps-post",
         color="tab:orange",
         label=f"{policy.target_class} recall among accepted",
+    )
+    right.plot(
+        sweep["coverage"][with_rule],
+        recall_bound,
+        drawstyle="steps-post",
+        linestyle=":",
+        color="tab:orange",
+        label=f"its lower bound (Clopper-Pearson, {level})",
     )
     right.axhline(policy.target_recall, color="tab:red", linestyle="--", label=f"goal {policy.target_recall:g}")
     if summary["accepted"]:
@@ -867,10 +893,10 @@ def plot_risk_coverage(
             right.plot(summary["coverage"], summary["accepted_target_recall"], "k*", markersize=14, label=point_label)
     else:
         left.plot([], [], "k*", label=point_label)
-    left.set(xlim=(0, 1.02), ylim=(0, None), xlabel="coverage (share of tiles accepted)", ylabel="risk (error rate)")
+    left.set(xlim=(0, 1.02), ylim=(0, 1.05), xlabel="coverage (share of tiles accepted)", ylabel="risk (error rate)")
     right.set(xlim=(0, 1.02), ylim=(0, 1.05), xlabel="coverage (share of tiles accepted)", ylabel="recall")
-    left.legend(fontsize=8)
-    right.legend(fontsize=8, loc="lower left")
+    left.legend(fontsize=7, loc="upper left")
+    right.legend(fontsize=7, loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
