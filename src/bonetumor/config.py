@@ -312,7 +312,7 @@ class TrainConfig:
     head_steps: Annotated[int, Field(ge=0)] = 0
     finetune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
-    steps: PositiveInt = 200
+    steps: PositiveInt = 160
     eval_every: PositiveInt = 20
     batch_size: Annotated[int, Field(ge=2)] = 16  # batch norm needs 2 or more
     optimizer: Literal["adamw", "adam"] = "adamw"

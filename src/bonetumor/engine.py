@@ -432,14 +432,14 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _write_checkpoint(path: Path, content: dict[str, Any]) -> None:
-    # Temporary file + rename: a run killed while writing leaves the previous checkpoint intact.
+    # Temporary file + rename: a run killed while writing leaves the previous checkpoint intact. No fsync: it
+    # tripled the cost of a write (1 s of every evaluation of a ResNet50 on 2 cores), and what it guards against,
+    # a power cut between write and flush, leaves an unreadable checkpoint that the next run detects and replaces.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
             torch.save(content, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
