@@ -325,7 +325,9 @@ class TrainConfig:
     monitor: Literal["val_macro_f1", "val_loss"] = "val_loss"
     patience: PositiveInt = 5
     inner_val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
-    per_arch: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"vgg19_bn": {"batch_size": 8}})
+    per_arch: dict[str, dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: {"vgg19_bn": {"batch_size": 8, "lr": 0.001}}
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] = 0
