@@ -34,10 +34,11 @@ from PIL import Image
 from torch import nn
 
 from bonetumor.config import PreprocessConfig
-from bonetumor.export import agreement, export_onnx, measure_latency, quantize_int8, softmax
-from bonetumor.models import build_model
-from bonetumor.preprocess import build_eval_transform, decode_image
-from bonetumor.pruning import prune_vgg
+from bonetumor.training.export import agreement, export_onnx, measure_latency, quantize_int8, softmax
+from bonetumor.training.models import build_model
+from bonetumor.training.pruning import prune_vgg
+from bonetumor.transforms.decode import decode_image
+from bonetumor.transforms.preprocess import build_eval_transform
 from bonetumor.utils import write_json
 
 #: Mean colours of generated tiles (pink stroma, purple necrosis, dark tumour nuclei), as in the test fixtures.

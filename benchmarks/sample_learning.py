@@ -2,8 +2,8 @@
 
 Grouped cross-validation as the pipeline does it (``split`` params: folds grouped by slide, the same seed), with
 the real pieces: each fold's Macenko (or other) stain target fitted on its training tiles, the early-stopping
-hold-out of training slides, :func:`bonetumor.engine.fit` on random crops, test-time views for the out-of-fold
-predictions, and :class:`bonetumor.baseline.HistogramForest` on the same folds. No MLflow, no GAN tiles
+hold-out of training slides, :func:`bonetumor.training.engine.fit` on random crops, test-time views for the out-of-fold
+predictions, and :class:`bonetumor.training.baseline.HistogramForest` on the same folds. No MLflow, no GAN tiles
 (``balance``), no near-duplicate clusters in the split (the validate stage finds none in the sample). Per model
 and seed it prints the mean per-fold macro-F1 (what the champion gate compares), the out-of-fold accuracy and
 macro-F1, and the seconds it took; then the mean and spread over seeds.
@@ -29,20 +29,20 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bonetumor.augment import AugmentPolicy
-from bonetumor.baseline import BASELINE, HistogramForest
 from bonetumor.config import Config
-from bonetumor.datasets import label_indices, split_tables
-from bonetumor.engine import eval_dataset, fit, predict_logits, select_device, training_dataset
-from bonetumor.ingest import ingest
-from bonetumor.manifest import resolve_paths
-from bonetumor.metrics import macro_f1
-from bonetumor.models import build_model, resolve_weights
+from bonetumor.data.datasets import label_indices, split_tables
+from bonetumor.data.ingest import ingest
+from bonetumor.data.manifest import resolve_paths
+from bonetumor.data.split import make_folds
+from bonetumor.evaluation.metrics import macro_f1
 from bonetumor.runtime import configure_process
-from bonetumor.split import make_folds
-from bonetumor.stain import fit_from_files
-from bonetumor.train import early_stopping_split
-from bonetumor.tta import TestTimeViews
+from bonetumor.training.baseline import BASELINE, HistogramForest
+from bonetumor.training.cross_validation import early_stopping_split
+from bonetumor.training.engine import eval_dataset, fit, predict_logits, select_device, training_dataset
+from bonetumor.training.models import build_model, resolve_weights
+from bonetumor.transforms.augment import AugmentPolicy
+from bonetumor.transforms.stain import fit_from_files
+from bonetumor.transforms.tta import TestTimeViews
 from bonetumor.utils import seed_everything
 
 

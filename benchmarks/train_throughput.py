@@ -1,7 +1,7 @@
 """Training throughput of the real loop against a bare forward+backward loop, per architecture and input size.
 
-Prints images/s of :func:`bonetumor.engine.fit` (JPEG decode, augmentation, preprocessing, loss, AdamW) and of a
-bare loop over tensors already in memory on the device (forward, cross-entropy, backward, Adam step), and their
+Prints images/s of :func:`bonetumor.training.engine.fit` (JPEG decode, augmentation, preprocessing, loss, AdamW) and of
+a bare loop over tensors already in memory on the device (forward, cross-entropy, backward, Adam step), and their
 ratio: the overhead of our loop. Tiles are generated (random 256 px JPEGs): this measures speed, not accuracy.
 
 ``--channels-last off on`` measures each memory format (``train.channels_last``; ``auto`` is what the engine
@@ -29,12 +29,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bonetumor.augment import AugmentPolicy
 from bonetumor.config import Config
-from bonetumor.datasets import TileDataset
-from bonetumor.engine import channels_last_enabled, fit, select_device, training_dataset
-from bonetumor.models import build_model
-from bonetumor.stain import fit_from_files
+from bonetumor.data.datasets import TileDataset
+from bonetumor.training.engine import channels_last_enabled, fit, select_device, training_dataset
+from bonetumor.training.models import build_model
+from bonetumor.transforms.augment import AugmentPolicy
+from bonetumor.transforms.stain import fit_from_files
 
 
 def make_tiles(folder: Path, count: int, seed: int = 0) -> list[Path]:

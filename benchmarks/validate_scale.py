@@ -2,7 +2,7 @@
 
 Generates N synthetic TCIA-named JPEG tiles once into a cache folder (smooth H&E-like pink/purple textures on
 white glass, a few near-blank tiles, a few exact and near duplicates), ingests them, then prints the seconds of:
-:func:`bonetumor.validate.validate_dataset` end to end without Data Docs (decode + suites + report: the figure
+:func:`bonetumor.data.validate.validate_dataset` end to end without Data Docs (decode + suites + report: the figure
 the < 60 s goal on 2 cores is about), decoding alone, the suites alone, the suites with Data Docs (so the Data
 Docs build alone is the difference), and the vectorised pairwise near-duplicate search alone.
 
@@ -28,9 +28,9 @@ import pandas as pd
 from PIL import Image
 
 from bonetumor.config import Config
+from bonetumor.data.ingest import ingest
+from bonetumor.data.validate import check_tiles, hamming_pairs, inspect_tiles, validate_dataset
 from bonetumor.errors import DataValidationError
-from bonetumor.ingest import ingest
-from bonetumor.validate import check_tiles, hamming_pairs, inspect_tiles, validate_dataset
 
 CLASSES = ("Non-Tumor", "Non-Viable-Tumor", "Viable-Tumor")
 #: Stain colours (RGB) tiles are painted with: eosin pink, haematoxylin purple, and a paler pink.

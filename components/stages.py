@@ -41,7 +41,7 @@ def ingest(source_dir: str, params: dict, dataset: Output[Dataset]) -> None:
     import os
 
     from bonetumor.config import Config
-    from bonetumor.ingest import run_ingest
+    from bonetumor.data.ingest import run_ingest
     from bonetumor.runtime import configure_process
 
     configure_process()
@@ -66,9 +66,9 @@ def validate(params: dict, dataset: Input[Dataset], report: Output[Artifact]) ->
     from pathlib import Path
 
     from bonetumor.config import Config
-    from bonetumor.manifest import MANIFEST_FILE
+    from bonetumor.data.manifest import MANIFEST_FILE
+    from bonetumor.data.validate import run_validation
     from bonetumor.runtime import configure_process
-    from bonetumor.validate import run_validation
 
     configure_process()
     config = Config.from_dict(params, source="pipeline params")
@@ -90,10 +90,10 @@ def split(params: dict, dataset: Input[Dataset], validation_report: Input[Artifa
     from pathlib import Path
 
     from bonetumor.config import Config
-    from bonetumor.manifest import MANIFEST_FILE
+    from bonetumor.data.manifest import MANIFEST_FILE
+    from bonetumor.data.split import run_split
+    from bonetumor.data.validate import TILES_FILE
     from bonetumor.runtime import configure_process
-    from bonetumor.split import run_split
-    from bonetumor.validate import TILES_FILE
 
     configure_process()
     config = Config.from_dict(params, source="pipeline params")
@@ -119,10 +119,10 @@ def augment(
     """
     from pathlib import Path
 
-    from bonetumor.augment import run_augment
     from bonetumor.config import Config
-    from bonetumor.manifest import MANIFEST_FILE
+    from bonetumor.data.manifest import MANIFEST_FILE
     from bonetumor.runtime import configure_process
+    from bonetumor.transforms.augment import run_augment
 
     configure_process()
     config = Config.from_dict(params, source="pipeline params")
@@ -142,11 +142,11 @@ def balance(params: dict, dataset: Input[Dataset], folds: Input[Artifact], balan
     """
     from pathlib import Path
 
-    from bonetumor.balance import run_balance
+    from bonetumor.balance.gan import run_balance
     from bonetumor.config import Config
-    from bonetumor.manifest import MANIFEST_FILE
+    from bonetumor.data.manifest import MANIFEST_FILE
+    from bonetumor.data.split import FOLDS_FILE
     from bonetumor.runtime import configure_process
-    from bonetumor.split import FOLDS_FILE
 
     configure_process()
     config = Config.from_dict(params, source="pipeline params")
@@ -187,12 +187,12 @@ def train(
     import os
     from pathlib import Path
 
-    from bonetumor.augment import POLICY_FILE
     from bonetumor.config import Config
-    from bonetumor.manifest import MANIFEST_FILE
+    from bonetumor.data.manifest import MANIFEST_FILE
+    from bonetumor.data.split import FOLDS_FILE
     from bonetumor.runtime import configure_process
-    from bonetumor.split import FOLDS_FILE
-    from bonetumor.train import run_cross_validation
+    from bonetumor.training.cross_validation import run_cross_validation
+    from bonetumor.transforms.augment import POLICY_FILE
 
     configure_process()
     if mlflow_tracking_uri:
@@ -241,7 +241,7 @@ def evaluate(
     from pathlib import Path
 
     from bonetumor.config import Config
-    from bonetumor.evaluate import COMPARISON_MD_FILE, run_evaluation
+    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, run_evaluation
     from bonetumor.runtime import configure_process
 
     configure_process()
@@ -291,12 +291,12 @@ def register(
     import os
     from pathlib import Path
 
-    from bonetumor.augment import POLICY_FILE
     from bonetumor.config import Config
-    from bonetumor.manifest import MANIFEST_FILE
-    from bonetumor.register import run_registration
+    from bonetumor.data.manifest import MANIFEST_FILE
+    from bonetumor.data.split import FOLDS_FILE
+    from bonetumor.registry.register import run_registration
     from bonetumor.runtime import configure_process
-    from bonetumor.split import FOLDS_FILE
+    from bonetumor.transforms.augment import POLICY_FILE
 
     configure_process()
     if mlflow_tracking_uri:

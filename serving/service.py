@@ -18,7 +18,7 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 
 from bonetumor.errors import InvalidImageError
-from bonetumor.registry import load_configured_predictor
+from bonetumor.registry.model_registry import load_configured_predictor
 
 #: Largest accepted upload. TCIA tiles are 1024 px JPEGs of well under 1 MB; whole-slide images do not belong here.
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024

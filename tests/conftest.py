@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonetumor.augment import AugmentPolicy
 from bonetumor.config import Config, load_config
+from bonetumor.serving.predictor import ModelMetadata
+from bonetumor.transforms.augment import AugmentPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
@@ -168,3 +169,18 @@ def venv_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def bundle_metadata(arch: str = "resnet50", size: int = 40) -> ModelMetadata:
+    """Metadata of a small test bundle (3 classes, ``size`` px tiles, 32 px crops)."""
+    return ModelMetadata(
+        arch=arch,
+        classes=CLASSES,
+        tile_size=size,
+        input_size=32,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        dropout=0.5,
+        provenance={"data_version": "abc"},
+        versions=ModelMetadata.current_versions(),
+    )

@@ -90,7 +90,7 @@ class PreprocessConfig:
     Every tile is cropped to its centred square and resized to ``tile_size``: that fixes the physical scale a
     pixel stands for. The network sees ``input_size`` crops of it: random crops in training, and at evaluation
     and serving time a fixed set of crops (``test_crops``, each mirrored with ``test_flips``) whose
-    probabilities are averaged (:mod:`bonetumor.tta`).
+    probabilities are averaged (:mod:`bonetumor.transforms.tta`).
 
     Attributes:
         tile_size: Side in pixels every tile is resized to (the paper feeds 224 px whole tiles).
@@ -264,7 +264,7 @@ class TrainConfig:
     shuffle of the training tiles whenever the previous one is used up.
 
     Attributes:
-        architectures: Names from :data:`bonetumor.models.ARCHITECTURES`, trained and compared in this order.
+        architectures: Names from :data:`bonetumor.training.models.ARCHITECTURES`, trained and compared in this order.
         weights: ``auto`` (ImageNet weights from TORCH_HOME, else downloaded by torchvision with its hash check,
             else random initialisation with a warning recorded on every run and model), ``imagenet`` (the same,
             but never falls back: no weights is an error), ``none`` (random init), or a path to a state-dict file
@@ -342,7 +342,7 @@ class TrainConfig:
     @classmethod
     def _known_architectures(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         # Imported here: models pulls in torchvision, which config users (the KFP compiler) should not pay for.
-        from bonetumor.models import ARCHITECTURES
+        from bonetumor.training.models import ARCHITECTURES
 
         unknown = [a for a in value if a not in ARCHITECTURES]
         if not value or unknown:
@@ -363,7 +363,7 @@ class TrainConfig:
     @field_validator("per_arch")
     @classmethod
     def _per_arch_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from bonetumor.models import ARCHITECTURES
+        from bonetumor.training.models import ARCHITECTURES
 
         allowed = (*PER_ARCH_TRAIN_FIELDS, *PER_ARCH_PREPROCESS_FIELDS)
         for arch, overrides in value.items():
@@ -429,7 +429,7 @@ class CandidatesConfig:
     @field_validator("two_stage_arch")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        from bonetumor.models import ARCHITECTURES
+        from bonetumor.training.models import ARCHITECTURES
 
         if value not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {value!r}; expected one of {sorted(ARCHITECTURES)}")

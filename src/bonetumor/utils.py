@@ -28,7 +28,7 @@ def format_number(value: float | None, digits: int = 3) -> str:
 
 
 def format_interval(summary: dict[str, Any] | None, digits: int = 3, single: str = " (1 fold)") -> str:
-    """Return a fold summary (:func:`bonetumor.stats.fold_summary`) as ``mean [low, high]``.
+    """Return a fold summary (:func:`bonetumor.evaluation.stats.fold_summary`) as ``mean [low, high]``.
 
     ``n/a`` without a mean; the mean and ``single`` when there is no interval (one fold).
     """

@@ -1,0 +1,35 @@
+"""What every command shares: default paths, the ``--params`` option, and the clean exit on expected errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bonetumor.config import Config, load_config
+from bonetumor.errors import BoneTumorError
+
+#: Default locations, the same as dvc.yaml's.
+OUT = Path("outputs")
+MANIFEST = OUT / "ingest" / "manifest.csv"
+FOLDS = OUT / "split" / "folds.json"
+POLICY = OUT / "augment" / "policy.json"
+TILES = OUT / "validate" / "tiles.csv"
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml; its folder is the project folder.")]
+
+
+def stage_config(params: Path) -> tuple[Config, Path]:
+    """Load params.yaml and return it with its folder, the project folder."""
+    return load_config(params), params.resolve().parent
+
+
+def run_stage(func: Callable[[], object]) -> None:
+    """Call a stage, turning expected errors into a clean exit."""
+    try:
+        func()
+    except BoneTumorError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from exc

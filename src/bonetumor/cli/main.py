@@ -1,0 +1,319 @@
+"""Command-line interface: one command per pipeline stage, each a thin call into the stage's function.
+
+DVC runs these commands (see dvc.yaml); people can too. Every command reads params.yaml (``--params``), and
+its default paths match dvc.yaml's. Errors that the package raises on purpose print as one clear message and
+exit with status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bonetumor.cli.common import FOLDS, MANIFEST, OUT, POLICY, TILES, ParamsOption, run_stage, stage_config
+from bonetumor.config import load_config
+from bonetumor.errors import InvalidImageError
+from bonetumor.runtime import configure_process
+
+app = typer.Typer(
+    name="bonetumor",
+    help="Osteosarcoma H&E tile classification: ingest, validate, split, augment, balance, train, evaluate, register.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+weights_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    archs: Annotated[
+        list[str] | None, typer.Argument(help="Architectures (default: every one train.architectures names).")
+    ] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Download torchvision's ImageNet weights (hash-checked) into TORCH_HOME, for air-gapped installs.
+
+    Run it where there is internet; copy the printed files to the same place under TORCH_HOME on the offline
+    machine. `train.weights: auto` and `imagenet` then find them there.
+    """
+    from bonetumor.training.models import fetch_imagenet_weights
+
+    def stage() -> None:
+        chosen = list(archs or []) or list(load_config(params).train.architectures)
+        for arch, path in zip(chosen, fetch_imagenet_weights(chosen), strict=True):
+            typer.echo(f"{arch}: {path} ({path.stat().st_size / 1e6:.0f} MB, hash checked)")
+        typer.echo(
+            "offline machines: copy these files to $TORCH_HOME/hub/checkpoints/ (default "
+            "~/.cache/torch/hub/checkpoints/); train.weights: auto or imagenet then use them"
+        )
+
+    run_stage(stage)
+
+
+def _add_subcommands() -> None:
+    # Imported here: the data commands pull in their own dependencies only when the app is built.
+    from bonetumor.cli.data import data_app
+
+    app.add_typer(data_app, name="data", help="Import and version data sets (Kaggle/TCIA downloads, folders, CSVs).")
+    app.add_typer(weights_app, name="weights", help="Pretrained weights: fetch ImageNet files ahead of time.")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    """Configure logging and switch telemetry off before any command runs."""
+    configure_process(verbose)
+
+
+@app.command()
+def ingest(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (manifest.csv).")] = OUT / "ingest",
+    copy_images: Annotated[bool, typer.Option(help="Copy tiles into the output folder.")] = False,
+) -> None:
+    """Scan data.source (one sub-folder per class) and write the tile manifest."""
+    from bonetumor.data.ingest import run_ingest
+
+    def stage() -> None:
+        config, project = stage_config(params)
+        frame = run_ingest(config, project, out, copy_images)
+        typer.echo(f"{len(frame)} tiles, {frame['slide'].nunique()} slides, {frame['case'].nunique()} cases -> {out}")
+
+    run_stage(stage)
+
+
+@app.command()
+def validate(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    out: Annotated[Path, typer.Option(help="Output folder (report.json).")] = OUT / "validate",
+) -> None:
+    """Run the Great Expectations suite on the manifest and the images; exit 1 naming failing files."""
+    from bonetumor.data.validate import DOCS_DIR, REPORT_FILE, run_validation, summarise
+
+    def stage() -> None:
+        config, _ = stage_config(params)
+        report = run_validation(config, manifest, out)
+        typer.echo(summarise(report))
+        typer.echo(f"report: {out / REPORT_FILE}, Data Docs: {out / DOCS_DIR / 'index.html'}")
+
+    run_stage(stage)
+
+
+@app.command()
+def split(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    tiles: Annotated[Path, typer.Option(help="tiles.csv from `validate` (near-duplicate clusters).")] = TILES,
+    out: Annotated[Path, typer.Option(help="Output folder (folds.json, folds_report.json).")] = OUT / "split",
+) -> None:
+    """Make folds grouped by slide or patient (and a held-out test set); check them with the folds suite."""
+    from bonetumor.data.split import run_split
+
+    def stage() -> None:
+        config, _ = stage_config(params)
+        folds = run_split(config, manifest, out, tiles)
+        typer.echo(
+            f"{folds['n_folds']} folds ({folds['method']}) grouped by {folds['group_by']} (seed {folds['seed']}), "
+            f"{len(folds['test_paths'])} test tiles -> {out}"
+        )
+        for warning in folds["warnings"]:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+    run_stage(stage)
+
+
+@app.command()
+def augment(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    out: Annotated[Path, typer.Option(help="Output folder (policy.json, preview.png).")] = OUT / "augment",
+) -> None:
+    """Write the augmentation policy and a preview grid of augmented tiles."""
+    from bonetumor.transforms.augment import run_augment
+
+    def stage() -> None:
+        config, _ = stage_config(params)
+        policy = run_augment(config, manifest, out)
+        typer.echo(f"augmentation policy {policy.digest()} -> {out}")
+
+    run_stage(stage)
+
+
+@app.command()
+def balance(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
+    out: Annotated[Path, typer.Option(help="Output folder (one training manifest per fold).")] = OUT / "balance",
+) -> None:
+    """Train a conditional GAN per fold and add synthetic tiles to under-represented classes."""
+    from bonetumor.balance.gan import run_balance
+
+    def stage() -> None:
+        config, _ = stage_config(params)
+        summary = run_balance(config, manifest, folds, out)
+        for name, info in summary["sets"].items():
+            typer.echo(f"{name}: generated {info['generated']}")
+
+    run_stage(stage)
+
+
+@app.command()
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
+    policy: Annotated[Path, typer.Option(help="Policy from `augment`.")] = POLICY,
+    balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
+    validation: Annotated[Path, typer.Option(help="Output of `validate` (logged with the runs).")] = OUT / "validate",
+    out: Annotated[Path, typer.Option(help="Output folder (runs.json, <arch>/oof.csv).")] = OUT / "train",
+) -> None:
+    """Train every architecture on every fold (MLflow: a parent run per architecture, a nested run per fold)."""
+    from bonetumor.training.cross_validation import run_cross_validation
+
+    def stage() -> None:
+        config, project = stage_config(params)
+        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, validation)
+        for arch, info in runs["architectures"].items():
+            typer.echo(
+                f"{arch}: MLflow run {info['run_id']}, best steps {[f['best_step'] for f in info['folds']]}, "
+                f"init {info['init']}"
+            )
+
+    run_stage(stage)
+
+
+@app.command()
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
+    out: Annotated[Path, typer.Option(help="Output folder (metrics.json, plots/).")] = OUT / "evaluate",
+) -> None:
+    """Score out-of-fold predictions, plot confusion matrices, rank the architectures."""
+    from bonetumor.evaluation.evaluate import run_evaluation
+
+    def stage() -> None:
+        config, project = stage_config(params)
+        comparison = run_evaluation(config, trained, out, project)
+        for arch in comparison["ranking"]:
+            s = comparison["scores"][arch]
+            typer.echo(
+                f"{arch}: accuracy {s['accuracy']:.3f}, macro-F1 {s['f1_macro']:.3f}, "
+                f"per-fold macro-F1 {s['fold_f1_macro_mean']:.3f}"
+            )
+        typer.echo(f"winner: {comparison['winner']}")
+
+    run_stage(stage)
+
+
+@app.command()
+def register(
+    params: ParamsOption = Path("params.yaml"),
+    manifest: Annotated[Path, typer.Option(help="Manifest from `ingest`.")] = MANIFEST,
+    policy: Annotated[Path, typer.Option(help="Policy from `augment`.")] = POLICY,
+    balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
+    trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
+    evaluated: Annotated[Path, typer.Option("--evaluate", help="Output of `evaluate`.")] = OUT / "evaluate",
+    folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
+    out: Annotated[Path, typer.Option(help="Output folder (bundle/, champion.json).")] = OUT / "register",
+) -> None:
+    """Refit the winner on all training tiles, register it; the champion gate decides champion or challenger."""
+    from bonetumor.registry.register import run_registration
+
+    def stage() -> None:
+        config, project = stage_config(params)
+        champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project, folds)
+        typer.echo(
+            f"registered {champion['model_name']} version {champion['version']} "
+            f"as @{champion['alias']} ({champion['arch']}): {champion['gate']['reason']}"
+        )
+        if champion["test"]:
+            typer.echo(f"held-out test set: accuracy {champion['test']['accuracy']:.3f} (n={champion['test']['n']})")
+
+    run_stage(stage)
+
+
+@app.command()
+def report(
+    outputs: Annotated[Path, typer.Option(help="The pipeline's output folder.")] = OUT,
+    readme: Annotated[
+        Path | None, typer.Option(help="Write the figures into this README's measured block instead of printing.")
+    ] = None,
+    demo_time: Annotated[
+        str | None, typer.Option(help="Measured `time make pipeline` to quote, e.g. '12 min'.")
+    ] = None,
+) -> None:
+    """Print the run's measured figures as Markdown (or write them into the README), from the outputs only."""
+    from bonetumor.evaluation.report import measured_markdown, update_readme
+
+    def stage() -> None:
+        block = measured_markdown(outputs, demo_time)
+        if readme is None:
+            typer.echo(block, nl=False)
+        else:
+            typer.echo(f"figures of {outputs} -> {update_readme(readme, block)}")
+
+    run_stage(stage)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered model version to serve.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version for the audit trail).")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Point the champion alias at a version by hand, after review (the gate kept it as challenger)."""
+    from bonetumor.registry.model_registry import promote as promote_version
+    from bonetumor.registry.tracking import configure_tracking
+
+    def stage() -> None:
+        config, project = stage_config(params)
+        configure_tracking(config.tracking, project)
+        promote_version(config.register.model_name, version, config.register.alias, reason)
+        typer.echo(f"{config.register.model_name} version {version} is now @{config.register.alias}")
+
+    run_stage(stage)
+
+
+@app.command()
+def predict(
+    tiles: Annotated[list[Path], typer.Argument(help="Tile image files (JPEG, PNG, TIFF).")],
+    params: ParamsOption = Path("params.yaml"),
+    model: Annotated[str, typer.Option(help="Alias or version number of the registered model.")] = "",
+) -> None:
+    """Classify tiles with the registered model and print one JSON answer per tile.
+
+    A tile that cannot be read or decoded gets an ``error`` answer; the others are still classified, and the
+    exit status is 1 when any tile failed.
+    """
+    from bonetumor.registry.model_registry import load_configured_predictor
+    from bonetumor.transforms.decode import decode_image
+
+    failed = 0
+
+    def stage() -> None:
+        nonlocal failed
+        predictor = load_configured_predictor(params, model or None)
+        for tile in tiles:
+            try:
+                answer = predictor.predict_image(decode_image(tile))
+            except InvalidImageError as exc:
+                failed += 1
+                typer.echo(json.dumps({"file": str(tile), "error": str(exc)}))
+                continue
+            typer.echo(json.dumps({"file": str(tile), **answer}))
+
+    run_stage(stage)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+_add_subcommands()
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

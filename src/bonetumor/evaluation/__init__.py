@@ -1,0 +1,1 @@
+"""Evaluation: metrics, fold statistics, calibration and referral, plots, Grad-CAM, and the evaluate stage."""

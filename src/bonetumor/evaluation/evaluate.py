@@ -1,0 +1,516 @@
+"""Evaluate: score the out-of-fold predictions of every model, calibrate them, choose the referral rule, rank.
+
+Out-of-fold (OOF) predictions come from models that never saw the tile's slide and whose epoch was chosen on
+other slides, so the fold's tiles neither trained nor selected the model that scores them.
+
+For each model (the colour-histogram baseline, every trained architecture, and candidates built from them on the
+same folds: the soft-vote ensemble of the architectures) this stage writes:
+
+* pooled metrics and per-fold metrics with mean, standard deviation and a confidence interval over folds;
+* the confusion matrix (counts and row-normalised), a per-class precision/recall/F1 report, one-vs-rest ROC and
+  PR curves with AUC;
+* temperature scaling fitted on the OOF logits, the reliability diagram with ECE before and after, the referral
+  rule (``referral`` params) and its risk-coverage curve; the rule is stored and travels with the model;
+* the Grad-CAM galleries the train stage drew with each fold's model on that fold's validation tiles.
+
+The ranking uses the mean per-fold macro-F1 (each fold is one draw of held-out slides), then pooled accuracy,
+then the order of ``train.architectures``; the winner, which the register stage refits, is the best single
+architecture. The baseline is not ranked: it is the bar (``beats_baseline`` per architecture, which the champion
+gate reads). ``comparison.md`` puts our figures beside the baseline's and the ones the paper reports, and says
+where each architecture's starting weights came from and whether a temperature fit hit its bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from bonetumor.config import Config, save_resolved
+from bonetumor.data.datasets import label_indices
+from bonetumor.errors import ArtifactError
+from bonetumor.evaluation.calibration import (
+    ReferralPolicy,
+    choose_referral,
+    expected_calibration_error,
+    oof_arrays,
+    plot_risk_coverage,
+    referral_summary,
+    reliability_diagram,
+    softmax,
+)
+from bonetumor.evaluation.metrics import classification_metrics, macro_f1
+from bonetumor.evaluation.plots import per_class_report, plot_comparison, plot_confusion, plot_roc_pr, report_markdown
+from bonetumor.evaluation.stats import summarise_folds
+from bonetumor.registry.tracking import require_run, setup_mlflow
+from bonetumor.training.baseline import BASELINE
+from bonetumor.training.baseline import describe as describe_baseline
+from bonetumor.training.cross_validation import RUNS_FILE
+from bonetumor.utils import atomic_dir, read_json, write_json
+from bonetumor.utils import format_interval as _ci
+from bonetumor.utils import format_number as _fmt
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+COMPARISON_FILE = "comparison.json"
+COMPARISON_MD_FILE = "comparison.md"
+REFERRAL_DIR = "referral"
+#: Name of the soft-vote candidate (mean of the architectures' calibrated probabilities).
+ENSEMBLE = "ensemble"
+#: Figures the paper reports (Arunachalam et al. 2019 and the paper this project follows), as quoted in the
+#: project's issue tracker; None where no figure was quoted. Our figures come from grouped folds, theirs from
+#: random tile splits (tiles of one slide on both sides), which the README explains.
+PAPER = {
+    "resnet50": {"accuracy": 0.942, "test_accuracy": 0.90, "test_recall_Viable-Tumor": 0.89},
+    "vgg19": {"accuracy": 0.918, "test_accuracy": 0.79, "test_recall_Viable-Tumor": 0.59},
+}
+
+
+def read_oof(path: str | Path, classes: Sequence[str]) -> pd.DataFrame:
+    """Read an out-of-fold predictions file and check it has a probability column per class.
+
+    Raises:
+        ArtifactError: The file is missing, unreadable or lacks columns.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"out-of-fold predictions not found at {path}; run `bonetumor train` first") from exc
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise ArtifactError(f"{path}: unreadable out-of-fold predictions ({exc}); rerun `bonetumor train`") from exc
+    expected = ["path", "label", "fold", "prediction"] + [f"prob_{c}" for c in classes]
+    missing = [c for c in expected if c not in frame.columns]
+    if missing:
+        raise ArtifactError(f"{path}: missing column(s) {missing}; expected {expected}")
+    return frame
+
+
+def score_oof(oof: pd.DataFrame, classes: Sequence[str], level: float = 0.95) -> dict[str, Any]:
+    """Pooled metrics over all OOF predictions, and per-fold metrics with mean, sd and a CI over folds.
+
+    ``fold_summary`` holds, per metric (accuracy, macro/weighted F1, per-class recall), the fold values' n, mean,
+    standard deviation and a Student-t confidence interval at ``level``.
+    """
+    y_true = np.array(label_indices(oof["label"], classes))
+    y_pred = np.array(label_indices(oof["prediction"], classes))
+    metrics = classification_metrics(y_true, y_pred, classes)
+    per_fold: list[dict[str, float]] = []
+    for fold in sorted(oof["fold"].unique()):
+        rows = (oof["fold"] == fold).to_numpy()
+        fold_metrics = classification_metrics(y_true[rows], y_pred[rows], classes)
+        entry = {
+            "accuracy": fold_metrics["accuracy"],
+            "f1_macro": macro_f1(y_true[rows], y_pred[rows]),
+            "f1_weighted": fold_metrics["f1_weighted"],
+        }
+        for name, values in fold_metrics["per_class"].items():
+            if values["support"]:  # recall of a class the fold does not hold is undefined, not 0
+                entry[f"recall_{name}"] = values["recall"]
+        per_fold.append(entry)
+    metrics["fold_f1_macro"] = [f["f1_macro"] for f in per_fold]
+    metrics["fold_f1_macro_mean"] = float(statistics.fmean(metrics["fold_f1_macro"]))
+    metrics["fold_f1_macro_std"] = float(statistics.stdev(metrics["fold_f1_macro"])) if len(per_fold) > 1 else 0.0
+    metrics["fold_summary"] = summarise_folds(per_fold, level)
+    return metrics
+
+
+def rank_architectures(scores: dict[str, dict[str, Any]], order: Sequence[str]) -> list[str]:
+    """Rank architectures: mean per-fold macro-F1, then pooled accuracy (both descending), then ``order``."""
+    return sorted(
+        scores, key=lambda a: (-scores[a]["fold_f1_macro_mean"], -scores[a]["accuracy"], list(order).index(a))
+    )
+
+
+def ensemble_oof(oofs: dict[str, pd.DataFrame], classes: Sequence[str]) -> pd.DataFrame:
+    """Soft-vote the architectures' OOF predictions: mean probability per class, tile by tile.
+
+    The logits of the ensemble are the log of the mean probabilities, so temperature scaling and the referral
+    rule treat it like any other model.
+
+    Raises:
+        ArtifactError: The architectures' OOF files do not hold the same tiles in the same folds.
+    """
+    frames = list(oofs.values())
+    base = frames[0].sort_values("path").reset_index(drop=True)
+    probs = np.zeros((len(base), len(classes)))
+    for arch, frame in oofs.items():
+        frame = frame.sort_values("path").reset_index(drop=True)
+        if list(frame["path"]) != list(base["path"]) or list(frame["fold"]) != list(base["fold"]):
+            raise ArtifactError(
+                f"{arch}'s out-of-fold tiles or folds differ from {next(iter(oofs))}'s; expected every architecture "
+                "trained on the same folds. Rerun `bonetumor train`."
+            )
+        probs += frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+    probs /= len(frames)
+    ensemble = base[[c for c in ("path", "label", "slide", "case", "fold") if c in base.columns]].copy()
+    ensemble["prediction"] = [classes[i] for i in probs.argmax(1)]
+    for i, name in enumerate(classes):
+        ensemble[f"prob_{name}"] = probs[:, i]
+    for i, name in enumerate(classes):
+        ensemble[f"logit_{name}"] = np.log(np.clip(probs[:, i], 1e-12, 1.0))
+    return ensemble
+
+
+def comparison_markdown(
+    scores: dict[str, dict[str, Any]],
+    ranking: list[str],
+    candidates: list[str],
+    classes: Sequence[str],
+    level: float,
+    target_class: str,
+    init: dict[str, str] | None = None,
+    baseline: str | None = None,
+) -> str:
+    """Return the comparison report: our models side by side, the paper's figures beside ours, per-class tables.
+
+    Args:
+        scores: Every model's scores (:func:`_evaluate_model`).
+        ranking: The architectures, best first.
+        candidates: The other models scored on the same folds.
+        classes: Class names in output order.
+        level: Confidence level of the fold intervals.
+        target_class: The referral rule's protected class.
+        init: Per architecture, where its starting weights came from (``bonetumor.init``).
+        baseline: The baseline's name in ``scores`` (None: no baseline was scored).
+    """
+    pct = f"{level:.0%}"
+    lines = [
+        "# Model comparison (out-of-fold predictions, folds grouped by slide or patient)",
+        "",
+        f"Winner (refit and registered): **{ranking[0]}**, by mean per-fold macro-F1, then pooled accuracy.",
+        f"Candidates evaluated on the same folds: {', '.join(candidates) or 'none'}.",
+        "CPU ms/tile: median time per tile of the fold-0 model on this machine's CPU (batch "
+        "`candidates.latency_batch`), with its test-time views; the ensemble runs every architecture.",
+        "",
+    ]
+    if baseline is not None:
+        bar = scores[baseline]["fold_f1_macro_mean"]
+        lines.append(
+            f"Baseline to beat ({baseline}: colour histograms into a random forest, same folds): mean per-fold "
+            f"macro-F1 **{bar:.3f}**. "
+            + "; ".join(
+                f"{a} {scores[a]['fold_f1_macro_mean']:.3f} "
+                + ("beats it" if scores[a]["fold_f1_macro_mean"] > bar else "**does not beat it**")
+                for a in ranking
+            )
+            + "."
+        )
+    for arch, tag in (init or {}).items():
+        if tag.startswith("scratch"):
+            lines.append(f"{arch} started from random initialisation: `bonetumor.init = {tag}`.")
+        else:
+            lines.append(f"{arch} started from `{tag}`.")
+    bounded = [n for n, s in scores.items() if s.get("calibration", {}).get("temperature_at_bound")]
+    if bounded:
+        lines.append(
+            f"**Temperature fit at its bound** for {', '.join(bounded)}: their logits carry no usable confidence "
+            "signal (or separate the tiles perfectly); their calibrated probabilities are unreliable."
+        )
+    lines += [
+        "",
+        f"## Overall ({pct} CI over folds in brackets)",
+        "",
+        "| model | accuracy | macro-F1 | weighted-F1 | per-fold macro-F1 | per-fold accuracy | ROC AUC (macro) "
+        "| ECE before -> after | referral coverage | accuracy of accepted | delta accuracy vs winner "
+        "| CPU ms/tile |",
+        "|---" * 12 + "|",
+    ]
+    best = scores[ranking[0]]["accuracy"]
+    rows = [*([baseline] if baseline is not None else []), *ranking, *candidates]
+    for name in rows:
+        s = scores[name]
+        cal = s.get("calibration", {})
+        ref = s.get("referral", {})
+        lines.append(
+            f"| {name} | {s['accuracy']:.3f} | {s['f1_macro']:.3f} | {s['f1_weighted']:.3f} | "
+            f"{_ci(s['fold_summary'].get('f1_macro'))} | {_ci(s['fold_summary'].get('accuracy'))} | "
+            f"{_fmt(s.get('roc_pr', {}).get('roc_auc_macro'))} | "
+            f"{_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))} | "
+            f"{_fmt(ref.get('coverage'))} | {_fmt(ref.get('accepted_accuracy'))} | "
+            f"{s['accuracy'] - best:+.3f} | {_fmt(s.get('cpu_ms_per_tile'), 1)} |"
+        )
+    lines += [
+        "",
+        "## The paper's figures beside ours",
+        "",
+        "The paper split tiles at random, so tiles of one slide sat in training and test; ours never share a slide "
+        "(or patient) across a fold, which is harder and honest. n/a: the paper quotes no such figure.",
+        "",
+        f"| model | accuracy (paper, CV) | accuracy (ours, OOF) | accuracy (paper, 177-tile test) | "
+        f"recall {target_class} (paper, test) | recall {target_class} (ours, OOF) |",
+        "|---" * 6 + "|",
+    ]
+    for name in rows:
+        paper = PAPER.get(name, {})
+        s = scores[name]
+        lines.append(
+            f"| {name} | {_fmt(paper.get('accuracy'))} | {s['accuracy']:.3f} | {_fmt(paper.get('test_accuracy'))} | "
+            f"{_fmt(paper.get(f'test_recall_{target_class}'))} | {s['per_class'][target_class]['recall']:.3f} |"
+        )
+    for name in rows:
+        s = scores[name]
+        lines += ["", f"## {name}: per class", "", report_markdown(s["report"], classes).rstrip(), ""]
+        lines.append("Confusion matrix (rows true, columns predicted):")
+        lines.append("")
+        lines.append("| true \\ predicted | " + " | ".join(classes) + " |")
+        lines.append("|---" * (len(classes) + 1) + "|")
+        for label, row in zip(classes, s["confusion_matrix"], strict=True):
+            lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
+        ref = s.get("referral", {})
+        if ref:
+            bound_note = " (at its bound: unreliable)" if s["calibration"].get("temperature_at_bound") else ""
+            verdict = (
+                "targets met" if ref.get("target_met") else "targets not met by any threshold: every tile is referred"
+            )
+            lines += [
+                "",
+                f"Referral: temperature {_fmt(s['calibration']['temperature'])}{bound_note}, confidence threshold "
+                f"{_fmt(ref.get('confidence_threshold'))}; {ref.get('referred', 'n/a')} of {s['n']} tiles referred; "
+                f"accepted accuracy {_fmt(ref.get('accepted_accuracy'))} (error upper bound "
+                f"{_fmt(ref.get('accepted_error_upper'))} vs max {_fmt(ref.get('max_error'))}), {target_class} "
+                f"recall of accepted {_fmt(ref.get('accepted_target_recall'))} (lower bound "
+                f"{_fmt(ref.get('accepted_recall_lower'))} vs target {_fmt(ref.get('target_recall_goal'))}): "
+                f"{verdict}.",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _dvc_metrics(scores: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "fold_f1_macro_mean",
+        "fold_f1_macro_std",
+    )
+    flat: dict[str, Any] = {k: scores[k] for k in keep}
+    summary = scores["fold_summary"].get("f1_macro", {})
+    flat["fold_f1_macro_ci_low"] = summary.get("ci_low")
+    flat["fold_f1_macro_ci_high"] = summary.get("ci_high")
+    flat["roc_auc_macro"] = scores["roc_pr"].get("roc_auc_macro")
+    flat["average_precision_macro"] = scores["roc_pr"].get("average_precision_macro")
+    flat["ece_before"] = scores["calibration"]["ece_before"]
+    flat["ece_after"] = scores["calibration"]["ece_after"]
+    flat["temperature"] = scores["calibration"]["temperature"]
+    flat["cpu_ms_per_tile"] = scores.get("cpu_ms_per_tile")
+    flat["referral_coverage"] = scores["referral"]["coverage"]
+    flat["referral_accepted_accuracy"] = scores["referral"]["accepted_accuracy"]
+    return flat | {"per_class": scores["per_class"]}
+
+
+def _evaluate_model(name: str, oof: pd.DataFrame, config: Config, plots: Path, referral_dir: Path) -> dict[str, Any]:
+    """Score, plot, calibrate and choose the referral rule for one model's OOF predictions."""
+    classes = config.data.classes
+    scores = score_oof(oof, classes, config.evaluate.confidence_level)
+    y_true = np.array(label_indices(oof["label"], classes))
+    y_pred = np.array(label_indices(oof["prediction"], classes))
+    scores["report"] = per_class_report(y_true, y_pred, classes)
+    plot_confusion(
+        scores["confusion_matrix"],
+        classes,
+        f"{name}: out-of-fold confusion matrix (n={len(oof)})",
+        plots / f"{name}_confusion_matrix.png",
+    )
+    probs = oof[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+    scores["roc_pr"] = plot_roc_pr(
+        probs, y_true, classes, f"{name}: one-vs-rest (out-of-fold)", plots / f"{name}_roc_pr.png"
+    )
+
+    logits, labels = oof_arrays(oof, classes, source=f"{name} out-of-fold predictions")
+    policy = choose_referral(logits, labels, classes, config.referral)
+    calibrated = policy.calibrated_probs(logits)
+    bins = config.evaluate.calibration_bins
+    scores["calibration"] = {
+        "temperature": policy.temperature,
+        "temperature_at_bound": policy.temperature_at_bound,
+        "ece_before": expected_calibration_error(softmax(logits), labels, bins),
+        "ece_after": expected_calibration_error(calibrated, labels, bins),
+    }
+    reliability_diagram(
+        softmax(logits),
+        calibrated,
+        labels,
+        bins,
+        f"{name}: reliability (out-of-fold)",
+        plots / f"{name}_reliability.png",
+    )
+    plot_risk_coverage(
+        calibrated, labels, policy, f"{name}: risk-coverage (out-of-fold)", plots / f"{name}_risk_coverage.png"
+    )
+    scores["referral"] = {**referral_summary(policy, calibrated, labels), **_policy_figures(policy)}
+    write_json(referral_dir / f"{name}.json", policy.to_dict())
+    return scores
+
+
+def _policy_figures(policy: ReferralPolicy) -> dict[str, Any]:
+    return {
+        "confidence_threshold": policy.confidence_threshold,
+        "coverage": policy.coverage,
+        "accepted_accuracy": policy.accepted_accuracy,
+        "accepted_target_recall": policy.accepted_target_recall,
+        "target_met": policy.target_met,
+        "max_error": policy.max_error,
+        "confidence": policy.confidence,
+        "accepted_error_upper": policy.accepted_error_upper,
+        "accepted_recall_lower": policy.accepted_recall_lower,
+    }
+
+
+def run_evaluation(
+    config: Config, train_dir: str | Path, out_dir: str | Path, project_dir: str | Path
+) -> dict[str, Any]:
+    """Evaluate every architecture and candidate on the OOF predictions, log all to MLflow, rank.
+
+    Args:
+        config: Uses ``data.classes``, ``train.architectures``, ``evaluate``, ``referral`` and ``tracking``.
+        train_dir: The train stage's output (``runs.json``, ``<arch>/oof.csv``, ``<arch>/gradcam/``).
+        out_dir: Output folder: ``metrics.json`` (DVC metrics), ``comparison.json``, ``comparison.md``,
+            ``plots/`` (confusion, ROC/PR, reliability, risk-coverage, Grad-CAM, comparison bars),
+            ``reports/<model>.json`` and ``referral/<model>.json`` (the calibrated referral rule).
+        project_dir: Base folder for a relative tracking URI.
+
+    Returns:
+        The comparison: ranking, winner and every model's metrics.
+    """
+    train_dir = Path(train_dir)
+    classes = config.data.classes
+    runs = read_json(train_dir / RUNS_FILE, "training runs file")
+    if not isinstance(runs, dict) or not isinstance(runs.get("architectures"), dict):
+        raise ArtifactError(f"{train_dir / RUNS_FILE}: no 'architectures' mapping; rerun `bonetumor train`")
+    archs = [a for a in config.train.architectures if a in runs["architectures"]]
+    if not archs:
+        raise ArtifactError(
+            f"{train_dir / RUNS_FILE} lists none of {list(config.train.architectures)}; rerun `bonetumor train`"
+        )
+    setup_mlflow(config.tracking, project_dir)
+    scores: dict[str, dict[str, Any]] = {}
+    with atomic_dir(out_dir) as tmp:
+        save_resolved(config, tmp, ("data", "train", "evaluate", "referral", "tracking"))
+        plots, reports, referral_dir = tmp / "plots", tmp / "reports", tmp / REFERRAL_DIR
+        for folder in (plots, reports, referral_dir):
+            folder.mkdir()
+        oofs = {arch: read_oof(train_dir / arch / "oof.csv", classes) for arch in archs}
+        models: dict[str, pd.DataFrame] = {}
+        baseline = BASELINE if isinstance(runs.get("baseline"), dict) else None
+        if baseline is not None:
+            models[baseline] = read_oof(train_dir / baseline / "oof.csv", classes)
+        models.update(oofs)
+        candidates: list[str] = []
+        if len(archs) > 1:
+            models[ENSEMBLE] = ensemble_oof(oofs, classes)
+            candidates.append(ENSEMBLE)
+        for name in runs.get("candidates") or {}:
+            models[name] = read_oof(train_dir / name / "oof.csv", classes)
+            candidates.append(name)
+        latency = dict(runs.get("latency_ms") or {})
+        if ENSEMBLE in models and all(a in latency for a in archs):
+            latency[ENSEMBLE] = sum(latency[a] for a in archs)  # it runs every architecture
+        for name, oof in models.items():
+            scores[name] = _evaluate_model(name, oof, config, plots, referral_dir)
+            scores[name]["cpu_ms_per_tile"] = latency.get(name)
+            write_json(reports / f"{name}.json", scores[name])
+            for gallery in sorted((train_dir / name / "gradcam").glob("*.png")):
+                shutil.copy2(gallery, plots / f"{name}_gradcam_{gallery.name}")
+            log.info(
+                "%s: accuracy=%.3f macro-F1=%.3f per-fold macro-F1=%s ECE %.3f -> %.3f, referral coverage %.2f",
+                name,
+                scores[name]["accuracy"],
+                scores[name]["f1_macro"],
+                _ci(scores[name]["fold_summary"].get("f1_macro")),
+                scores[name]["calibration"]["ece_before"],
+                scores[name]["calibration"]["ece_after"],
+                scores[name]["referral"]["coverage"],
+            )
+        ranking = rank_architectures({a: scores[a] for a in archs}, config.train.architectures)
+        plot_comparison(
+            {
+                name: {
+                    metric: s["fold_summary"].get(metric, {}).get(key)
+                    for metric in ("accuracy", "f1_macro", "f1_weighted")
+                    for key in ("mean",)
+                }
+                | {
+                    f"{metric}_ci_{side}": s["fold_summary"].get(metric, {}).get(f"ci_{side}")
+                    for metric in ("accuracy", "f1_macro", "f1_weighted")
+                    for side in ("low", "high")
+                }
+                for name, s in scores.items()
+            },
+            ["accuracy", "f1_macro", "f1_weighted"],
+            f"Per-fold means with {config.evaluate.confidence_level:.0%} CI",
+            plots / "comparison.png",
+        )
+        init = {arch: str(runs["architectures"][arch].get("init", "unknown")) for arch in archs}
+        bar = None if baseline is None else scores[baseline]["fold_f1_macro_mean"]
+        beats = {} if bar is None else {n: scores[n]["fold_f1_macro_mean"] > bar for n in [*archs, *candidates]}
+        comparison: dict[str, Any] = {
+            # The training runs these scores come from: register refuses a comparison of other runs.
+            "cv_run_ids": {arch: runs["architectures"][arch]["run_id"] for arch in archs},
+            "ranking": ranking,
+            "candidates": candidates,
+            "winner": ranking[0],
+            "selection": "fold_f1_macro_mean, then accuracy",
+            "init": init,
+            "baseline": None
+            if baseline is None
+            else {
+                "name": baseline,
+                "what": describe_baseline(config.baseline),
+                "fold_f1_macro_mean": scores[baseline]["fold_f1_macro_mean"],
+                "accuracy": scores[baseline]["accuracy"],
+                "f1_macro": scores[baseline]["f1_macro"],
+            },
+            "beats_baseline": beats,
+            "scores": scores,
+        }
+        write_json(tmp / COMPARISON_FILE, comparison)
+        markdown = comparison_markdown(
+            scores,
+            ranking,
+            candidates,
+            classes,
+            config.evaluate.confidence_level,
+            config.referral.target_class,
+            init=init,
+            baseline=baseline,
+        )
+        (tmp / COMPARISON_MD_FILE).write_text(markdown, encoding="utf-8")
+        write_json(tmp / METRICS_FILE, {name: _dvc_metrics(s) for name, s in scores.items()})
+        for arch in archs:
+            _log_to_run(runs["architectures"][arch]["run_id"], arch, scores[arch], ranking, tmp)
+            if baseline is not None:
+                with mlflow.start_run(run_id=runs["architectures"][arch]["run_id"]):
+                    mlflow.set_tag("bonetumor.beats_baseline", str(beats[arch]))
+        if baseline is not None:
+            _log_to_run(runs["baseline"]["run_id"], baseline, scores[baseline], ranking, tmp)
+    log.info("winner: %s (ranking %s)", ranking[0], ranking)
+    return comparison
+
+
+def _log_to_run(run_id: str, arch: str, scores: dict[str, Any], ranking: list[str], out: Path) -> None:
+    require_run(run_id, f"{arch} cross-validation run")
+    with mlflow.start_run(run_id=run_id):
+        flat = {k: v for k, v in _dvc_metrics(scores).items() if k != "per_class" and v is not None}
+        for name, values in scores["per_class"].items():
+            flat.update({f"{name}_{m}": values[m] for m in ("precision", "recall", "f1")})
+        mlflow.log_metrics({f"oof_{k}": float(v) for k, v in flat.items()})
+        mlflow.set_tag("bonetumor.rank", str(ranking.index(arch) + 1) if arch in ranking else "baseline")
+        for plot in sorted((out / "plots").glob(f"{arch}_*.png")):
+            mlflow.log_artifact(str(plot), "evaluation")
+        mlflow.log_artifact(str(out / "plots" / "comparison.png"), "evaluation")
+        mlflow.log_artifact(str(out / "reports" / f"{arch}.json"), "evaluation")
+        mlflow.log_artifact(str(out / REFERRAL_DIR / f"{arch}.json"), "evaluation/referral")
+        mlflow.log_artifact(str(out / COMPARISON_MD_FILE), "evaluation")

@@ -1,0 +1,255 @@
+"""The MLflow model registry: log a bundle as a pyfunc model, register it, set its alias, load it back.
+
+The logged model is an MLflow ``pyfunc`` whose artifacts are the bundle (weights and metadata); its Python
+class only points at :class:`bonetumor.serving.predictor.Predictor`. So ``mlflow.pyfunc.load_model`` works for any
+MLflow client (input: a dataframe with an ``image`` column of encoded bytes), and the BentoML service unwraps
+the same object to reach the predictor directly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+import torchvision
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from bonetumor import __version__
+from bonetumor.config import load_config
+from bonetumor.errors import ArtifactError, ModelNotFoundError
+from bonetumor.registry.gate import GATE_PREFIX, GateMetrics
+from bonetumor.registry.tracking import configure_tracking
+from bonetumor.serving.predictor import ModelMetadata, Predictor
+
+log = logging.getLogger(__name__)
+
+BUNDLE_ARTIFACT = "bundle"
+#: Model-version tag: ``pending`` while a registration runs, ``ready`` once it finished (aliases only move then).
+STATUS_TAG = "bonetumor.status"
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+class BoneTumorPyfunc(PythonModel):
+    """MLflow pyfunc wrapper: loads the bundle artifact into a :class:`Predictor`."""
+
+    def __init__(self) -> None:
+        self.predictor: Predictor | None = None
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Rebuild the model from the bundle artifact."""
+        self.predictor = Predictor.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """Classify each encoded image of the ``image`` column; returns ``label`` and ``prob_<class>`` columns."""
+        if self.predictor is None:
+            self.load_context(context)
+        predictor = self.predictor
+        if predictor is None:  # pragma: no cover - load_context either sets it or raises
+            raise ModelNotFoundError("model bundle did not load")
+        rows = []
+        for i, data in enumerate(model_input["image"]):
+            answer = predictor.predict_bytes(bytes(data), source=f"row {i}")
+            rows.append({"label": answer["label"], **{f"prob_{c}": p for c, p in answer["probabilities"].items()}})
+        return pd.DataFrame(rows)
+
+
+def signature(classes: tuple[str, ...]) -> ModelSignature:
+    """Input: an ``image`` column of encoded bytes; output: ``label`` and one probability column per class."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", f"prob_{c}") for c in classes)]),
+    )
+
+
+def _example_png(size: int) -> bytes:
+    # A flat pink tile: documents the input format in the MLmodel and lets MLflow check the signature on logging.
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (220, 150, 190)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_and_register(
+    bundle_dir: str | Path,
+    metadata: ModelMetadata,
+    model_name: str,
+    alias: str,
+    version_tags: dict[str, str],
+    description: str = "",
+) -> ModelVersion:
+    """Log the bundle as a pyfunc model in the active run, register a new version and point ``alias`` at it.
+
+    The version is created with ``bonetumor.status=pending``; only when the model is logged and every tag is set
+    does the status become ``ready`` and, last of all, the alias move. A run that fails or is killed on the way
+    leaves at most a pending version that no alias points at.
+
+    Returns:
+        The new model version.
+    """
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        # A "model from code" script, not a pickled object: loading runs our code, never unpickled bytes.
+        python_model=str(MODEL_CODE),
+        artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        signature=signature(metadata.classes),
+        input_example=pd.DataFrame({"image": [_example_png(metadata.tile_size)]}),
+        # Listing requirements skips MLflow's slow inference subprocess; the package must be installed to load.
+        pip_requirements=[
+            f"bonetumor=={__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+        metadata={
+            "classes": list(metadata.classes),
+            "tile_size": metadata.tile_size,
+            "input_size": metadata.input_size,
+            "arch": metadata.arch,
+            "init": metadata.provenance.get("init", ""),
+        },
+    )
+    client = MlflowClient()
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description="Osteosarcoma H&E tile classifier (bonetumor).")
+    run = mlflow.active_run()
+    version = client.create_model_version(
+        model_name,
+        source=info.model_uri,
+        run_id=run.info.run_id if run else None,
+        tags={**version_tags, STATUS_TAG: "pending"},
+        description=description,
+    )
+    client.set_model_version_tag(model_name, version.version, STATUS_TAG, "ready")
+    client.set_registered_model_alias(model_name, alias, version.version)
+    log.info("registered %s version %s (alias %s) from %s", model_name, version.version, alias, info.model_uri)
+    return version
+
+
+def champion_metrics(model_name: str, alias: str) -> GateMetrics | None:
+    """Return the gate figures of the version ``alias`` points at, or None when the alias is not set.
+
+    A version registered without gate tags (before the gate existed) cannot be compared: its figures come back
+    with an empty data version, so the gate keeps new models as challengers until someone promotes one.
+    """
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    try:
+        return GateMetrics.from_tags(dict(version.tags), str(version.version))
+    except ArtifactError as exc:
+        log.warning("%s", exc)
+        return GateMetrics(str(version.version), float("nan"), None, False, "", "")
+
+
+def promote(model_name: str, version: str, alias: str, reason: str) -> ModelVersion:
+    """Point ``alias`` at ``version`` by hand (after review), recording who decided and why on the version.
+
+    Raises:
+        ModelNotFoundError: The version does not exist.
+        ArtifactError: The version is not ``ready`` (its registration never finished).
+    """
+    client = MlflowClient()
+    try:
+        found = client.get_model_version(model_name, version)
+    except MlflowException as exc:
+        raise ModelNotFoundError(
+            f"no model version {model_name} {version} at {mlflow.get_tracking_uri()}; expected an existing version"
+        ) from exc
+    status = found.tags.get(STATUS_TAG, "ready")  # versions from before the status tag were complete
+    if status != "ready":
+        raise ArtifactError(
+            f"{model_name} version {version} is {status!r}, not 'ready': its registration never finished"
+        )
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+    client.set_model_version_tag(model_name, version, f"{GATE_PREFIX}decision", alias)
+    client.set_model_version_tag(model_name, version, f"{GATE_PREFIX}reason", f"promoted by hand by {user}: {reason}")
+    client.set_registered_model_alias(model_name, alias, version)
+    log.info("promoted %s version %s to @%s", model_name, version, alias)
+    return client.get_model_version(model_name, version)
+
+
+def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:
+    """Return the model version an alias (or a version number) names.
+
+    Raises:
+        ModelNotFoundError: No such registered model, alias or version on the current tracking server.
+    """
+    client = MlflowClient()
+    try:
+        if alias_or_version.isdigit():
+            return client.get_model_version(model_name, alias_or_version)
+        return client.get_model_version_by_alias(model_name, alias_or_version)
+    except MlflowException as exc:
+        raise ModelNotFoundError(
+            f"no model version {model_name}@{alias_or_version} at {mlflow.get_tracking_uri()}; "
+            + (_gate_hint(client, model_name) or "run `make pipeline` ")
+            + "(or `dvc repro -f register` when the MLflow database was removed after a run), or set "
+            "MLFLOW_TRACKING_URI to the server that holds it"
+        ) from exc
+
+
+def _gate_hint(client: MlflowClient, model_name: str) -> str:
+    """Explain a missing alias when versions exist that the champion gate kept back."""
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return ""
+    if not versions:
+        return ""
+    latest = max(versions, key=lambda v: int(v.version))
+    reason = latest.tags.get(f"{GATE_PREFIX}reason", "")
+    return (
+        f"the latest version {latest.version} was not promoted ({reason or 'no gate decision recorded'}); "
+        f"review it and run `bonetumor promote {latest.version} --reason ...`, or serve it by version "
+        f"(BONETUMOR_MODEL_ALIAS={latest.version}) "
+    )
+
+
+def load_predictor(model_name: str, alias_or_version: str) -> Predictor:
+    """Load a registered model as a :class:`Predictor` named with its registered name and version.
+
+    The alias is resolved once, so the version reported with every answer is the one actually loaded.
+    """
+    version = resolve_version(model_name, alias_or_version)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
+    wrapper = pyfunc.unwrap_python_model()
+    if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None:
+        raise ModelNotFoundError(
+            f"{model_name} version {version.version} is not a bonetumor model (got {type(wrapper).__name__})"
+        )
+    predictor = wrapper.predictor
+    predictor.name, predictor.version = model_name, str(version.version)
+    return predictor
+
+
+def load_configured_predictor(params_path: str | Path, alias_or_version: str | None = None) -> Predictor:
+    """Load the registered model that params.yaml names (``register.model_name`` at ``register.alias``).
+
+    The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else params' ``tracking.uri`` resolved against the
+    params file's folder: the same database the pipeline registered into.
+
+    Args:
+        params_path: The project's params.yaml.
+        alias_or_version: Overrides ``register.alias`` (an alias or a version number).
+    """
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    configure_tracking(config.tracking, params_path.resolve().parent)
+    return load_predictor(config.register.model_name, alias_or_version or config.register.alias)

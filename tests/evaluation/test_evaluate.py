@@ -1,0 +1,172 @@
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLASSES
+
+from bonetumor.config import Config
+from bonetumor.errors import ArtifactError
+from bonetumor.evaluation.calibration import ReferralPolicy
+from bonetumor.evaluation.evaluate import rank_architectures, read_oof, run_evaluation, score_oof
+from bonetumor.evaluation.metrics import classification_metrics, macro_f1
+from bonetumor.registry.tracking import setup_mlflow
+
+
+def oof_frame(labels: list[str], predictions: list[str], folds: list[int]) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {"path": [f"t{i}.jpg" for i in range(len(labels))], "label": labels, "prediction": predictions}
+    )
+    frame["fold"] = folds
+    for c in CLASSES:
+        frame[f"prob_{c}"] = (frame["prediction"] == c).astype(float)
+    return frame
+
+
+def test_metrics_known_answer() -> None:
+    y_true = [0, 0, 1, 1, 2, 2]
+    y_pred = [0, 1, 1, 1, 2, 0]
+    m = classification_metrics(y_true, y_pred, CLASSES)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["per_class"]["Non-Viable-Tumor"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
+    assert m["per_class"]["Viable-Tumor"]["recall"] == 0.5
+    assert m["f1_macro"] == pytest.approx(np.mean([0.5, 0.8, 2 / 3]))
+
+
+def test_macro_f1_ignores_a_class_absent_from_labels_and_predictions() -> None:
+    assert macro_f1([0, 0, 1], [0, 0, 1]) == 1.0  # class 2 absent: not a zero in the average
+    assert macro_f1([0, 0, 1], [0, 2, 1]) < 1.0  # predicting an absent class is still an error
+
+
+def test_score_oof_reports_per_fold_mean_and_spread() -> None:
+    oof = oof_frame(
+        ["Non-Tumor", "Viable-Tumor", "Non-Tumor", "Viable-Tumor"],
+        ["Non-Tumor", "Viable-Tumor", "Viable-Tumor", "Viable-Tumor"],
+        [0, 0, 1, 1],
+    )
+    scores = score_oof(oof, CLASSES)
+    assert scores["fold_f1_macro"][0] == 1.0
+    assert scores["fold_f1_macro"][1] == pytest.approx(np.mean([0.0, 2 / 3]))
+    assert scores["fold_f1_macro_mean"] == pytest.approx(np.mean(scores["fold_f1_macro"]))
+    assert scores["fold_f1_macro_std"] > 0
+    json.dumps(scores)  # everything is plain JSON for DVC and MLflow
+
+
+def test_ranking_uses_fold_f1_then_accuracy_then_configured_order() -> None:
+    scores = {
+        "a": {"fold_f1_macro_mean": 0.7, "accuracy": 0.8},
+        "b": {"fold_f1_macro_mean": 0.9, "accuracy": 0.5},
+        "c": {"fold_f1_macro_mean": 0.7, "accuracy": 0.9},
+        "d": {"fold_f1_macro_mean": 0.7, "accuracy": 0.8},
+    }
+    assert rank_architectures(scores, ["d", "a", "b", "c"]) == ["b", "c", "d", "a"]
+
+
+def test_unreadable_oof_files_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="run `bonetumor train` first"):
+        read_oof(tmp_path / "missing.csv", CLASSES)
+    (tmp_path / "oof.csv").write_text("path,label\nx,y\n")
+    with pytest.raises(ArtifactError, match=r"missing column\(s\)"):
+        read_oof(tmp_path / "oof.csv", CLASSES)
+
+
+def synthetic_oof(seed: int, skill: float, n: int = 60) -> pd.DataFrame:
+    """OOF predictions of a model that puts extra logit mass ``skill`` on the true class (3 folds)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    logits = rng.normal(0, 1, (n, 3))
+    logits[np.arange(n), labels] += skill
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    frame = pd.DataFrame(
+        {
+            "path": [f"t{i:03d}.jpg" for i in range(n)],
+            "label": [CLASSES[i] for i in labels],
+            "slide": [f"s{i % 6}" for i in range(n)],
+            "case": "c",
+            "fold": np.arange(n) % 6 // 2,
+            "prediction": [CLASSES[i] for i in probs.argmax(1)],
+        }
+    )
+    for i, c in enumerate(CLASSES):
+        frame[f"prob_{c}"] = probs[:, i]
+    for i, c in enumerate(CLASSES):
+        frame[f"logit_{c}"] = logits[:, i]
+    return frame
+
+
+def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> None:
+    config = Config.from_dict(
+        {"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "train": {"architectures": ["resnet50", "vgg19"]}}
+    )
+    setup_mlflow(config.tracking, tmp_path)
+    train_dir = tmp_path / "train"
+    run_ids = {}
+    for arch, skill in (("resnet50", 3.0), ("vgg19", 0.5), ("baseline", 1.5)):
+        (train_dir / arch).mkdir(parents=True)
+        seed = {"resnet50": 1, "vgg19": 2, "baseline": 3}[arch]
+        synthetic_oof(seed, skill).to_csv(train_dir / arch / "oof.csv", index=False)
+        with mlflow.start_run(run_name=f"cv-{arch}") as run:
+            run_ids[arch] = run.info.run_id
+    runs = {
+        "architectures": {
+            a: {"run_id": run_ids[a], "init": "scratch (no ImageNet weights available)"} for a in ("resnet50", "vgg19")
+        },
+        "baseline": {"run_id": run_ids["baseline"]},
+    }
+    (train_dir / "runs.json").write_text(json.dumps(runs))
+    comparison = run_evaluation(config, train_dir, tmp_path / "evaluate", tmp_path)
+
+    assert comparison["winner"] == "resnet50"  # the model with the real signal
+    assert comparison["candidates"] == ["ensemble"]
+    assert comparison["ranking"] == ["resnet50", "vgg19"]  # the baseline is the bar, never ranked
+    bar = comparison["scores"]["baseline"]["fold_f1_macro_mean"]
+    assert comparison["baseline"]["fold_f1_macro_mean"] == bar
+    assert (
+        comparison["scores"]["resnet50"]["fold_f1_macro_mean"]
+        > bar
+        > comparison["scores"]["vgg19"]["fold_f1_macro_mean"]
+    )
+    beats = comparison["beats_baseline"]
+    assert (beats["resnet50"], beats["vgg19"]) == (True, False)
+    assert beats["ensemble"] == (comparison["scores"]["ensemble"]["fold_f1_macro_mean"] > bar)
+    out = tmp_path / "evaluate"
+    for name in ("baseline", "resnet50", "vgg19", "ensemble"):
+        for plot in ("confusion_matrix", "roc_pr", "reliability", "risk_coverage"):
+            assert (out / "plots" / f"{name}_{plot}.png").is_file(), (name, plot)
+        policy = ReferralPolicy.from_dict(json.loads((out / "referral" / f"{name}.json").read_text()))
+        assert policy.target_class == "Viable-Tumor"
+        summary = comparison["scores"][name]["fold_summary"]["f1_macro"]
+        assert summary["n"] == 3
+        assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
+    # The ensemble is the mean of the architectures' probabilities.
+    first = pd.read_csv(train_dir / "resnet50" / "oof.csv")
+    second = pd.read_csv(train_dir / "vgg19" / "oof.csv")
+    assert comparison["scores"]["resnet50"]["roc_pr"]["roc_auc_macro"] > 0.9
+    expected_accuracy = np.mean(
+        np.argmax(np.stack([(first[f"prob_{c}"] + second[f"prob_{c}"]).to_numpy() for c in CLASSES], 1), 1)
+        == np.arange(60) % 3
+    )
+    assert comparison["scores"]["ensemble"]["accuracy"] == pytest.approx(expected_accuracy)
+    report = (out / "comparison.md").read_text()
+    assert "| resnet50 | 0.942 |" in report  # the paper's figure beside ours
+    assert "## ensemble: per class" in report
+    assert f"mean per-fold macro-F1 **{bar:.3f}**" in report
+    assert "vgg19 " in report
+    assert "**does not beat it**" in report
+    assert "resnet50 started from random initialisation" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"baseline", "resnet50", "vgg19", "ensemble"}
+    logged = mlflow.get_run(run_ids["resnet50"])
+    assert "oof_ece_after" in logged.data.metrics
+    assert logged.data.tags["bonetumor.beats_baseline"] == "True"
+    assert mlflow.get_run(run_ids["baseline"]).data.tags["bonetumor.rank"] == "baseline"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_ids["resnet50"], "evaluation")}
+    assert "evaluation/resnet50_reliability.png" in artifacts
