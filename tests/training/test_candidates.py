@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import onnx
@@ -10,29 +10,25 @@ import pandas as pd
 import pytest
 import torch
 from conftest import CLASSES, DatasetFactory, plain_policy, tiny_params
+from tiny_arch import register_tiny
 from torch import nn
-from torchvision import models as tvm
 
 from bonetumor.config import Config
 from bonetumor.data.datasets import TileDataset, label_indices
 from bonetumor.errors import ConfigError, DatasetError
-from bonetumor.training import candidates
-from bonetumor.training.candidates import (
+from bonetumor.training.candidates import build_candidates, pruned, two_stage
+from bonetumor.training.candidates.int8 import int8_classifier, onnx_logits, select_calibration_files
+from bonetumor.training.candidates.pruned import fit_pruned_vgg
+from bonetumor.training.candidates.two_stage import (
     LOG_PROB_FLOOR,
     TwoStageModel,
     build_two_stage,
-    candidate_name,
     class_roles,
-    cpu_latency_ms,
-    fit_pruned_vgg,
     fit_two_stage,
-    int8_classifier,
-    onnx_logits,
-    select_calibration_files,
 )
 from bonetumor.training.engine import FitResult
-from bonetumor.training.export import OnnxClassifier
-from bonetumor.training.models import ARCHITECTURES, ArchSpec, build_model
+from bonetumor.training.export import OnnxClassifier, cpu_latency_ms
+from bonetumor.training.models import build_model
 from bonetumor.training.pruning import channel_plan
 from bonetumor.transforms.decode import decode_image
 from bonetumor.transforms.preprocess import build_eval_transform
@@ -126,46 +122,41 @@ def test_two_stage_outputs_stay_finite_for_saturated_stages() -> None:
     assert out[0, 1] == LOG_PROB_FLOOR
 
 
-def test_candidate_names() -> None:
-    assert candidate_name("two_stage", "resnet50") == "two_stage_resnet50"
-    assert candidate_name("pruned", "vgg19") == "vgg19_pruned"
-    assert candidate_name("int8", "vgg19") == "vgg19_int8"
-    with pytest.raises(ConfigError, match="unknown candidate kind"):
-        candidate_name(cast(Any, "fp16"), "vgg19")
+def test_candidates_are_built_by_name_from_params_each_after_its_bases() -> None:
+    extras = {"two_stage": True, "two_stage_arch": "resnet50", "pruned_vgg19": True, "int8": True}
+    config = Config.from_dict(tiny_params(train={"architectures": ["resnet50", "vgg19"]}, candidates=extras))
+    built = build_candidates(config)
+    names = [c.name for c in built]
+    assert names == [
+        "baseline",
+        "resnet50",
+        "vgg19",
+        "ensemble",
+        "two_stage_resnet50",
+        "vgg19_pruned",
+        "resnet50_int8",
+        "vgg19_int8",
+    ]
+    position = {name: i for i, name in enumerate(names)}
+    assert all(position[base] < position[c.name] for c in built for base in c.bases)
+    by_name = {c.name: c for c in built}
+    assert by_name["ensemble"].bases == ("resnet50", "vgg19")
+    assert by_name["vgg19_pruned"].bases == ("vgg19",)
+    assert by_name["resnet50_int8"].bases == ("resnet50",)
+    assert [c.name for c in built if c.section == "architectures"] == ["resnet50", "vgg19"]
+    assert [c.name for c in built if c.section == "baseline"] == ["baseline"]
+    # One architecture and no extras: the baseline and the network, and no ensemble of one.
+    single = Config.from_dict(tiny_params(train={"architectures": ["vgg19"]}))
+    assert [c.name for c in build_candidates(single)] == ["baseline", "vgg19"]
 
 
 # --- training ---------------------------------------------------------------------------------------------------
 
 
-class TinyNet(nn.Module):
-    """A small CNN with the attribute layout an ArchSpec needs (features, fc head)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.fc: nn.Module = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
-def _tiny_head(model: nn.Module, num_classes: int, dropout: float) -> None:
-    model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(8, num_classes))
-
-
 @pytest.fixture
 def tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
     """Register a tiny architecture for the duration of a test, so fit_two_stage trains in a second."""
-    spec = ArchSpec(
-        build=TinyNet,
-        imagenet_weights=tvm.ResNet50_Weights.DEFAULT,  # never loaded: weights none
-        replace_head=_tiny_head,
-        head=lambda m: cast(TinyNet, m).fc,
-        top_block=lambda m: cast(TinyNet, m).features,
-        cam_layer=lambda m: cast(TinyNet, m).features[0],
-    )
-    monkeypatch.setitem(ARCHITECTURES, TINY, spec)
-    return TINY
+    return register_tiny(monkeypatch, TINY)
 
 
 def _config(**train: object) -> Config:
@@ -194,13 +185,13 @@ def test_fit_two_stage_trains_each_stage_on_its_rows_and_learns_the_colours(
     config = _config(steps=40, eval_every=4, lr=0.03, batch_size=8, scheduler="constant", patience=20, dropout=0.0)
     stop = tiles.iloc[::4]
     seen: list[dict[str, Any]] = []
-    real_fit = candidates.fit
+    real_fit = two_stage.fit
 
     def recording_fit(model: nn.Module, train_set: TileDataset, stop_set: TileDataset | None, *a: Any, **k: Any):  # type: ignore[no-untyped-def]
         seen.append({"train": list(train_set.labels), "stop": None if stop_set is None else list(stop_set.labels)})
         return real_fit(model, train_set, stop_set, *a, **k)
 
-    monkeypatch.setattr(candidates, "fit", recording_fit)
+    monkeypatch.setattr(two_stage, "fit", recording_fit)
     evaluations: list[dict[str, float]] = []
     model = fit_two_stage(
         tiny_arch,
@@ -313,7 +304,7 @@ def test_fit_pruned_vgg_fine_tunes_at_the_backbone_rate_without_a_head_phase(mon
         calls.append({"train": train, "steps": steps, **k})
         return FitResult(model=model)
 
-    monkeypatch.setattr(candidates, "fit", fake_fit)
+    monkeypatch.setattr(pruned, "fit", fake_fit)
     model = build_model("vgg19", 3)
     dataset = TileDataset([], [], build_eval_transform(config.preprocess))
     fit_pruned_vgg(model, "vgg19", dataset, None, config, torch.device("cpu"), "x")

@@ -50,8 +50,8 @@ from bonetumor.evaluation.metrics import classification_metrics, macro_f1
 from bonetumor.evaluation.plots import per_class_report, plot_comparison, plot_confusion, plot_roc_pr, report_markdown
 from bonetumor.evaluation.stats import summarise_folds
 from bonetumor.registry.tracking import require_run, setup_mlflow
-from bonetumor.training.baseline import BASELINE
-from bonetumor.training.baseline import describe as describe_baseline
+from bonetumor.training.candidates.baseline import BASELINE
+from bonetumor.training.candidates.baseline import describe as describe_baseline
 from bonetumor.training.cross_validation import RUNS_FILE
 from bonetumor.utils import atomic_dir, read_json, write_json
 from bonetumor.utils import format_interval as _ci
@@ -63,8 +63,6 @@ METRICS_FILE = "metrics.json"
 COMPARISON_FILE = "comparison.json"
 COMPARISON_MD_FILE = "comparison.md"
 REFERRAL_DIR = "referral"
-#: Name of the soft-vote candidate (mean of the architectures' calibrated probabilities).
-ENSEMBLE = "ensemble"
 #: Figures the paper reports (Arunachalam et al. 2019 and the paper this project follows), as quoted in the
 #: project's issue tracker; None where no figure was quoted. Our figures come from grouped folds, theirs from
 #: random tile splits (tiles of one slide on both sides), which the README explains.
@@ -130,36 +128,6 @@ def rank_architectures(scores: dict[str, dict[str, Any]], order: Sequence[str]) 
     )
 
 
-def ensemble_oof(oofs: dict[str, pd.DataFrame], classes: Sequence[str]) -> pd.DataFrame:
-    """Soft-vote the architectures' OOF predictions: mean probability per class, tile by tile.
-
-    The logits of the ensemble are the log of the mean probabilities, so temperature scaling and the referral
-    rule treat it like any other model.
-
-    Raises:
-        ArtifactError: The architectures' OOF files do not hold the same tiles in the same folds.
-    """
-    frames = list(oofs.values())
-    base = frames[0].sort_values("path").reset_index(drop=True)
-    probs = np.zeros((len(base), len(classes)))
-    for arch, frame in oofs.items():
-        frame = frame.sort_values("path").reset_index(drop=True)
-        if list(frame["path"]) != list(base["path"]) or list(frame["fold"]) != list(base["fold"]):
-            raise ArtifactError(
-                f"{arch}'s out-of-fold tiles or folds differ from {next(iter(oofs))}'s; expected every architecture "
-                "trained on the same folds. Rerun `bonetumor train`."
-            )
-        probs += frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
-    probs /= len(frames)
-    ensemble = base[[c for c in ("path", "label", "slide", "case", "fold") if c in base.columns]].copy()
-    ensemble["prediction"] = [classes[i] for i in probs.argmax(1)]
-    for i, name in enumerate(classes):
-        ensemble[f"prob_{name}"] = probs[:, i]
-    for i, name in enumerate(classes):
-        ensemble[f"logit_{name}"] = np.log(np.clip(probs[:, i], 1e-12, 1.0))
-    return ensemble
-
-
 def comparison_markdown(
     scores: dict[str, dict[str, Any]],
     ranking: list[str],
@@ -182,14 +150,31 @@ def comparison_markdown(
         init: Per architecture, where its starting weights came from (``bonetumor.init``).
         baseline: The baseline's name in ``scores`` (None: no baseline was scored).
     """
-    pct = f"{level:.0%}"
+    rows = [*([baseline] if baseline is not None else []), *ranking, *candidates]
+    lines = _md_header(scores, ranking, candidates, init, baseline)
+    lines += _md_overall(scores, ranking, rows, level)
+    lines += _md_paper(scores, rows, target_class)
+    for name in rows:
+        lines += _md_model(name, scores[name], classes, target_class)
+    return "\n".join(lines) + "\n"
+
+
+def _md_header(
+    scores: dict[str, dict[str, Any]],
+    ranking: list[str],
+    candidates: list[str],
+    init: dict[str, str] | None,
+    baseline: str | None,
+) -> list[str]:
+    """The winner, the candidates, the baseline bar, where weights started, temperature warnings."""
     lines = [
         "# Model comparison (out-of-fold predictions, folds grouped by slide or patient)",
         "",
         f"Winner (refit and registered): **{ranking[0]}**, by mean per-fold macro-F1, then pooled accuracy.",
         f"Candidates evaluated on the same folds: {', '.join(candidates) or 'none'}.",
         "CPU ms/tile: median time per tile of the fold-0 model on this machine's CPU (batch "
-        "`candidates.latency_batch`), with its test-time views; the ensemble runs every architecture.",
+        "`candidates.latency_batch`), with its test-time views; the ensemble runs every architecture, the baseline "
+        "its histograms and forest.",
         "",
     ]
     if baseline is not None:
@@ -215,7 +200,13 @@ def comparison_markdown(
             f"**Temperature fit at its bound** for {', '.join(bounded)}: their logits carry no usable confidence "
             "signal (or separate the tiles perfectly); their calibrated probabilities are unreliable."
         )
-    lines += [
+    return lines
+
+
+def _md_overall(scores: dict[str, dict[str, Any]], ranking: list[str], rows: list[str], level: float) -> list[str]:
+    """The overall table: every model's pooled and per-fold figures, calibration, referral and latency."""
+    pct = f"{level:.0%}"
+    lines = [
         "",
         f"## Overall ({pct} CI over folds in brackets)",
         "",
@@ -225,7 +216,6 @@ def comparison_markdown(
         "|---" * 12 + "|",
     ]
     best = scores[ranking[0]]["accuracy"]
-    rows = [*([baseline] if baseline is not None else []), *ranking, *candidates]
     for name in rows:
         s = scores[name]
         cal = s.get("calibration", {})
@@ -238,7 +228,12 @@ def comparison_markdown(
             f"{_fmt(ref.get('coverage'))} | {_fmt(ref.get('accepted_accuracy'))} | "
             f"{s['accuracy'] - best:+.3f} | {_fmt(s.get('cpu_ms_per_tile'), 1)} |"
         )
-    lines += [
+    return lines
+
+
+def _md_paper(scores: dict[str, dict[str, Any]], rows: list[str], target_class: str) -> list[str]:
+    """The paper's figures beside ours."""
+    lines = [
         "",
         "## The paper's figures beside ours",
         "",
@@ -256,32 +251,33 @@ def comparison_markdown(
             f"| {name} | {_fmt(paper.get('accuracy'))} | {s['accuracy']:.3f} | {_fmt(paper.get('test_accuracy'))} | "
             f"{_fmt(paper.get(f'test_recall_{target_class}'))} | {s['per_class'][target_class]['recall']:.3f} |"
         )
-    for name in rows:
-        s = scores[name]
-        lines += ["", f"## {name}: per class", "", report_markdown(s["report"], classes).rstrip(), ""]
-        lines.append("Confusion matrix (rows true, columns predicted):")
-        lines.append("")
-        lines.append("| true \\ predicted | " + " | ".join(classes) + " |")
-        lines.append("|---" * (len(classes) + 1) + "|")
-        for label, row in zip(classes, s["confusion_matrix"], strict=True):
-            lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
-        ref = s.get("referral", {})
-        if ref:
-            bound_note = " (at its bound: unreliable)" if s["calibration"].get("temperature_at_bound") else ""
-            verdict = (
-                "targets met" if ref.get("target_met") else "targets not met by any threshold: every tile is referred"
-            )
-            lines += [
-                "",
-                f"Referral: temperature {_fmt(s['calibration']['temperature'])}{bound_note}, confidence threshold "
-                f"{_fmt(ref.get('confidence_threshold'))}; {ref.get('referred', 'n/a')} of {s['n']} tiles referred; "
-                f"accepted accuracy {_fmt(ref.get('accepted_accuracy'))} (error upper bound "
-                f"{_fmt(ref.get('accepted_error_upper'))} vs max {_fmt(ref.get('max_error'))}), {target_class} "
-                f"recall of accepted {_fmt(ref.get('accepted_target_recall'))} (lower bound "
-                f"{_fmt(ref.get('accepted_recall_lower'))} vs target {_fmt(ref.get('target_recall_goal'))}): "
-                f"{verdict}.",
-            ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _md_model(name: str, s: dict[str, Any], classes: Sequence[str], target_class: str) -> list[str]:
+    """One model's per-class report, confusion matrix and referral rule."""
+    lines = ["", f"## {name}: per class", "", report_markdown(s["report"], classes).rstrip(), ""]
+    lines.append("Confusion matrix (rows true, columns predicted):")
+    lines.append("")
+    lines.append("| true \\ predicted | " + " | ".join(classes) + " |")
+    lines.append("|---" * (len(classes) + 1) + "|")
+    for label, row in zip(classes, s["confusion_matrix"], strict=True):
+        lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
+    ref = s.get("referral", {})
+    if ref:
+        bound_note = " (at its bound: unreliable)" if s["calibration"].get("temperature_at_bound") else ""
+        verdict = "targets met" if ref.get("target_met") else "targets not met by any threshold: every tile is referred"
+        lines += [
+            "",
+            f"Referral: temperature {_fmt(s['calibration']['temperature'])}{bound_note}, confidence threshold "
+            f"{_fmt(ref.get('confidence_threshold'))}; {ref.get('referred', 'n/a')} of {s['n']} tiles referred; "
+            f"accepted accuracy {_fmt(ref.get('accepted_accuracy'))} (error upper bound "
+            f"{_fmt(ref.get('accepted_error_upper'))} vs max {_fmt(ref.get('max_error'))}), {target_class} "
+            f"recall of accepted {_fmt(ref.get('accepted_target_recall'))} (lower bound "
+            f"{_fmt(ref.get('accepted_recall_lower'))} vs target {_fmt(ref.get('target_recall_goal'))}): "
+            f"{verdict}.",
+        ]
+    return lines
 
 
 def _dvc_metrics(scores: dict[str, Any]) -> dict[str, Any]:
@@ -386,105 +382,29 @@ def run_evaluation(
         The comparison: ranking, winner and every model's metrics.
     """
     train_dir = Path(train_dir)
-    classes = config.data.classes
-    runs = read_json(train_dir / RUNS_FILE, "training runs file")
-    if not isinstance(runs, dict) or not isinstance(runs.get("architectures"), dict):
-        raise ArtifactError(f"{train_dir / RUNS_FILE}: no 'architectures' mapping; rerun `bonetumor train`")
-    archs = [a for a in config.train.architectures if a in runs["architectures"]]
-    if not archs:
-        raise ArtifactError(
-            f"{train_dir / RUNS_FILE} lists none of {list(config.train.architectures)}; rerun `bonetumor train`"
-        )
+    runs, archs = _read_runs(config, train_dir)
     setup_mlflow(config.tracking, project_dir)
-    scores: dict[str, dict[str, Any]] = {}
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("data", "train", "evaluate", "referral", "tracking"))
-        plots, reports, referral_dir = tmp / "plots", tmp / "reports", tmp / REFERRAL_DIR
-        for folder in (plots, reports, referral_dir):
-            folder.mkdir()
-        oofs = {arch: read_oof(train_dir / arch / "oof.csv", classes) for arch in archs}
-        models: dict[str, pd.DataFrame] = {}
+        for folder in ("plots", "reports", REFERRAL_DIR):
+            (tmp / folder).mkdir()
         baseline = BASELINE if isinstance(runs.get("baseline"), dict) else None
-        if baseline is not None:
-            models[baseline] = read_oof(train_dir / baseline / "oof.csv", classes)
-        models.update(oofs)
-        candidates: list[str] = []
-        if len(archs) > 1:
-            models[ENSEMBLE] = ensemble_oof(oofs, classes)
-            candidates.append(ENSEMBLE)
-        for name in runs.get("candidates") or {}:
-            models[name] = read_oof(train_dir / name / "oof.csv", classes)
-            candidates.append(name)
+        candidates = list(runs.get("candidates") or {})
+        names = [*([baseline] if baseline is not None else []), *archs, *candidates]
         latency = dict(runs.get("latency_ms") or {})
-        if ENSEMBLE in models and all(a in latency for a in archs):
-            latency[ENSEMBLE] = sum(latency[a] for a in archs)  # it runs every architecture
-        for name, oof in models.items():
-            scores[name] = _evaluate_model(name, oof, config, plots, referral_dir)
-            scores[name]["cpu_ms_per_tile"] = latency.get(name)
-            write_json(reports / f"{name}.json", scores[name])
-            for gallery in sorted((train_dir / name / "gradcam").glob("*.png")):
-                shutil.copy2(gallery, plots / f"{name}_gradcam_{gallery.name}")
-            log.info(
-                "%s: accuracy=%.3f macro-F1=%.3f per-fold macro-F1=%s ECE %.3f -> %.3f, referral coverage %.2f",
-                name,
-                scores[name]["accuracy"],
-                scores[name]["f1_macro"],
-                _ci(scores[name]["fold_summary"].get("f1_macro")),
-                scores[name]["calibration"]["ece_before"],
-                scores[name]["calibration"]["ece_after"],
-                scores[name]["referral"]["coverage"],
-            )
+        scores = {name: _score_model(name, config, train_dir, tmp, latency.get(name)) for name in names}
         ranking = rank_architectures({a: scores[a] for a in archs}, config.train.architectures)
-        plot_comparison(
-            {
-                name: {
-                    metric: s["fold_summary"].get(metric, {}).get(key)
-                    for metric in ("accuracy", "f1_macro", "f1_weighted")
-                    for key in ("mean",)
-                }
-                | {
-                    f"{metric}_ci_{side}": s["fold_summary"].get(metric, {}).get(f"ci_{side}")
-                    for metric in ("accuracy", "f1_macro", "f1_weighted")
-                    for side in ("low", "high")
-                }
-                for name, s in scores.items()
-            },
-            ["accuracy", "f1_macro", "f1_weighted"],
-            f"Per-fold means with {config.evaluate.confidence_level:.0%} CI",
-            plots / "comparison.png",
-        )
-        init = {arch: str(runs["architectures"][arch].get("init", "unknown")) for arch in archs}
-        bar = None if baseline is None else scores[baseline]["fold_f1_macro_mean"]
-        beats = {} if bar is None else {n: scores[n]["fold_f1_macro_mean"] > bar for n in [*archs, *candidates]}
-        comparison: dict[str, Any] = {
-            # The training runs these scores come from: register refuses a comparison of other runs.
-            "cv_run_ids": {arch: runs["architectures"][arch]["run_id"] for arch in archs},
-            "ranking": ranking,
-            "candidates": candidates,
-            "winner": ranking[0],
-            "selection": "fold_f1_macro_mean, then accuracy",
-            "init": init,
-            "baseline": None
-            if baseline is None
-            else {
-                "name": baseline,
-                "what": describe_baseline(config.baseline),
-                "fold_f1_macro_mean": scores[baseline]["fold_f1_macro_mean"],
-                "accuracy": scores[baseline]["accuracy"],
-                "f1_macro": scores[baseline]["f1_macro"],
-            },
-            "beats_baseline": beats,
-            "scores": scores,
-        }
+        _plot_comparison(scores, config.evaluate.confidence_level, tmp / "plots" / "comparison.png")
+        comparison = _comparison(config, runs, archs, candidates, baseline, scores, ranking)
         write_json(tmp / COMPARISON_FILE, comparison)
         markdown = comparison_markdown(
             scores,
             ranking,
             candidates,
-            classes,
+            config.data.classes,
             config.evaluate.confidence_level,
             config.referral.target_class,
-            init=init,
+            init=comparison["init"],
             baseline=baseline,
         )
         (tmp / COMPARISON_MD_FILE).write_text(markdown, encoding="utf-8")
@@ -493,11 +413,97 @@ def run_evaluation(
             _log_to_run(runs["architectures"][arch]["run_id"], arch, scores[arch], ranking, tmp)
             if baseline is not None:
                 with mlflow.start_run(run_id=runs["architectures"][arch]["run_id"]):
-                    mlflow.set_tag("bonetumor.beats_baseline", str(beats[arch]))
+                    mlflow.set_tag("bonetumor.beats_baseline", str(comparison["beats_baseline"][arch]))
         if baseline is not None:
             _log_to_run(runs["baseline"]["run_id"], baseline, scores[baseline], ranking, tmp)
     log.info("winner: %s (ranking %s)", ranking[0], ranking)
     return comparison
+
+
+def _read_runs(config: Config, train_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """Read runs.json and return it with the architectures it holds, in ``train.architectures`` order.
+
+    Raises:
+        ArtifactError: The file is missing or malformed, or holds none of the configured architectures.
+    """
+    runs = read_json(train_dir / RUNS_FILE, "training runs file")
+    if not isinstance(runs, dict) or not isinstance(runs.get("architectures"), dict):
+        raise ArtifactError(f"{train_dir / RUNS_FILE}: no 'architectures' mapping; rerun `bonetumor train`")
+    archs = [a for a in config.train.architectures if a in runs["architectures"]]
+    if not archs:
+        raise ArtifactError(
+            f"{train_dir / RUNS_FILE} lists none of {list(config.train.architectures)}; rerun `bonetumor train`"
+        )
+    return runs, archs
+
+
+def _score_model(name: str, config: Config, train_dir: Path, out: Path, latency: float | None) -> dict[str, Any]:
+    """Score one model's out-of-fold file, write its report, copy its Grad-CAM galleries into the plots."""
+    plots = out / "plots"
+    scores = _evaluate_model(
+        name, read_oof(train_dir / name / "oof.csv", config.data.classes), config, plots, out / REFERRAL_DIR
+    )
+    scores["cpu_ms_per_tile"] = latency
+    write_json(out / "reports" / f"{name}.json", scores)
+    for gallery in sorted((train_dir / name / "gradcam").glob("*.png")):
+        shutil.copy2(gallery, plots / f"{name}_gradcam_{gallery.name}")
+    log.info(
+        "%s: accuracy=%.3f macro-F1=%.3f per-fold macro-F1=%s ECE %.3f -> %.3f, referral coverage %.2f",
+        name,
+        scores["accuracy"],
+        scores["f1_macro"],
+        _ci(scores["fold_summary"].get("f1_macro")),
+        scores["calibration"]["ece_before"],
+        scores["calibration"]["ece_after"],
+        scores["referral"]["coverage"],
+    )
+    return scores
+
+
+def _plot_comparison(scores: dict[str, dict[str, Any]], level: float, out_png: Path) -> None:
+    """Bars of every model's per-fold means with their confidence intervals."""
+    metrics = ["accuracy", "f1_macro", "f1_weighted"]
+    rows = {}
+    for name, s in scores.items():
+        summary = s["fold_summary"]
+        rows[name] = {m: summary.get(m, {}).get("mean") for m in metrics} | {
+            f"{m}_ci_{side}": summary.get(m, {}).get(f"ci_{side}") for m in metrics for side in ("low", "high")
+        }
+    plot_comparison(rows, metrics, f"Per-fold means with {level:.0%} CI", out_png)
+
+
+def _comparison(
+    config: Config,
+    runs: dict[str, Any],
+    archs: list[str],
+    candidates: list[str],
+    baseline: str | None,
+    scores: dict[str, dict[str, Any]],
+    ranking: list[str],
+) -> dict[str, Any]:
+    """Return comparison.json: the runs scored, ranking, winner, baseline bar, who beats it, every score."""
+    bar = None if baseline is None else scores[baseline]["fold_f1_macro_mean"]
+    beats = {} if bar is None else {n: scores[n]["fold_f1_macro_mean"] > bar for n in [*archs, *candidates]}
+    return {
+        # The training runs these scores come from: register refuses a comparison of other runs.
+        "cv_run_ids": {arch: runs["architectures"][arch]["run_id"] for arch in archs},
+        "ranking": ranking,
+        "candidates": candidates,
+        "winner": ranking[0],
+        "selection": "fold_f1_macro_mean, then accuracy",
+        "init": {arch: str(runs["architectures"][arch].get("init", "unknown")) for arch in archs},
+        "baseline": None
+        if baseline is None
+        else {
+            "name": baseline,
+            "what": describe_baseline(config.baseline),
+            "fold_f1_macro_mean": scores[baseline]["fold_f1_macro_mean"],
+            "accuracy": scores[baseline]["accuracy"],
+            "f1_macro": scores[baseline]["f1_macro"],
+        },
+        "beats_baseline": beats,
+        "scores": scores,
+    }
 
 
 def _log_to_run(run_id: str, arch: str, scores: dict[str, Any], ranking: list[str], out: Path) -> None:

@@ -1,10 +1,7 @@
 """Register: refit the winning architecture on all training tiles, pass it through the champion gate, register it.
 
-Why refit rather than keep the best fold's model: each fold model saw only (k-1)/k of the slides, and picking
-the fold with the best validation score would pick partly on luck. The cross-validation estimates how well the
-*recipe* generalises; the served model is that recipe applied to every training tile (GAN-balanced the same way,
-stain-normalised to a target fitted on those tiles, from the same starting weights), trained for the median best
-step over the folds, since without a validation set there is nothing to stop early on.
+The refit (:mod:`bonetumor.training.refit`) trains the winning architecture, through the same candidate protocol
+as the folds, on every training tile for the folds' median best step, and exports its bundle.
 
 The bundle carries the referral rule the evaluate stage chose on the winner's out-of-fold predictions (temperature
 and thresholds). With a held-out test set (``split.test_fraction``), the refit model is scored on it once, here.
@@ -17,6 +14,7 @@ new model's referral rule meets its targets, it beats the colour-histogram basel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -24,16 +22,16 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from torch import nn
 
 from bonetumor.config import Config, save_resolved
-from bonetumor.data.datasets import load_training_table
 from bonetumor.data.manifest import read_manifest, resolve_paths
 from bonetumor.data.split import held_out_rows, read_folds
 from bonetumor.errors import ArtifactError
 from bonetumor.evaluation.calibration import ReferralPolicy
 from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR
 from bonetumor.evaluation.metrics import classification_metrics
-from bonetumor.registry.gate import GateMetrics, decide, gate_document
+from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document
 from bonetumor.registry.model_registry import champion_metrics, log_and_register
 from bonetumor.registry.tracking import (
     TAG_PREFIX,
@@ -43,13 +41,15 @@ from bonetumor.registry.tracking import (
     require_run,
     setup_mlflow,
 )
-from bonetumor.serving.predictor import ModelMetadata, Predictor, save_bundle
-from bonetumor.training.candidates import int8_classifier, select_calibration_files
-from bonetumor.training.cross_validation import INIT_TAG, RUNS_FILE, TRAIN_SECTIONS, refit
+from bonetumor.serving.predictor import ModelMetadata, Predictor, load_bundle
+from bonetumor.training.candidates import TrainingSet
+from bonetumor.training.candidates.int8 import int8_classifier, select_calibration_files
+from bonetumor.training.candidates.network import INIT_TAG, NetworkCandidate
+from bonetumor.training.cross_validation import RUNS_FILE, TRAIN_SECTIONS
 from bonetumor.training.models import InitWeights, resolve_weights
+from bonetumor.training.refit import full_training_set, refit
 from bonetumor.transforms.augment import load_policy
 from bonetumor.transforms.decode import decode_image
-from bonetumor.transforms.stain import fit_from_files
 from bonetumor.transforms.tta import with_views
 from bonetumor.utils import atomic_dir, read_json, sha256_file, write_json
 
@@ -99,6 +99,18 @@ def _refit_init(arch: str, weights: str, cv_init: str) -> InitWeights:
     return init
 
 
+@dataclasses.dataclass
+class _Winner:
+    """What the evaluate and train stages say about the model to register."""
+
+    name: str
+    cv: dict[str, Any]
+    scores: dict[str, Any]
+    referral: ReferralPolicy
+    reason: str
+    baseline: float | None
+
+
 def run_registration(
     config: Config,
     manifest_path: str | Path,
@@ -127,13 +139,87 @@ def run_registration(
         The content of ``champion.json``: model name, version, the alias set, the gate's decision, run id,
         architecture, scores, and the test-set figures when there is a test set.
     """
-    comparison_path, runs_path = Path(evaluate_dir) / COMPARISON_FILE, Path(train_dir) / RUNS_FILE
+    winner = _read_winner(Path(train_dir), Path(evaluate_dir))
+    manifest_path, folds_path = Path(manifest_path), Path(folds_path)
+    manifest = read_manifest(manifest_path)
+    folds = read_folds(folds_path, manifest, manifest_path)
+    setup_mlflow(config.tracking, project_dir)
+    require_run(winner.cv["run_id"], f"{winner.name} cross-validation run")
+    policy = load_policy(policy_path)
+    tags = provenance_tags(config, manifest_path, project_dir)
+    candidate = _candidate_metrics(winner, tags, folds_path)
+    champion_now, decision, alias = _gate(config, candidate)
+    init = _refit_init(winner.name, config.train.weights, winner.cv.get("init", ""))
+    checkpoints = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints"
+    with atomic_dir(out_dir) as tmp:
+        save_resolved(config, tmp)
+        with mlflow.start_run(run_name=f"refit-{winner.name}", tags=_refit_tags(tags, winner, init)) as run:
+            mlflow.log_params(
+                {
+                    **flatten_params(config.for_arch(winner.name), (*TRAIN_SECTIONS, "referral", "register")),
+                    "arch": winner.name,
+                    "refit_steps": winner.cv["refit_steps"],
+                }
+            )
+            data = full_training_set(config, balance_dir, manifest_path.parent, policy, winner.cv["refit_steps"])
+            # Outside the atomic output folder, which a killed run discards; removed once registered.
+            fitted = refit(
+                NetworkCandidate(winner.name, init),
+                data,
+                config,
+                policy,
+                log_step_metrics,
+                checkpoint_dir=checkpoints,
+                fingerprint=f"{config.section_hash(*TRAIN_SECTIONS)}-{winner.name}-{winner.cv['run_id']}-"
+                f"{policy.digest()}",
+            )
+            mlflow.log_metrics({f"cv_{k}": float(v) for k, v in winner.scores.items() if isinstance(v, (int, float))})
+            provenance = _provenance(tags, winner, run.info.run_id, init, candidate)
+            bundle = fitted.export(tmp / "bundle", provenance=provenance, referral=winner.referral)
+            model, metadata = load_bundle(bundle)
+            _export_onnx(config, model, metadata, data, tmp / ONNX_DIR)
+            test_scores = _score_held_out(Predictor(model, metadata), manifest, folds, manifest_path.parent, tmp)
+            version_tags = {
+                **_version_tags(tags, winner, init, test_scores),
+                **candidate.to_tags("candidate"),
+                **({} if champion_now is None else champion_now.to_tags("champion")),
+                **decision.to_tags(alias),
+            }
+            version = log_and_register(
+                bundle, metadata, config.register.model_name, alias, version_tags, description=winner.reason
+            )
+        champion = {
+            "model_name": config.register.model_name,
+            "version": str(version.version),
+            "alias": alias,
+            "model_uri": f"models:/{config.register.model_name}@{alias}",
+            "run_id": run.info.run_id,
+            "cv_run_id": winner.cv["run_id"],
+            "arch": winner.name,
+            "selection": winner.reason,
+            "gate": gate_document(candidate, champion_now, decision),
+            "test": test_scores,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        }
+        write_json(tmp / CHAMPION_FILE, champion)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner.name, alias)
+    return champion
+
+
+def _read_winner(train_dir: Path, evaluate_dir: Path) -> _Winner:
+    """Read the winner, its CV record, scores and referral rule; refuse an evaluation of other training runs.
+
+    Raises:
+        ArtifactError: A file is missing or the two stages' files do not fit together.
+    """
+    comparison_path, runs_path = evaluate_dir / COMPARISON_FILE, train_dir / RUNS_FILE
     comparison = read_json(comparison_path, "architecture comparison")
     runs = read_json(runs_path, "training runs file")
     try:
-        winner = comparison["winner"]
-        cv = runs["architectures"][winner]
-        scores = comparison["scores"][winner]
+        name = comparison["winner"]
+        cv = runs["architectures"][name]
+        scores = comparison["scores"][name]
         evaluated_runs = comparison["cv_run_ids"]
     except (KeyError, TypeError) as exc:
         raise ArtifactError(
@@ -145,32 +231,18 @@ def run_registration(
             f"{comparison_path} scored the runs {evaluated_runs} but {runs_path} holds {trained_runs}: the evaluation "
             "is stale. Rerun `bonetumor evaluate` (dvc repro does this)."
         )
-    folds_path = Path(folds_path)
-    referral_path = Path(evaluate_dir) / REFERRAL_DIR / f"{winner}.json"
+    referral_path = evaluate_dir / REFERRAL_DIR / f"{name}.json"
     referral = ReferralPolicy.from_dict(read_json(referral_path, "referral rule"), source=str(referral_path))
-    manifest_path = Path(manifest_path)
-    manifest = read_manifest(manifest_path)
-    folds = read_folds(folds_path, manifest, manifest_path)
-    setup_mlflow(config.tracking, project_dir)
-    require_run(cv["run_id"], f"{winner} cross-validation run")
-    policy = load_policy(policy_path)
-    tags = provenance_tags(config, manifest_path, project_dir)
     reason = (
-        f"{winner} ranked first of {comparison['ranking']} by {comparison['selection']}: "
+        f"{name} ranked first of {comparison['ranking']} by {comparison['selection']}: "
         f"mean per-fold macro-F1 {scores['fold_f1_macro_mean']:.4f}, pooled accuracy {scores['accuracy']:.4f}"
     )
     baseline = (comparison.get("baseline") or {}).get("fold_f1_macro_mean")
-    fold_f1 = float(scores["fold_f1_macro_mean"])
-    candidate = GateMetrics(
-        version="",
-        fold_f1_macro_mean=fold_f1,
-        target_recall=referral.accepted_target_recall,
-        target_met=referral.target_met,
-        data_version=tags[f"{TAG_PREFIX}data_version"],
-        folds_digest=sha256_file(folds_path),
-        baseline_fold_f1_macro_mean=None if baseline is None else float(baseline),
-        beats_baseline=None if baseline is None else fold_f1 > float(baseline),
-    )
+    return _Winner(name, cv, scores, referral, reason, None if baseline is None else float(baseline))
+
+
+def _gate(config: Config, candidate: GateMetrics) -> tuple[GateMetrics | None, GateDecision, str]:
+    """Compare the new model with the current champion; return the champion's figures, the decision, the alias."""
     champion_now = champion_metrics(config.register.model_name, config.register.alias)
     decision = decide(
         candidate,
@@ -181,140 +253,110 @@ def run_registration(
     )
     alias = config.register.alias if decision.promote else config.register.challenger_alias
     log.info("champion gate: %s -> @%s", decision.reason, alias)
-    dataset_dir = manifest_path.parent
-    arch_config = config.for_arch(winner)
-    init = _refit_init(winner, config.train.weights, cv.get("init", ""))
-    with atomic_dir(out_dir) as tmp:
-        save_resolved(config, tmp)
-        run_tags = {
-            **tags,
-            f"{TAG_PREFIX}stage": "register",
-            f"{TAG_PREFIX}arch": winner,
-            f"{TAG_PREFIX}cv_run_id": cv["run_id"],
-            INIT_TAG: init.tag,
-        }
-        with mlflow.start_run(run_name=f"refit-{winner}", tags=run_tags) as run:
-            mlflow.log_params(
-                {
-                    **flatten_params(arch_config, (*TRAIN_SECTIONS, "referral", "register")),
-                    "arch": winner,
-                    "refit_steps": cv["refit_steps"],
-                }
-            )
-            # The stain target is fitted on the refit's own real training tiles: every tile outside the test set.
-            real = load_training_table(balance_dir, "full", dataset_dir)
-            stain = fit_from_files(
-                policy.stain_normalization, list(real.loc[~real["synthetic"], "file"]), seed=config.train.seed
-            )
-            # Outside the atomic output folder, which a killed run discards; removed once registered.
-            checkpoints = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints"
-            result = refit(
-                arch_config,
-                winner,
-                cv["refit_steps"],
-                balance_dir,
-                dataset_dir,
-                policy,
-                log_step_metrics,
-                stain=stain,
-                checkpoint_dir=checkpoints,
-                fingerprint=f"{config.section_hash(*TRAIN_SECTIONS)}-{winner}-{cv['run_id']}-{policy.digest()}",
-                init=init,
-            )
-            mlflow.log_metrics({f"cv_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
-            provenance = {
-                **{k.removeprefix(TAG_PREFIX): v for k, v in tags.items() if k.startswith(TAG_PREFIX)},
-                "cv_run_id": cv["run_id"],
-                "refit_run_id": run.info.run_id,
-                "refit_steps": cv["refit_steps"],
-                "init": init.tag,
-                "temperature_at_bound": referral.temperature_at_bound,
-                "oof_f1_macro": scores["f1_macro"],
-                "oof_accuracy": scores["accuracy"],
-                "fold_f1_macro_mean": scores["fold_f1_macro_mean"],
-                "folds_digest": candidate.folds_digest,
-                "selection": reason,
-            }
-            metadata = ModelMetadata(
-                arch=winner,
-                classes=config.data.classes,
-                tile_size=arch_config.preprocess.tile_size,
-                input_size=arch_config.preprocess.input_size,
-                mean=arch_config.preprocess.mean,
-                std=arch_config.preprocess.std,
-                dropout=arch_config.train.dropout,
-                test_crops=arch_config.preprocess.test_crops,
-                test_flips=arch_config.preprocess.test_flips,
-                provenance=provenance,
-                versions=ModelMetadata.current_versions(),
-                stain=None if stain is None else stain.to_dict(),
-                referral=referral.to_dict(),
-            )
-            bundle = save_bundle(result.model, metadata, tmp / "bundle")
-            if config.register.export_onnx:
-                # For small machines: the champion as ONNX (FP32) and INT8, beside the bundle, same preprocessing.
-                calibration = select_calibration_files(
-                    real, config.candidates.calibration_tiles, seed=config.train.seed
-                )
-                _, quantized = int8_classifier(
-                    with_views(result.model, metadata.views),
-                    arch_config.preprocess,
-                    stain,
-                    calibration,
-                    tmp / ONNX_DIR,
-                    "model",
-                    classes=config.data.classes,
-                    max_tiles=config.candidates.calibration_tiles,
-                )
-                mlflow.set_tag(f"{TAG_PREFIX}int8_method", quantized.method)
-                mlflow.log_artifacts(str(tmp / ONNX_DIR), ONNX_DIR)
-            else:
-                (tmp / ONNX_DIR).mkdir()
-                (tmp / ONNX_DIR / "DISABLED.txt").write_text("register.export_onnx is false: no ONNX export\n")
-            test = held_out_rows(manifest, folds)
-            test_scores = None
-            if len(test):
-                test_scores = score_test_set(Predictor(result.model, metadata), test, dataset_dir, config.data.classes)
-                mlflow.log_metrics(
-                    {f"test_{k}": float(v) for k, v in test_scores.items() if isinstance(v, (int, float))}
-                    | {f"test_recall_{c}": float(v["recall"]) for c, v in test_scores["per_class"].items()}
-                )
-                write_json(tmp / "test_metrics.json", test_scores)
-                mlflow.log_artifact(str(tmp / "test_metrics.json"), "evaluation")
-            version_tags = {
-                **tags,
-                f"{TAG_PREFIX}arch": winner,
-                f"{TAG_PREFIX}cv_run_id": cv["run_id"],
-                f"{TAG_PREFIX}oof_f1_macro": f"{scores['f1_macro']:.4f}",
-                f"{TAG_PREFIX}fold_f1_macro_mean": f"{scores['fold_f1_macro_mean']:.4f}",
-                f"{TAG_PREFIX}oof_accuracy": f"{scores['accuracy']:.4f}",
-                f"{TAG_PREFIX}selection_reason": reason,
-                INIT_TAG: init.tag,
-                f"{TAG_PREFIX}temperature": f"{referral.temperature:.4g}",
-                f"{TAG_PREFIX}temperature_at_bound": str(referral.temperature_at_bound),
-                **candidate.to_tags("candidate"),
-                **({} if champion_now is None else champion_now.to_tags("champion")),
-                **decision.to_tags(alias),
-            }
-            if test_scores is not None:
-                version_tags[f"{TAG_PREFIX}test_accuracy"] = f"{test_scores['accuracy']:.4f}"
-            version = log_and_register(
-                bundle, metadata, config.register.model_name, alias, version_tags, description=reason
-            )
-        champion = {
-            "model_name": config.register.model_name,
-            "version": str(version.version),
-            "alias": alias,
-            "model_uri": f"models:/{config.register.model_name}@{alias}",
-            "run_id": run.info.run_id,
-            "cv_run_id": cv["run_id"],
-            "arch": winner,
-            "selection": reason,
-            "gate": gate_document(candidate, champion_now, decision),
-            "test": test_scores,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        }
-        write_json(tmp / CHAMPION_FILE, champion)
-    shutil.rmtree(Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints", ignore_errors=True)
-    log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner, alias)
-    return champion
+    return champion_now, decision, alias
+
+
+def _candidate_metrics(winner: _Winner, tags: dict[str, str], folds_path: Path) -> GateMetrics:
+    """The new model's side of the champion gate."""
+    fold_f1 = float(winner.scores["fold_f1_macro_mean"])
+    return GateMetrics(
+        version="",
+        fold_f1_macro_mean=fold_f1,
+        target_recall=winner.referral.accepted_target_recall,
+        target_met=winner.referral.target_met,
+        data_version=tags[f"{TAG_PREFIX}data_version"],
+        folds_digest=sha256_file(folds_path),
+        baseline_fold_f1_macro_mean=winner.baseline,
+        beats_baseline=None if winner.baseline is None else fold_f1 > winner.baseline,
+    )
+
+
+def _refit_tags(tags: dict[str, str], winner: _Winner, init: InitWeights) -> dict[str, str]:
+    return {
+        **tags,
+        f"{TAG_PREFIX}stage": "register",
+        f"{TAG_PREFIX}arch": winner.name,
+        f"{TAG_PREFIX}cv_run_id": winner.cv["run_id"],
+        INIT_TAG: init.tag,
+    }
+
+
+def _provenance(
+    tags: dict[str, str], winner: _Winner, refit_run_id: str, init: InitWeights, candidate: GateMetrics
+) -> dict[str, Any]:
+    """What the bundle's metadata records about the training that made it."""
+    return {
+        **{k.removeprefix(TAG_PREFIX): v for k, v in tags.items() if k.startswith(TAG_PREFIX)},
+        "cv_run_id": winner.cv["run_id"],
+        "refit_run_id": refit_run_id,
+        "refit_steps": winner.cv["refit_steps"],
+        "init": init.tag,
+        "temperature_at_bound": winner.referral.temperature_at_bound,
+        "oof_f1_macro": winner.scores["f1_macro"],
+        "oof_accuracy": winner.scores["accuracy"],
+        "fold_f1_macro_mean": winner.scores["fold_f1_macro_mean"],
+        "folds_digest": candidate.folds_digest,
+        "selection": winner.reason,
+    }
+
+
+def _export_onnx(config: Config, model: nn.Module, metadata: ModelMetadata, data: TrainingSet, out_dir: Path) -> None:
+    """For small machines: the registered model as ONNX (FP32) and INT8, beside the bundle, same preprocessing."""
+    if not config.register.export_onnx:
+        out_dir.mkdir()
+        (out_dir / "DISABLED.txt").write_text("register.export_onnx is false: no ONNX export\n")
+        return
+    calibration = select_calibration_files(
+        data.train_table, config.candidates.calibration_tiles, seed=config.train.seed
+    )
+    _, quantized = int8_classifier(
+        with_views(model, metadata.views),
+        metadata.preprocess,
+        data.stain,
+        calibration,
+        out_dir,
+        "model",
+        classes=config.data.classes,
+        max_tiles=config.candidates.calibration_tiles,
+    )
+    mlflow.set_tag(f"{TAG_PREFIX}int8_method", quantized.method)
+    mlflow.log_artifacts(str(out_dir), ONNX_DIR)
+
+
+def _score_held_out(
+    predictor: Predictor, manifest: Any, folds: dict[str, Any], dataset_dir: Path, out_dir: Path
+) -> dict[str, Any] | None:
+    """Score the refit model once on the held-out test tiles (``split.test_fraction``); None without any."""
+    test = held_out_rows(manifest, folds)
+    if not len(test):
+        return None
+    scores = score_test_set(predictor, test, dataset_dir, predictor.metadata.classes)
+    mlflow.log_metrics(
+        {f"test_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+        | {f"test_recall_{c}": float(v["recall"]) for c, v in scores["per_class"].items()}
+    )
+    write_json(out_dir / "test_metrics.json", scores)
+    mlflow.log_artifact(str(out_dir / "test_metrics.json"), "evaluation")
+    return scores
+
+
+def _version_tags(
+    tags: dict[str, str], winner: _Winner, init: InitWeights, test_scores: dict[str, Any] | None
+) -> dict[str, str]:
+    """The registry version's provenance and scores (the gate's tags are added by the caller)."""
+    scores, referral = winner.scores, winner.referral
+    out = {
+        **tags,
+        f"{TAG_PREFIX}arch": winner.name,
+        f"{TAG_PREFIX}cv_run_id": winner.cv["run_id"],
+        f"{TAG_PREFIX}oof_f1_macro": f"{scores['f1_macro']:.4f}",
+        f"{TAG_PREFIX}fold_f1_macro_mean": f"{scores['fold_f1_macro_mean']:.4f}",
+        f"{TAG_PREFIX}oof_accuracy": f"{scores['accuracy']:.4f}",
+        f"{TAG_PREFIX}selection_reason": winner.reason,
+        INIT_TAG: init.tag,
+        f"{TAG_PREFIX}temperature": f"{referral.temperature:.4g}",
+        f"{TAG_PREFIX}temperature_at_bound": str(referral.temperature_at_bound),
+    }
+    if test_scores is not None:
+        out[f"{TAG_PREFIX}test_accuracy"] = f"{test_scores['accuracy']:.4f}"
+    return out

@@ -10,6 +10,7 @@ preprocessing, and :func:`measure_latency` and :func:`agreement` compare any two
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import statistics
@@ -411,3 +412,59 @@ def agreement(probs_a: np.ndarray, probs_b: np.ndarray) -> dict[str, float]:
         "top1_agreement": float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))),
         "max_abs_prob_diff": float(np.abs(a - b).max()),
     }
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """Return the model itself when it is on the CPU, else a CPU copy (the caller's model stays where it is)."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to("cpu")
+
+
+def cpu_latency_ms(
+    fn_or_model: nn.Module | OnnxClassifier | Callable[[Any], Any],
+    image_size: int,
+    batch: int,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    seed: int = 0,
+) -> float:
+    """Return the median CPU milliseconds per tile of a model on a random preprocessed batch.
+
+    Time a model with its test-time views (``image_size`` = ``tile_size``): that is what a served tile costs.
+
+    A torch module runs on a CPU copy (when it lives elsewhere), in eval mode, under ``no_grad`` (its mode is
+    restored); an :class:`~bonetumor.training.export.OnnxClassifier` runs its ``logits`` on a float32 array; any other
+    callable gets the float32 numpy batch ``(batch, 3, image_size, image_size)``. Preprocessing (decode, resize,
+    normalise) is not timed: it is the same for every model. Uses the current torch/ONNX Runtime thread settings.
+
+    Args:
+        fn_or_model: The model or callable.
+        image_size: Side of the square input.
+        batch: Tiles per call (``candidates.latency_batch``).
+        warmup: Untimed calls first.
+        repeats: Timed calls; the median per-tile time is returned.
+        seed: Seed of the random batch.
+
+    Raises:
+        ConfigError: ``batch`` or ``image_size`` is below 1 (or ``warmup``/``repeats`` out of range).
+    """
+    if batch < 1 or image_size < 1:
+        raise ConfigError(f"cpu_latency_ms: batch={batch}, image_size={image_size}; expected both at least 1")
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    if isinstance(fn_or_model, nn.Module):
+        module = _on_cpu(fn_or_model)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                timing = measure_latency(module, tensor, warmup=warmup, repeats=repeats)
+        finally:
+            module.train(was_training)
+    elif isinstance(fn_or_model, OnnxClassifier):
+        timing = measure_latency(fn_or_model.logits, tensor.numpy(), warmup=warmup, repeats=repeats)
+    else:
+        timing = measure_latency(fn_or_model, tensor.numpy(), warmup=warmup, repeats=repeats)
+    return timing["ms_per_image_p50"]

@@ -16,21 +16,27 @@ log of its (clipped) probabilities, so temperature scaling and the referral rule
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import joblib
 import numpy as np
 from PIL import Image
 from skimage.feature import local_binary_pattern
 from sklearn.ensemble import RandomForestClassifier
 from torchvision.transforms import v2
 
-from bonetumor.config import BaselineConfig
-from bonetumor.errors import DatasetError
+from bonetumor.config import BaselineConfig, Config
+from bonetumor.data.datasets import label_indices
+from bonetumor.errors import ArtifactError, DatasetError
+from bonetumor.evaluation.calibration import ReferralPolicy
+from bonetumor.training.candidates.base import Candidate, FitContext, FittedModel, Section, TrainingSet
+from bonetumor.training.export import measure_latency
 from bonetumor.transforms.decode import decode_image
 from bonetumor.transforms.preprocess import tile_ops
 from bonetumor.transforms.stain import StainNormalizer
+from bonetumor.utils import write_json
 
 #: Name of the baseline in the train output, the evaluation and the reports.
 BASELINE = "baseline"
@@ -93,7 +99,11 @@ class HistogramForest:
         Raises:
             InvalidImageError: A file does not decode.
         """
-        rows = [tile_features(self.prepare(decode_image(f)), self.config.bins, self.config.texture) for f in files]
+        return self.image_features([decode_image(f) for f in files])
+
+    def image_features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Return the feature matrix of decoded tiles, one row per image."""
+        rows = [tile_features(self.prepare(image), self.config.bins, self.config.texture) for image in images]
         width = 6 * self.config.bins + (LBP_POINTS + 2 if self.config.texture else 0)
         return np.stack(rows) if rows else np.zeros((0, width))
 
@@ -113,15 +123,26 @@ class HistogramForest:
 
     def predict_proba(self, files: Sequence[str | Path]) -> np.ndarray:
         """Return ``(N, len(classes))`` probabilities (0 for a class the training tiles lacked)."""
-        probs = np.zeros((len(files), len(self.classes)))
-        if len(files):
-            probs[:, self.forest.classes_] = self.forest.predict_proba(self.features(files))
+        return self._proba(self.features(files))
+
+    def _proba(self, features: np.ndarray) -> np.ndarray:
+        probs = np.zeros((len(features), len(self.classes)))
+        if len(features):
+            probs[:, self.forest.classes_] = self.forest.predict_proba(features)
         return probs
 
     def logits(self, files: Sequence[str | Path]) -> np.ndarray:
         """Return log-probabilities, floored at :data:`PROBABILITY_FLOOR` and renormalised (finite logits)."""
-        probs = np.clip(self.predict_proba(files), PROBABILITY_FLOOR, 1.0)
-        return np.log(probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+        return _floored_log(self.predict_proba(files))
+
+    def image_logits(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Return the logits of decoded tiles, as :meth:`logits` does for files."""
+        return _floored_log(self._proba(self.image_features(images)))
+
+
+def _floored_log(probs: np.ndarray) -> np.ndarray:
+    probs = np.clip(probs, PROBABILITY_FLOOR, 1.0)
+    return np.log(probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def describe(config: BaselineConfig) -> dict[str, Any]:
@@ -134,3 +155,106 @@ def describe(config: BaselineConfig) -> dict[str, Any]:
         "tile_size": config.tile_size,
         "stain_normalization": config.stain_normalization,
     }
+
+
+class BaselineFitted:
+    """A fitted :class:`HistogramForest`."""
+
+    def __init__(self, forest: HistogramForest) -> None:
+        self.forest = forest
+
+    def logits(self, files: Sequence[Path]) -> np.ndarray:
+        """Return the forest's logits of tile files."""
+        return self.forest.logits(files)
+
+    def latency_ms(self, tile_size: int, batch: int) -> float:
+        """Return the CPU milliseconds per tile of features plus forest, on random ``tile_size`` RGB tiles.
+
+        The histograms are the forest's preprocessing and are timed with it; decoding is not.
+        """
+        rng = np.random.default_rng(0)
+        images = [
+            Image.fromarray(rng.integers(0, 256, (tile_size, tile_size, 3), dtype=np.uint8)) for _ in range(batch)
+        ]
+        return measure_latency(self.forest.image_logits, images)["ms_per_image_p50"]
+
+    def metrics(self) -> dict[str, float]:
+        """Nothing beyond the fold's scores."""
+        return {}
+
+    def tags(self) -> dict[str, str]:
+        """None."""
+        return {}
+
+    def export(
+        self,
+        out_dir: Path,
+        provenance: Mapping[str, Any] | None = None,
+        referral: ReferralPolicy | None = None,
+    ) -> Path:
+        """Write ``forest.joblib`` (scikit-learn's own persistence) and ``baseline.json`` into ``out_dir``.
+
+        ``baseline.json`` holds what the forest is, its classes, provenance and referral rule. Loading a joblib
+        file runs pickled code: load only files you made yourself (:func:`load_baseline`).
+        """
+        out_dir.mkdir(parents=True, exist_ok=True)
+        joblib.dump(self.forest, out_dir / "forest.joblib")
+        write_json(
+            out_dir / "baseline.json",
+            {
+                "classes": list(self.forest.classes),
+                "what": describe(self.forest.config),
+                "provenance": dict(provenance or {}),
+                "referral": None if referral is None else referral.to_dict(),
+            },
+        )
+        return out_dir
+
+
+def load_baseline(folder: str | Path) -> HistogramForest:
+    """Load a forest :meth:`BaselineFitted.export` wrote (a trusted file: joblib unpickles code).
+
+    Raises:
+        ArtifactError: The file is missing or is not a :class:`HistogramForest`.
+    """
+    path = Path(folder) / "forest.joblib"
+    try:
+        forest = joblib.load(path)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: cannot load the baseline ({exc}); expected a file BaselineFitted.export wrote"
+        ) from exc
+    if not isinstance(forest, HistogramForest):
+        raise ArtifactError(f"{path}: holds a {type(forest).__name__}; expected a HistogramForest")
+    return forest
+
+
+class BaselineCandidate(Candidate):
+    """The colour-histogram random forest, fitted on each fold's real training tiles: the bar to beat."""
+
+    kind: ClassVar[str] = "baseline"
+    section: ClassVar[Section] = "baseline"
+    param_sections: ClassVar[tuple[str, ...]] = ("data", "augment", "baseline")
+
+    def __init__(self) -> None:
+        super().__init__(BASELINE)
+
+    @classmethod
+    def from_config(cls, config: Config) -> list[Candidate]:
+        """Always one: every network is compared with it."""
+        return [cls()]
+
+    def fit(self, data: TrainingSet, context: FitContext, bases: Mapping[str, FittedModel]) -> BaselineFitted:
+        """Fit the forest on the real training tiles (GAN tiles balance a loss; a forest needs no such help)."""
+        classes = context.config.data.classes
+        real = data.real_rows
+        forest = HistogramForest(context.config.baseline, classes, data.stain)
+        return BaselineFitted(forest.fit(list(real["file"]), label_indices(real["label"], classes)))
+
+    def mlflow_params(self, config: Config) -> dict[str, Any]:
+        """What the forest is (trees, features, tile size)."""
+        return {f"baseline.{k}": v for k, v in describe(config.baseline).items()}
+
+    def summary(self, folds: list[dict[str, Any]], scores: list[float], out_dir: Path) -> dict[str, Any]:
+        """The per-fold macro-F1 (its mean is the bar)."""
+        return {"fold_macro_f1": scores}
