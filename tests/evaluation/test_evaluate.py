@@ -109,10 +109,22 @@ def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> N
     setup_mlflow(config.tracking, tmp_path)
     train_dir = tmp_path / "train"
     run_ids = {}
+    oofs = {}
     for arch, skill in (("resnet50", 3.0), ("vgg19", 0.5), ("baseline", 1.5)):
-        (train_dir / arch).mkdir(parents=True)
         seed = {"resnet50": 1, "vgg19": 2, "baseline": 3}[arch]
-        synthetic_oof(seed, skill).to_csv(train_dir / arch / "oof.csv", index=False)
+        oofs[arch] = synthetic_oof(seed, skill)
+    # The train stage writes the ensemble (the members' mean probability) as one more candidate; evaluation
+    # scores whatever runs.json lists.
+    probs = [f"prob_{c}" for c in CLASSES]
+    mean = (oofs["resnet50"][probs].to_numpy() + oofs["vgg19"][probs].to_numpy()) / 2
+    oofs["ensemble"] = oofs["resnet50"].assign(
+        prediction=[CLASSES[i] for i in mean.argmax(1)],
+        **{f"prob_{c}": mean[:, i] for i, c in enumerate(CLASSES)},
+        **{f"logit_{c}": np.log(mean[:, i]) for i, c in enumerate(CLASSES)},
+    )
+    for arch, oof in oofs.items():
+        (train_dir / arch).mkdir(parents=True)
+        oof.to_csv(train_dir / arch / "oof.csv", index=False)
         with mlflow.start_run(run_name=f"cv-{arch}") as run:
             run_ids[arch] = run.info.run_id
     runs = {
@@ -120,6 +132,7 @@ def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> N
             a: {"run_id": run_ids[a], "init": "scratch (no ImageNet weights available)"} for a in ("resnet50", "vgg19")
         },
         "baseline": {"run_id": run_ids["baseline"]},
+        "candidates": {"ensemble": {"base": None, "kind": "ensemble", "run_id": run_ids["ensemble"]}},
     }
     (train_dir / "runs.json").write_text(json.dumps(runs))
     comparison = run_evaluation(config, train_dir, tmp_path / "evaluate", tmp_path)
@@ -146,7 +159,7 @@ def test_run_evaluation_writes_every_artifact_and_logs_them(tmp_path: Path) -> N
         summary = comparison["scores"][name]["fold_summary"]["f1_macro"]
         assert summary["n"] == 3
         assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
-    # The ensemble is the mean of the architectures' probabilities.
+    # The ensemble file is scored as written: the mean of the architectures' probabilities.
     first = pd.read_csv(train_dir / "resnet50" / "oof.csv")
     second = pd.read_csv(train_dir / "vgg19" / "oof.csv")
     assert comparison["scores"]["resnet50"]["roc_pr"]["roc_auc_macro"] > 0.9

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,14 @@ from torch import nn
 from bonetumor.config import Config
 from bonetumor.data.datasets import TileDataset, label_indices
 from bonetumor.errors import ConfigError, DatasetError
-from bonetumor.training.candidates import build_candidates, pruned, two_stage
-from bonetumor.training.candidates.int8 import int8_classifier, onnx_logits, select_calibration_files
+from bonetumor.evaluation.calibration import ReferralPolicy
+from bonetumor.serving.predictor import load_bundle
+from bonetumor.training.candidates import FitContext, TrainingSet, build_candidates, pruned, two_stage
+from bonetumor.training.candidates.base import probabilities
+from bonetumor.training.candidates.baseline import BaselineCandidate, load_baseline
+from bonetumor.training.candidates.ensemble import EnsembleCandidate
+from bonetumor.training.candidates.int8 import Int8Candidate, int8_classifier, onnx_logits, select_calibration_files
+from bonetumor.training.candidates.network import NetworkCandidate, TorchFitted
 from bonetumor.training.candidates.pruned import fit_pruned_vgg
 from bonetumor.training.candidates.two_stage import (
     LOG_PROB_FLOOR,
@@ -28,10 +35,11 @@ from bonetumor.training.candidates.two_stage import (
 )
 from bonetumor.training.engine import FitResult
 from bonetumor.training.export import OnnxClassifier, cpu_latency_ms
-from bonetumor.training.models import build_model
+from bonetumor.training.models import build_model, resolve_weights
 from bonetumor.training.pruning import channel_plan
 from bonetumor.transforms.decode import decode_image
 from bonetumor.transforms.preprocess import build_eval_transform
+from bonetumor.utils import EtaTimer
 
 SIZE = 32
 TINY = "tiny_cnn"
@@ -418,3 +426,80 @@ def test_cpu_latency_ms_times_torch_onnx_and_plain_callables(colour_model: nn.Mo
     assert cpu_latency_ms(onnx_model, SIZE, 2, repeats=2) > 0
     with pytest.raises(ConfigError, match="batch=0"):
         cpu_latency_ms(colour_model, SIZE, 0)
+
+
+# --- the protocol: every fitted kind exports something that loads and predicts the same -------------------------
+
+
+def _fitted_set(config: Config, tiles: pd.DataFrame) -> tuple[TrainingSet, FitContext]:
+    data = TrainingSet("full", tiles, tiles, None, None, seed=0, steps=4)
+    context = FitContext(config, plain_policy(), torch.device("cpu"), EtaTimer(8))
+    return data, context
+
+
+def test_each_fitted_kind_exports_what_loads_and_predicts_the_same(
+    tiny_arch: str, tiles: pd.DataFrame, tmp_path: Path
+) -> None:
+    config = _config(architectures=[tiny_arch], weights="none", steps=4, eval_every=2)
+    data, context = _fitted_set(config, tiles)
+    files = [Path(f) for f in tiles["file"]]
+    referral = ReferralPolicy(
+        classes=CLASSES,
+        temperature=1.5,
+        confidence_threshold=0.6,
+        target_class="Viable-Tumor",
+        target_recall=0.6,
+        safe_class="Non-Tumor",
+        max_target_prob_when_safe=0.2,
+        n_tiles=27,
+        coverage=0.5,
+        accepted_accuracy=0.9,
+        accepted_target_recall=0.8,
+        target_met=True,
+    )
+
+    network = NetworkCandidate(tiny_arch, resolve_weights(tiny_arch, "none")).fit(data, context, {})
+    bundle = network.export(tmp_path / "network", provenance={"run": "r1"}, referral=referral)
+    model, metadata = load_bundle(bundle)
+    assert metadata.arch == tiny_arch
+    assert metadata.provenance == {"run": "r1"}
+    assert metadata.referral == referral.to_dict()
+    reloaded = TorchFitted(model, tiny_arch, network.config, None, torch.device("cpu"))
+    np.testing.assert_allclose(reloaded.logits(files), network.logits(files), atol=1e-5)
+
+    baseline = BaselineCandidate().fit(data, context, {})
+    baseline.export(tmp_path / "baseline", provenance={"run": "r2"})
+    np.testing.assert_array_equal(load_baseline(tmp_path / "baseline").logits(files), baseline.logits(files))
+    assert json.loads((tmp_path / "baseline" / "baseline.json").read_text())["provenance"] == {"run": "r2"}
+
+    context.scratch = tmp_path / "scratch"
+    context.scratch.mkdir()
+    quantised = Int8Candidate(tiny_arch).fit(data, context, {tiny_arch: network})
+    quantised.export(tmp_path / "int8")
+    onnx = OnnxClassifier(
+        tmp_path / "int8" / "model.int8.onnx", CLASSES, build_eval_transform(network.config.preprocess)
+    )
+    np.testing.assert_allclose(onnx_logits(onnx, files), quantised.logits(files), atol=1e-6)
+    # INT8 is close to the network it was made from, not equal to it.
+    assert (quantised.logits(files).argmax(1) == network.logits(files).argmax(1)).mean() >= 0.8
+
+    ensemble = EnsembleCandidate([tiny_arch, "baseline"]).fit(data, context, {tiny_arch: network, "baseline": baseline})
+    expected = np.log((probabilities(network.logits(files)) + probabilities(baseline.logits(files))) / 2)
+    np.testing.assert_allclose(ensemble.logits(files), expected, atol=1e-5)
+    ensemble.export(tmp_path / "ensemble", referral=referral)
+    document = json.loads((tmp_path / "ensemble" / "ensemble.json").read_text())
+    assert document["members"] == [tiny_arch, "baseline"]
+    assert (tmp_path / "ensemble" / tiny_arch / "weights.pt").is_file()
+    assert (tmp_path / "ensemble" / "baseline" / "forest.joblib").is_file()
+    size = config.preprocess.tile_size
+    assert ensemble.latency_ms(size, 2) == pytest.approx(network.latency_ms(size, 2) + baseline.latency_ms(size, 2))
+
+
+def test_a_derived_candidate_refuses_a_base_of_the_wrong_kind(tiles: pd.DataFrame) -> None:
+    config = _config(architectures=["vgg19"], weights="none")
+    data, context = _fitted_set(config, tiles)
+    baseline = BaselineCandidate().fit(data, context, {})
+    with pytest.raises(ConfigError, match="not a torch model"):
+        Int8Candidate("vgg19").fit(data, context, {"vgg19": baseline})
+    with pytest.raises(ConfigError, match="members \\['vgg19'\\] were not fitted"):
+        EnsembleCandidate(["baseline", "vgg19"]).fit(data, context, {"baseline": baseline})
