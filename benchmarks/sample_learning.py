@@ -2,11 +2,11 @@
 
 Grouped cross-validation as the pipeline does it (``split`` params: folds grouped by slide, the same seed), with
 the real pieces: each fold's Macenko (or other) stain target fitted on its training tiles, the early-stopping
-hold-out of training slides, :func:`bonetumor.training.engine.fit` on random crops, test-time views for the out-of-fold
-predictions, and :class:`bonetumor.training.baseline.HistogramForest` on the same folds. No MLflow, no GAN tiles
-(``balance``), no near-duplicate clusters in the split (the validate stage finds none in the sample). Per model
-and seed it prints the mean per-fold macro-F1 (what the champion gate compares), the out-of-fold accuracy and
-macro-F1, and the seconds it took; then the mean and spread over seeds.
+hold-out of training slides, :func:`bonetumor.training.engine.fit` on random crops, test-time views for the
+out-of-fold predictions, and :class:`bonetumor.training.candidates.baseline.HistogramForest` on the same folds. No
+MLflow, no GAN tiles (``balance``), no near-duplicate clusters in the split (the validate stage finds none in the
+sample). Per model and seed it prints the mean per-fold macro-F1 (what the champion gate compares), the out-of-fold
+accuracy and macro-F1, and the seconds it took; then the mean and spread over seeds.
 
 Usage::
 
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 import yaml
 
 from bonetumor.config import Config
@@ -36,12 +38,12 @@ from bonetumor.data.manifest import resolve_paths
 from bonetumor.data.split import make_folds
 from bonetumor.evaluation.metrics import macro_f1
 from bonetumor.runtime import configure_process
-from bonetumor.training.baseline import BASELINE, HistogramForest
+from bonetumor.training.candidates.baseline import BASELINE, HistogramForest
 from bonetumor.training.cross_validation import early_stopping_split
 from bonetumor.training.engine import eval_dataset, fit, predict_logits, select_device, training_dataset
-from bonetumor.training.models import build_model, resolve_weights
+from bonetumor.training.models import InitWeights, build_model, resolve_weights
 from bonetumor.transforms.augment import AugmentPolicy
-from bonetumor.transforms.stain import fit_from_files
+from bonetumor.transforms.stain import StainNormalizer, fit_from_files
 from bonetumor.transforms.tta import TestTimeViews
 from bonetumor.utils import seed_everything
 
@@ -62,6 +64,19 @@ def load_params(path: Path, overrides: list[str]) -> Config:
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fold:
+    """One fold of one seed: the training table (with ``file``), the validation tiles, and the stain normaliser."""
+
+    k: int
+    seed: int
+    table: pd.DataFrame
+    val_rows: pd.DataFrame
+    val_files: list[Path]
+    truth: list[int]
+    stain: StainNormalizer | None
+
+
 def run(config: Config, archs: list[str], seeds: list[int], baseline: bool) -> dict[str, list[dict[str, Any]]]:
     """Return, per model, one result per seed: mean per-fold macro-F1, OOF accuracy and macro-F1, seconds."""
     classes = config.data.classes
@@ -77,73 +92,107 @@ def run(config: Config, archs: list[str], seeds: list[int], baseline: bool) -> d
             predictions: dict[str, dict[int, tuple[list[int], np.ndarray]]] = {name: {} for name in results}
             seconds: dict[str, float] = dict.fromkeys(results, 0.0)
             for fold_info in folds["folds"]:
-                k = int(fold_info["fold"])
-                train_rows, val_rows = split_tables(manifest, folds, k)
-                table = train_rows.assign(
-                    file=[str(f) for f in resolve_paths(train_rows, dataset_dir)], synthetic=False
-                )
-                truth = label_indices(val_rows["label"], classes)
-                val_files = resolve_paths(val_rows, dataset_dir)
-                stain = fit_from_files(policy.stain_normalization, list(table["file"]), seed=seed + k)
+                fold = _fold(manifest, folds, int(fold_info["fold"]), seed, dataset_dir, config, policy)
                 if baseline:
                     started = time.monotonic()
-                    forest = HistogramForest(dataclasses.replace(config.baseline, seed=seed), classes, stain).fit(
-                        list(table["file"]), label_indices(table["label"], classes)
-                    )
-                    predictions[BASELINE][k] = (truth, forest.logits(val_files))
+                    predictions[BASELINE][fold.k] = (fold.truth, _baseline_logits(fold, config))
                     seconds[BASELINE] += time.monotonic() - started
                 for arch in archs:
-                    cfg = config.for_arch(arch)
-                    train = dataclasses.replace(cfg.train, seed=seed, progress=False)
-                    fit_rows, stop_rows = early_stopping_split(table, cfg, seed=seed + k)
-                    views = TestTimeViews.from_config(cfg.preprocess)
-                    stop_set = (
-                        None
-                        if stop_rows is None
-                        else eval_dataset(list(stop_rows["file"]), list(stop_rows["label"]), cfg, stain)
-                    )
-                    started = time.monotonic()
-                    seed_everything(seed + k)
-                    model = build_model(arch, len(classes), train.dropout, inits[arch], train.trainable)
-                    result = fit(
-                        model,
-                        training_dataset(fit_rows, cfg, policy, stain),
-                        stop_set,
-                        train,
-                        device,
-                        train.steps,
-                        f"{arch} seed {seed} fold {k}",
-                        views=views,
-                    )
-                    val_set = eval_dataset(val_files, list(val_rows["label"]), cfg, stain)
-                    predictions[arch][k] = (truth, predict_logits(result.model, val_set, train, device, views))
-                    seconds[arch] += time.monotonic() - started
+                    logits, best_step, took = _arch_logits(arch, fold, config, inits[arch], policy, device)
+                    predictions[arch][fold.k] = (fold.truth, logits)
+                    seconds[arch] += took
                     print(
-                        f"  {arch} seed {seed} fold {k}: macro-F1 "
-                        f"{macro_f1(truth, predictions[arch][k][1].argmax(1)):.3f} (best step {result.best_step})",
+                        f"  {arch} seed {seed} fold {fold.k}: macro-F1 "
+                        f"{macro_f1(fold.truth, logits.argmax(1)):.3f} (best step {best_step})",
                         flush=True,
                     )
             for name, per_fold in predictions.items():
-                fold_f1 = [macro_f1(t, logits.argmax(1)) for t, logits in per_fold.values()]
-                truth_all = np.concatenate([t for t, _ in per_fold.values()])
-                pred_all = np.concatenate([logits.argmax(1) for _, logits in per_fold.values()])
-                results[name].append(
-                    {
-                        "seed": seed,
-                        "fold_f1_macro_mean": statistics.fmean(fold_f1),
-                        "oof_accuracy": float(np.mean(truth_all == pred_all)),
-                        "oof_f1_macro": macro_f1(truth_all, pred_all),
-                        "seconds": seconds[name],
-                        "folds": fold_f1,
-                    }
-                )
-                print(
-                    f"{name} seed {seed}: per-fold macro-F1 {[round(f, 3) for f in fold_f1]} mean "
-                    f"{statistics.fmean(fold_f1):.3f}, OOF accuracy {results[name][-1]['oof_accuracy']:.3f}, "
-                    f"{seconds[name]:.0f} s",
-                    flush=True,
-                )
+                results[name].append(_seed_result(name, seed, per_fold, seconds[name]))
     return results
+
+
+def _fold(
+    manifest: pd.DataFrame,
+    folds: dict[str, Any],
+    k: int,
+    seed: int,
+    dataset_dir: Path,
+    config: Config,
+    policy: AugmentPolicy,
+) -> _Fold:
+    """Return fold ``k`` for ``seed``, its stain target fitted on its training tiles."""
+    classes = config.data.classes
+    train_rows, val_rows = split_tables(manifest, folds, k)
+    table = train_rows.assign(file=[str(f) for f in resolve_paths(train_rows, dataset_dir)], synthetic=False)
+    truth = label_indices(val_rows["label"], classes)
+    val_files = resolve_paths(val_rows, dataset_dir)
+    stain = fit_from_files(policy.stain_normalization, list(table["file"]), seed=seed + k)
+    return _Fold(k, seed, table, val_rows, val_files, truth, stain)
+
+
+def _baseline_logits(fold: _Fold, config: Config) -> np.ndarray:
+    """Fit the colour-histogram forest on the fold's training tiles; return its logits of the validation tiles."""
+    classes = config.data.classes
+    forest = HistogramForest(dataclasses.replace(config.baseline, seed=fold.seed), classes, fold.stain).fit(
+        list(fold.table["file"]), label_indices(fold.table["label"], classes)
+    )
+    return forest.logits(fold.val_files)
+
+
+def _arch_logits(
+    arch: str, fold: _Fold, config: Config, init: InitWeights, policy: AugmentPolicy, device: torch.device
+) -> tuple[np.ndarray, int, float]:
+    """Train ``arch`` on the fold; return its validation logits (test-time views), best step and seconds taken.
+
+    The seconds count the model's build, fit and prediction, not the early-stopping split before them.
+    """
+    cfg = config.for_arch(arch)
+    train = dataclasses.replace(cfg.train, seed=fold.seed, progress=False)
+    fit_rows, stop_rows = early_stopping_split(fold.table, cfg, seed=fold.seed + fold.k)
+    views = TestTimeViews.from_config(cfg.preprocess)
+    stop_set = (
+        None if stop_rows is None else eval_dataset(list(stop_rows["file"]), list(stop_rows["label"]), cfg, fold.stain)
+    )
+    started = time.monotonic()
+    seed_everything(fold.seed + fold.k)
+    model = build_model(arch, len(config.data.classes), train.dropout, init, train.trainable)
+    result = fit(
+        model,
+        training_dataset(fit_rows, cfg, policy, fold.stain),
+        stop_set,
+        train,
+        device,
+        train.steps,
+        f"{arch} seed {fold.seed} fold {fold.k}",
+        views=views,
+    )
+    val_set = eval_dataset(fold.val_files, list(fold.val_rows["label"]), cfg, fold.stain)
+    logits = predict_logits(result.model, val_set, train, device, views)
+    return logits, result.best_step, time.monotonic() - started
+
+
+def _seed_result(
+    name: str, seed: int, per_fold: dict[int, tuple[list[int], np.ndarray]], seconds: float
+) -> dict[str, Any]:
+    """Return (and print) one model's figures for one seed from its per-fold truth and logits."""
+    fold_f1 = [macro_f1(t, logits.argmax(1)) for t, logits in per_fold.values()]
+    truth_all = np.concatenate([t for t, _ in per_fold.values()])
+    pred_all = np.concatenate([logits.argmax(1) for _, logits in per_fold.values()])
+    result = {
+        "seed": seed,
+        "fold_f1_macro_mean": statistics.fmean(fold_f1),
+        "oof_accuracy": float(np.mean(truth_all == pred_all)),
+        "oof_f1_macro": macro_f1(truth_all, pred_all),
+        "seconds": seconds,
+        "folds": fold_f1,
+    }
+    print(
+        f"{name} seed {seed}: per-fold macro-F1 {[round(f, 3) for f in fold_f1]} mean "
+        f"{statistics.fmean(fold_f1):.3f}, OOF accuracy {result['oof_accuracy']:.3f}, "
+        f"{seconds:.0f} s",
+        flush=True,
+    )
+    return result
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ def test_tcia_download_is_imported_with_labels_mapped_and_the_mixed_class_exclud
     tmp_path: Path, project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = tcia_download(tmp_path / "Osteosarcoma TCIA")
-    caplog.set_level(logging.INFO, logger="bonetumor.dataimport")
+    caplog.set_level(logging.INFO, logger="bonetumor.data.importer")
     with source_untouched(source):
         result = import_dataset(source, make_config(), project)
 
@@ -346,7 +346,7 @@ def test_non_rgb_tiles_are_converted_to_8_bit_rgb_and_listed(
 ) -> None:
     root = tmp_path / "modes"
     modes = _odd_modes(root)
-    caplog.set_level(logging.INFO, logger="bonetumor.dataimport")
+    caplog.set_level(logging.INFO, logger="bonetumor.data.importer")
     with source_untouched(root):
         result = import_dataset(root, make_config(image_modes="convert"), project)
     assert {Path(c.source).name: c.from_mode for c in result.conversions} == modes
@@ -527,7 +527,7 @@ def test_progress_is_logged_every_n_files(
     tmp_path: Path, project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(dataimport, "PROGRESS_EVERY", 2)
-    caplog.set_level(logging.INFO, logger="bonetumor.dataimport")
+    caplog.set_level(logging.INFO, logger="bonetumor.data.importer")
     import_dataset(class_folders(tmp_path / "src"), make_config(), project)
     for line in ("checked 2/6 tiles", "checked 6/6 tiles", "wrote 4/6 tiles", "wrote 6/6 tiles"):
         assert line in caplog.text

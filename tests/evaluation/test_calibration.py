@@ -16,6 +16,7 @@ from scipy.stats import beta
 from bonetumor.config import ReferralConfig
 from bonetumor.errors import ArtifactError, ConfigError
 from bonetumor.evaluation.calibration import (
+    TEMPERATURE_BOUNDS,
     ReferralPolicy,
     choose_referral,
     clopper_pearson_lower,
@@ -134,12 +135,17 @@ def test_fit_temperature_of_calibrated_logits_is_near_one() -> None:
 
 
 def test_fit_temperature_survives_tiny_and_separable_data(caplog: pytest.LogCaptureFixture) -> None:
+    # One right tile: the NLL keeps falling as T shrinks, until it is 0 in floating point (near T = 0.04, where
+    # the search stops): a sharpening temperature that makes the right class certain, not an error.
+    low, high = TEMPERATURE_BOUNDS
     one = fit_temperature(np.array([[3.0, 0.0, 0.0]]), np.array([0]))
-    assert 0 < one < math.inf
-    # One wrong tile: the NLL keeps falling as T grows; the search stops at the bound instead of failing.
-    with caplog.at_level(logging.WARNING, logger="bonetumor.calibration"):
+    assert low <= one < 0.1
+    assert softmax(np.array([[3.0, 0.0, 0.0]]), one)[0, 0] == pytest.approx(1.0, abs=1e-12)
+    # One wrong tile: the NLL keeps falling as T grows, towards log 3; the search stops at the upper bound.
+    with caplog.at_level(logging.WARNING, logger="bonetumor.evaluation.calibration"):
         wrong = fit_temperature(np.array([[3.0, 0.0, 0.0]]), np.array([2]))
-    assert 10.0 < wrong <= 100.0
+    assert wrong == pytest.approx(high, rel=0.01)
+    assert temperature_at_bound(wrong)
     assert "bound" in caplog.text
 
 
@@ -316,7 +322,7 @@ def test_unattainable_target_refers_everything(caplog: pytest.LogCaptureFixture)
     # Every Viable-Tumor tile is called Non-Viable-Tumor with high confidence: no threshold can reach the recall.
     probs = np.array([[0.05, 0.9, 0.05], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05], [0.05, 0.9, 0.05]])
     labels = np.array([VT, VT, NT, NVT])
-    with caplog.at_level(logging.WARNING, logger="bonetumor.calibration"):
+    with caplog.at_level(logging.WARNING, logger="bonetumor.evaluation.calibration"):
         chosen = choose_referral(np.log(probs), labels, CLASSES, referral_config())
     assert not chosen.target_met
     assert chosen.confidence_threshold == 1.0
@@ -331,7 +337,7 @@ def test_unattainable_target_refers_everything(caplog: pytest.LogCaptureFixture)
 
 def test_no_target_tiles_refers_everything(caplog: pytest.LogCaptureFixture) -> None:
     probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
-    with caplog.at_level(logging.WARNING, logger="bonetumor.calibration"):
+    with caplog.at_level(logging.WARNING, logger="bonetumor.evaluation.calibration"):
         chosen = choose_referral(np.log(probs), np.array([NT, NVT]), CLASSES, referral_config())
     assert not chosen.target_met
     assert chosen.coverage == 0.0
@@ -355,7 +361,17 @@ def test_choose_referral_calibrates_and_policy_holds_on_its_oof() -> None:
     chosen = choose_referral(logits * 2.0, labels, CLASSES, config)
     assert chosen.temperature == pytest.approx(2.0, rel=0.1)
     assert chosen.target_met
-    assert 0.0 < chosen.coverage < 1.0
+    # The rule's figures, recomputed by hand from its temperature and thresholds: accepted are the tiles whose
+    # calibrated confidence exceeds the threshold, except Non-Tumor calls with P(Viable-Tumor) above 0.2.
+    probs = softmax(logits * 2.0 / chosen.temperature)
+    calls = probs.argmax(1)
+    accepted = (probs.max(1) > chosen.confidence_threshold) & ~((calls == NT) & (probs[:, VT] > 0.2))
+    assert 0 < accepted.sum() < len(labels)  # it refers some tiles and accepts others
+    assert chosen.n_tiles == len(labels)
+    assert chosen.coverage == pytest.approx(accepted.mean())
+    assert chosen.accepted_accuracy == pytest.approx((calls == labels)[accepted].mean())
+    accepted_vt = accepted & (labels == VT)
+    assert chosen.accepted_target_recall == pytest.approx((calls[accepted_vt] == VT).mean())
     summary = referral_summary(chosen, chosen.calibrated_probs(logits * 2.0), labels)
     assert summary["coverage"] == pytest.approx(chosen.coverage)
     assert summary["accepted_target_recall"] == pytest.approx(chosen.accepted_target_recall)

@@ -9,19 +9,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import CLASS_COLOURS, CLASSES, write_tile
+from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 from torchvision import models as tvm
 
-from bonetumor.config import AugmentConfig, Config, TrainConfig
+from bonetumor.config import AugmentConfig, Config, TrackingConfig, TrainConfig
 from bonetumor.data.datasets import TileDataset
 from bonetumor.errors import ConfigError, DatasetError
+from bonetumor.registry.tracking import log_step_metrics, setup_mlflow
 from bonetumor.training.engine import (
     FitResult,
     StepBatchSampler,
@@ -252,6 +255,40 @@ def test_early_stopping_neither_stops_nor_chooses_during_the_warm_up() -> None:
     assert [h["step"] for h in result.history] == [2, 4, 6, 8]
     assert result.best_step == 6
     assert result.stopped_early
+
+
+def test_every_evaluation_is_logged_to_mlflow_at_its_own_step(tmp_path: Path) -> None:
+    setup_mlflow(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t"), tmp_path)
+    config = _config(steps=6, eval_every=2, patience=10)
+    model, val = _tiny(), _tensors(n=9, seed=1)
+    # What the model itself scores on the validation set at each evaluation, recomputed here.
+    recomputed: dict[int, tuple[float, float]] = {}
+
+    def log_and_recompute(stats: dict[str, float]) -> None:
+        logits = torch.from_numpy(predict_logits(model, val, config, CPU))
+        targets = torch.tensor(val.labels)
+        loss = float(nn.functional.cross_entropy(logits, targets))
+        recomputed[int(stats["step"])] = (loss, float((logits.argmax(1) == targets).float().mean()))
+        model.train()
+        log_step_metrics(stats)
+
+    with mlflow.start_run() as run:
+        result = fit(model, _tensors(), val, config, CPU, 6, "logged", log_and_recompute)
+
+    assert [h["step"] for h in result.history] == [2, 4, 6]  # three evaluations, one every eval_every steps
+    client = MlflowClient()
+    logged = set(client.get_run(run.info.run_id).data.metrics)
+    assert logged == set(result.history[0]) - {"step"}
+    assert {"train_loss", "train_accuracy", "lr", "val_loss", "val_accuracy", "val_macro_f1", "seconds"} <= logged
+    for key in logged:
+        points = client.get_metric_history(run.info.run_id, key)
+        # One point per evaluation, at its optimiser step, in order, holding that evaluation's own value.
+        assert [m.step for m in points] == [2, 4, 6], key
+        assert [m.value for m in points] == pytest.approx([h[key] for h in result.history]), key
+    for h in result.history:
+        assert (h["val_loss"], h["val_accuracy"]) == pytest.approx(recomputed[int(h["step"])], rel=1e-5)
+    # The steps' training losses are three different figures, not one evaluation's copied three times.
+    assert len({h["train_loss"] for h in result.history}) == 3
 
 
 def test_two_phase_needs_the_architecture() -> None:
@@ -490,7 +527,7 @@ def test_a_checkpoint_of_other_data_is_ignored_and_overwritten(
         )
     old = torch.load(checkpoint_path(ckpt), weights_only=True)["fingerprint"]
 
-    with caplog.at_level(logging.WARNING, logger="bonetumor.engine"):
+    with caplog.at_level(logging.WARNING, logger="bonetumor.training.engine"):
         fresh = fit(
             _tiny(), augmented_tiles, None, config, CPU, 3, "new", arch=ARCH, checkpoint_dir=ckpt, fingerprint="data-v2"
         )

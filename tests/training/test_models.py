@@ -1,6 +1,7 @@
 import hashlib
 import logging
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -13,6 +14,7 @@ from bonetumor.training import models
 from bonetumor.training.models import (
     ARCHITECTURES,
     OFFLINE_ENV,
+    InitWeights,
     build_model,
     cam_layer,
     imagenet_weights_path,
@@ -34,19 +36,47 @@ def test_every_architecture_outputs_one_logit_per_class(arch: str) -> None:
     assert isinstance(cam_layer(model, arch), torch.nn.Module)
 
 
-@pytest.mark.parametrize(
-    ("arch", "trainable", "frozen_name"),
-    [("resnet50", "top", "layer3"), ("vgg19", "head", "features"), ("vgg19_bn", "head", "features")],
-)
-def test_trainable_freezes_everything_below(arch: str, trainable: str, frozen_name: str, tmp_path: Path) -> None:
-    path = tmp_path / f"{arch}.pth"
-    torch.save(ARCHITECTURES[arch].build().state_dict(), path)
-    model = build_model(arch, 3, weights=str(tmp_path / "{arch}.pth"), trainable=trainable)
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable_names
-    assert not any(n.startswith(frozen_name) for n in trainable_names)
-    head = "fc." if arch == "resnet50" else "classifier."
-    assert any(n.startswith(head) for n in trainable_names)
+#: Per architecture: the prefix of its head's parameters, and which of its parameters form the top block, written
+#: out by hand (ResNet50's layer4; VGG19's block 5, features[28:], and VGG19-BN's, features[40:]).
+TOP_BLOCKS: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "resnet50": ("fc.", lambda name: name.startswith("layer4.")),
+    "vgg19": ("classifier.", lambda name: name.startswith("features.") and int(name.split(".")[1]) >= 28),
+    "vgg19_bn": ("classifier.", lambda name: name.startswith("features.") and int(name.split(".")[1]) >= 40),
+}
+
+
+@pytest.fixture(scope="module")
+def backbone_states() -> dict[str, dict[str, torch.Tensor]]:
+    """A random torchvision state dict per architecture, standing in for ImageNet's (frozen layers need one)."""
+    torch.manual_seed(0)
+    return {arch: spec.build().state_dict() for arch, spec in ARCHITECTURES.items()}
+
+
+def test_the_expected_trainable_sets_cover_every_architecture() -> None:
+    assert set(TOP_BLOCKS) == set(ARCHITECTURES)  # a new architecture needs its row in TOP_BLOCKS
+
+
+@pytest.mark.parametrize("trainable", ["all", "top", "head"])
+@pytest.mark.parametrize("arch", sorted(TOP_BLOCKS))
+def test_trainable_freezes_everything_below(
+    arch: str, trainable: str, backbone_states: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    weights = InitWeights(arch, "file", "random stand-in", state=backbone_states[arch])
+    model = build_model(arch, 3, weights=weights, trainable=trainable)
+    head, in_top = TOP_BLOCKS[arch]
+    names = [n for n, _ in model.named_parameters()]
+    expected = {
+        "all": set(names),
+        "top": {n for n in names if n.startswith(head) or in_top(n)},
+        "head": {n for n in names if n.startswith(head)},
+    }[trainable]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    # The head and the top block are real parts of the model, not empty matches, and "top" sits between the two.
+    assert sum(n.startswith(head) for n in names) == 2  # the new linear layer's weight and bias
+    assert 0 < sum(map(in_top, names)) < len(names) - 2
+    # The loaded weights are there, frozen or not: the backbone is the stand-in's, not a fresh initialisation.
+    first = names[0]
+    assert torch.equal(model.get_parameter(first).detach(), backbone_states[arch][first])
 
 
 def test_weights_from_a_path_are_loaded_into_the_backbone(tmp_path: Path) -> None:
@@ -100,7 +130,7 @@ def test_auto_offline_falls_back_to_random_init_with_one_warning(
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv(OFFLINE_ENV, "1")
-    with caplog.at_level(logging.WARNING, logger="bonetumor.models"):
+    with caplog.at_level(logging.WARNING, logger="bonetumor.training.models"):
         init = resolve_weights("resnet50", "auto")
     assert (init.source, init.fallback, init.state) == ("scratch", True, None)
     assert init.tag == "scratch (no ImageNet weights available)"
@@ -124,7 +154,7 @@ def test_auto_tries_torchvisions_download_and_falls_back_when_the_network_is_dow
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with caplog.at_level(logging.WARNING, logger="bonetumor.models"):
+    with caplog.at_level(logging.WARNING, logger="bonetumor.training.models"):
         init = resolve_weights("resnet50", "auto")
     assert asked == [tvm.ResNet50_Weights.DEFAULT.url]  # torchvision's own URL, through torch.hub
     assert init.fallback

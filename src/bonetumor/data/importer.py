@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from bonetumor.config import Config
+from bonetumor.config import Config, DataImportConfig
 from bonetumor.data.ingest import TILE_NAME_PATTERN, normalise_tile_name, parse_tile_name
 from bonetumor.errors import ConfigError, DatasetError, InvalidImageError, TileNameError
 from bonetumor.transforms.decode import inspect_image
@@ -225,19 +225,7 @@ def import_dataset(
 
     with _opened(source, target, dataset_name) as (root, prefix):
         resolved = _resolve_source(root, prefix, settings.label_map)
-        inside = [e.shown for e in resolved.entries if dest in e.path.resolve().parents]
-        if inside:
-            raise DatasetError(f"{source}: lists files inside the destination {dest}: {_listing(inside)}")
-        tiles, excluded = _map_labels(source, resolved, settings.label_map)
-        if excluded:
-            log.info("excluded by data_import.label_map: %s", ", ".join(f"{k}: {v}" for k, v in excluded.items()))
-        if not tiles:
-            raise DatasetError(
-                f"{source}: no tiles to import ({sum(excluded.values())} excluded by data_import.label_map: "
-                f"{dict(excluded)}); expected tiles labelled with one of {list(settings.label_map)}"
-            )
-        _check_names(source, tiles)
-        _check_images(source, tiles, settings.image_modes)
+        tiles, excluded = _checked_tiles(source, resolved, dest, settings)
         tiles, duplicates = _deduplicate(source, tiles)
         counts = dict.fromkeys(classes, 0)
         counts.update(Counter(t.label for t in tiles))
@@ -251,22 +239,7 @@ def import_dataset(
         if dest.is_dir() and directory_digest(dest) == digest:
             log.info("%s already holds this data set (digest %s); nothing written", dest, digest[:12])
             return dataclasses.replace(result, unchanged=True)
-
-        if dest.is_dir():
-            log.info("%s holds an earlier import with other content; replacing it", dest)
-        try:
-            with atomic_dir(dest) as tmp:
-                written = _write_tiles(tiles, classes, tmp)
-                if written != digest:
-                    raise DatasetError(
-                        f"{source}: files changed while being imported (digest {digest[:12]} when checked, "
-                        f"{written[:12]} when written); rerun the import once the source is complete"
-                    )
-                write_json(tmp / REPORT_FILE, _report(result, resolved, source, config))
-        except OSError as exc:
-            raise DatasetError(
-                f"{dest}: writing the imported data set failed ({exc}); any previous import there is unchanged"
-            ) from exc
+        _write_dataset(result, tiles, resolved, source, config)
     log.info(
         "imported %d tiles into %s (%s), digest %s",
         result.total,
@@ -275,6 +248,46 @@ def import_dataset(
         digest[:12],
     )
     return result
+
+
+def _checked_tiles(
+    source: Path, resolved: _Source, dest: Path, settings: DataImportConfig
+) -> tuple[list[_Tile], dict[str, int]]:
+    """Map the source's labels to classes and check every tile's name and image; return the tiles and exclusions."""
+    inside = [e.shown for e in resolved.entries if dest in e.path.resolve().parents]
+    if inside:
+        raise DatasetError(f"{source}: lists files inside the destination {dest}: {_listing(inside)}")
+    tiles, excluded = _map_labels(source, resolved, settings.label_map)
+    if excluded:
+        log.info("excluded by data_import.label_map: %s", ", ".join(f"{k}: {v}" for k, v in excluded.items()))
+    if not tiles:
+        raise DatasetError(
+            f"{source}: no tiles to import ({sum(excluded.values())} excluded by data_import.label_map: "
+            f"{dict(excluded)}); expected tiles labelled with one of {list(settings.label_map)}"
+        )
+    _check_names(source, tiles)
+    _check_images(source, tiles, settings.image_modes)
+    return tiles, excluded
+
+
+def _write_dataset(result: ImportResult, tiles: list[_Tile], resolved: _Source, source: Path, config: Config) -> None:
+    """Replace ``result.dest`` with the tiles and the import report in one rename (untouched if anything fails)."""
+    dest, digest = result.dest, result.digest
+    if dest.is_dir():
+        log.info("%s holds an earlier import with other content; replacing it", dest)
+    try:
+        with atomic_dir(dest) as tmp:
+            written = _write_tiles(tiles, tuple(config.data.classes), tmp)
+            if written != digest:
+                raise DatasetError(
+                    f"{source}: files changed while being imported (digest {digest[:12]} when checked, "
+                    f"{written[:12]} when written); rerun the import once the source is complete"
+                )
+            write_json(tmp / REPORT_FILE, _report(result, resolved, source, config))
+    except OSError as exc:
+        raise DatasetError(
+            f"{dest}: writing the imported data set failed ({exc}); any previous import there is unchanged"
+        ) from exc
 
 
 def sanitise_name(name: str) -> str:
@@ -491,36 +504,9 @@ def _class_folder_source(root: Path, prefix: str, label_map: Mapping[str, str | 
 
 
 def _tcia_source(root: Path, prefix: str, training: list[Path], label_files: list[Path]) -> _Source:
+    """Resolve a TCIA layout: the tiles of the ``Training-Set-*`` folders, labelled by the label CSV."""
     csv_path = _pick_label_file(root, label_files)
-    frame = _read_csv(csv_path)
-    name_col = _find_column(frame, IMAGE_NAME_COLUMNS)
-    label_col = _find_column(frame, LABEL_COLUMNS)
-    if name_col is None or label_col is None:
-        raise DatasetError(
-            f"{csv_path}: cannot tell which column holds the {'image name' if name_col is None else 'label'}; "
-            f"found columns {list(frame.columns)}; expected an image-name column (e.g. image.name, one of "
-            f"{list(IMAGE_NAME_COLUMNS)}) and a label column (e.g. classification, one of {list(LABEL_COLUMNS)}), "
-            "case-insensitive"
-        )
-    labels: dict[str, str] = {}
-    spelled: dict[str, str] = {}
-    empty: list[str] = []
-    clashes: list[str] = []
-    for number, (raw_name, raw_label) in enumerate(zip(frame[name_col], frame[label_col], strict=True), start=2):
-        tile, label = str(raw_name).strip(), str(raw_label).strip()
-        if not tile or not label:
-            empty.append(f"line {number}: {name_col}={tile!r}, {label_col}={label!r}")
-            continue
-        key = _tile_key(tile)
-        if key in labels and labels[key] != label:
-            clashes.append(f"{tile}: {labels[key]!r} and {label!r}")
-        labels.setdefault(key, label)
-        spelled.setdefault(key, tile)
-    if empty or clashes:
-        raise DatasetError(
-            f"{csv_path}: {len(empty)} row(s) without image name or label, {len(clashes)} image(s) with two labels "
-            f"(columns {name_col!r}, {label_col!r}); expected one label per image:{_listing(empty + clashes)}"
-        )
+    name_col, label_col, labels, spelled = _tcia_labels(csv_path)
     # Tiles sit in the Training-Set-* folders; without them, every image in the tree is a tile.
     tile_roots = [t for t in training if not any(p in training for p in t.parents)] or [root]
     files = [f for folder in tile_roots for f in _walk_files(folder) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -556,6 +542,44 @@ def _tcia_source(root: Path, prefix: str, training: list[Path], label_files: lis
         "labels_without_tile": missing,
     }
     return _Source("tcia", entries, details)
+
+
+def _tcia_labels(csv_path: Path) -> tuple[str, str, dict[str, str], dict[str, str]]:
+    """Read a TCIA label file: its image-name and label columns, each tile key's label and its first spelling.
+
+    Raises:
+        DatasetError: A column cannot be told, a row lacks a name or label, or an image has two labels.
+    """
+    frame = _read_csv(csv_path)
+    name_col = _find_column(frame, IMAGE_NAME_COLUMNS)
+    label_col = _find_column(frame, LABEL_COLUMNS)
+    if name_col is None or label_col is None:
+        raise DatasetError(
+            f"{csv_path}: cannot tell which column holds the {'image name' if name_col is None else 'label'}; "
+            f"found columns {list(frame.columns)}; expected an image-name column (e.g. image.name, one of "
+            f"{list(IMAGE_NAME_COLUMNS)}) and a label column (e.g. classification, one of {list(LABEL_COLUMNS)}), "
+            "case-insensitive"
+        )
+    labels: dict[str, str] = {}
+    spelled: dict[str, str] = {}
+    empty: list[str] = []
+    clashes: list[str] = []
+    for number, (raw_name, raw_label) in enumerate(zip(frame[name_col], frame[label_col], strict=True), start=2):
+        tile, label = str(raw_name).strip(), str(raw_label).strip()
+        if not tile or not label:
+            empty.append(f"line {number}: {name_col}={tile!r}, {label_col}={label!r}")
+            continue
+        key = _tile_key(tile)
+        if key in labels and labels[key] != label:
+            clashes.append(f"{tile}: {labels[key]!r} and {label!r}")
+        labels.setdefault(key, label)
+        spelled.setdefault(key, tile)
+    if empty or clashes:
+        raise DatasetError(
+            f"{csv_path}: {len(empty)} row(s) without image name or label, {len(clashes)} image(s) with two labels "
+            f"(columns {name_col!r}, {label_col!r}); expected one label per image:{_listing(empty + clashes)}"
+        )
+    return name_col, label_col, labels, spelled
 
 
 def _pick_label_file(root: Path, label_files: list[Path]) -> Path:

@@ -29,6 +29,9 @@ FOLDS_FILE = "folds.json"
 FOLDS_REPORT_FILE = "folds_report.json"
 FOLDS_DOCS_DIR = "data_docs"
 
+#: (training, validation) row positions of each fold.
+_Splits = list[tuple[np.ndarray, np.ndarray]]
+
 
 def _counts(frame: pd.DataFrame, classes: Sequence[str]) -> dict[str, int]:
     counts = frame["label"].value_counts()
@@ -128,53 +131,14 @@ def make_folds(
     if config.test_fraction > 0:
         dev, test = _hold_out(manifest, keys, config.test_fraction, config.seed, "split.test_fraction")
     dev_keys = keys.loc[dev.index]
-    n_groups = dev_keys.nunique()
-
     if config.method == "leave_one_group_out":
-        if n_groups < 2:
-            raise SplitError(
-                f"leave_one_group_out needs at least 2 {config.group_by} groups outside the test set, got {n_groups}"
-            )
-        order = sorted(dev_keys.unique())
-        splits = [(np.flatnonzero(dev_keys.to_numpy() != g), np.flatnonzero(dev_keys.to_numpy() == g)) for g in order]
-        n_folds = len(order)
+        splits = _leave_one_group_out(dev_keys, config.group_by)
     else:
-        n_folds = config.n_folds
-        if n_groups < n_folds:
-            raise SplitError(
-                f"split.n_folds={n_folds} but the data has only {n_groups} distinct {config.group_by} value(s)"
-                f"{' outside the test set' if len(test) else ''}; expected at least one {config.group_by} per fold. "
-                "Lower split.n_folds or group by a finer column."
-            )
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=config.seed)
-        try:
-            splits = [(tr, va) for tr, va in splitter.split(dev, dev["label"], dev_keys)]
-        except ValueError as exc:
-            raise SplitError(f"cannot make {n_folds} stratified folds grouped by {config.group_by}: {exc}") from exc
-        empty = [index for index, (_, val_idx) in enumerate(splits) if len(val_idx) == 0]
-        if empty:
-            raise SplitError(
-                f"folds {empty} of {n_folds} got no validation tiles ({n_groups} {config.group_by} groups of uneven "
-                "size); expected every fold to hold at least one group. Lower split.n_folds or change split.seed."
-            )
-    folds: list[dict[str, Any]] = []
-    for index, (train_idx, val_idx) in enumerate(splits):
-        train, val = dev.iloc[train_idx], dev.iloc[val_idx]
-        val_counts = _counts(val, classes)
-        train_counts = _counts(train, classes)
-        for side, counts in (("validation", val_counts), ("training", train_counts)):
-            missing = [c for c, n in counts.items() if n == 0]
-            if missing:
-                notes.append(f"fold {index}: {side} set has no tiles of {missing}")
-        folds.append(
-            {
-                "fold": index,
-                "val_paths": sorted(val["path"].astype(str)),
-                "train_groups": sorted(train[config.group_by].astype(str).unique()),
-                "val_groups": sorted(val[config.group_by].astype(str).unique()),
-                "counts": {"train": train_counts, "val": val_counts},
-            }
-        )
+        splits = _stratified_group_folds(dev, dev_keys, config, with_test=len(test) > 0)
+    folds = [
+        _fold_entry(index, dev, train_idx, val_idx, config.group_by, classes, notes)
+        for index, (train_idx, val_idx) in enumerate(splits)
+    ]
     if len(test):
         missing = [c for c, n in _counts(test, classes).items() if n == 0]
         if missing:
@@ -184,7 +148,7 @@ def make_folds(
     document = {
         "format_version": FOLDS_FORMAT_VERSION,
         "method": "LeaveOneGroupOut" if config.method == "leave_one_group_out" else "StratifiedGroupKFold",
-        "n_folds": n_folds,
+        "n_folds": len(splits),
         "group_by": config.group_by,
         "seed": config.seed,
         "test_fraction": config.test_fraction,
@@ -200,6 +164,64 @@ def make_folds(
     }
     check_no_leakage(manifest, document)
     return document
+
+
+def _leave_one_group_out(dev_keys: pd.Series, group_by: str) -> _Splits:
+    """Return one (train, validation) split of row positions per group, each group validating once, in name order."""
+    n_groups = dev_keys.nunique()
+    if n_groups < 2:
+        raise SplitError(f"leave_one_group_out needs at least 2 {group_by} groups outside the test set, got {n_groups}")
+    keys = dev_keys.to_numpy()
+    return [(np.flatnonzero(keys != g), np.flatnonzero(keys == g)) for g in sorted(dev_keys.unique())]
+
+
+def _stratified_group_folds(dev: pd.DataFrame, dev_keys: pd.Series, config: SplitConfig, with_test: bool) -> _Splits:
+    """Return the ``n_folds`` (train, validation) splits of StratifiedGroupKFold over the development rows."""
+    n_folds, n_groups = config.n_folds, dev_keys.nunique()
+    if n_groups < n_folds:
+        raise SplitError(
+            f"split.n_folds={n_folds} but the data has only {n_groups} distinct {config.group_by} value(s)"
+            f"{' outside the test set' if with_test else ''}; expected at least one {config.group_by} per fold. "
+            "Lower split.n_folds or group by a finer column."
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=config.seed)
+    try:
+        splits = [(tr, va) for tr, va in splitter.split(dev, dev["label"], dev_keys)]
+    except ValueError as exc:
+        raise SplitError(f"cannot make {n_folds} stratified folds grouped by {config.group_by}: {exc}") from exc
+    empty = [index for index, (_, val_idx) in enumerate(splits) if len(val_idx) == 0]
+    if empty:
+        raise SplitError(
+            f"folds {empty} of {n_folds} got no validation tiles ({n_groups} {config.group_by} groups of uneven "
+            "size); expected every fold to hold at least one group. Lower split.n_folds or change split.seed."
+        )
+    return splits
+
+
+def _fold_entry(
+    index: int,
+    dev: pd.DataFrame,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    group_by: str,
+    classes: Sequence[str],
+    notes: list[str],
+) -> dict[str, Any]:
+    """Return fold ``index``'s entry of the folds document; a class missing from one side is added to ``notes``."""
+    train, val = dev.iloc[train_idx], dev.iloc[val_idx]
+    val_counts = _counts(val, classes)
+    train_counts = _counts(train, classes)
+    for side, counts in (("validation", val_counts), ("training", train_counts)):
+        missing = [c for c, n in counts.items() if n == 0]
+        if missing:
+            notes.append(f"fold {index}: {side} set has no tiles of {missing}")
+    return {
+        "fold": index,
+        "val_paths": sorted(val["path"].astype(str)),
+        "train_groups": sorted(train[group_by].astype(str).unique()),
+        "val_groups": sorted(val[group_by].astype(str).unique()),
+        "counts": {"train": train_counts, "val": val_counts},
+    }
 
 
 def check_no_leakage(manifest: pd.DataFrame, folds: dict[str, Any]) -> None:

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from bonetumor.config import Config, save_resolved
+from bonetumor.config import Config, ValidateConfig, save_resolved
 from bonetumor.data.manifest import MANIFEST_COLUMNS, read_manifest, resolve_paths, write_manifest
 from bonetumor.errors import DataValidationError, SplitError
 from bonetumor.transforms.decode import SUPPORTED_FORMATS
@@ -327,11 +327,41 @@ def near_duplicates(table: pd.DataFrame, max_distance: int) -> NearDuplicates:
     cluster[hashed] = smallest
     sizes = pd.Series(cluster).map(pd.Series(cluster).value_counts()).to_numpy()
 
+    members = _hash_members(hashed, inverse, paths)
+    listed, n_pairs = _near_duplicate_pairs(members, (i, j, d), paths, labels, shas)
+    n_clusters = int((pd.Series(cluster).value_counts() > 1).sum())
+    return NearDuplicates(
+        cluster=[str(c) for c in cluster],
+        cluster_size=[int(s) for s in sizes],
+        pairs=listed,
+        n_pairs=n_pairs,
+        n_clusters=n_clusters,
+    )
+
+
+def _hash_members(hashed: np.ndarray, inverse: np.ndarray, paths: np.ndarray) -> dict[int, list[int]]:
+    """Return the table rows of each distinct hash (by its index among the distinct hashes), in path order."""
     members: dict[int, list[int]] = {}
     for tile_row, hash_index in zip(hashed.tolist(), inverse.tolist(), strict=True):
         members.setdefault(hash_index, []).append(tile_row)
     for rows in members.values():
         rows.sort(key=lambda r: paths[r])
+    return members
+
+
+def _near_duplicate_pairs(
+    members: dict[int, list[int]],
+    hash_pairs: tuple[np.ndarray, ...],
+    paths: np.ndarray,
+    labels: np.ndarray,
+    shas: np.ndarray,
+) -> tuple[list[dict[str, Any]], int]:
+    """Return up to :data:`MAX_LISTED_PAIRS` near-duplicate pairs of different files, and how many there are.
+
+    ``hash_pairs`` are :func:`hamming_pairs`' ``(i, j, distance)`` over the distinct hashes that ``members`` maps
+    to table rows.
+    """
+    i, j, d = hash_pairs
 
     def pair(a: int, b: int, distance: int) -> dict[str, Any]:
         first, second = sorted((a, b), key=lambda r: paths[r])
@@ -361,14 +391,7 @@ def near_duplicates(table: pd.DataFrame, max_distance: int) -> NearDuplicates:
         pairs = itertools.islice(itertools.product(left, right), remaining)
         listed += [pair(a, b, int(d[index])) for a, b in pairs]
     listed.sort(key=lambda p: (p["distance"], p["a"], p["b"]))
-    n_clusters = int((pd.Series(cluster).value_counts() > 1).sum())
-    return NearDuplicates(
-        cluster=[str(c) for c in cluster],
-        cluster_size=[int(s) for s in sizes],
-        pairs=listed,
-        n_pairs=n_pairs,
-        n_clusters=n_clusters,
-    )
+    return listed, n_pairs
 
 
 def exact_duplicate_pairs(table: pd.DataFrame) -> tuple[list[dict[str, Any]], int]:
@@ -699,29 +722,8 @@ def check_tiles(
     classes = list(config.data.classes)
     table, found = add_computed_columns(table, settings.near_duplicate_distance)
     classes_frame = class_table(table["label"], classes)
-    batches = [
-        SuiteBatch(
-            SUITE_NAME,
-            lambda: build_suite(
-                classes, settings.min_size, settings.min_tissue_fraction, settings.max_low_tissue_share
-            ),
-            table,
-            "path",
-        ),
-        SuiteBatch(
-            CLASS_SUITE_NAME,
-            lambda: build_class_suite(settings.min_class_count, settings.max_imbalance_ratio),
-            classes_frame,
-            "label",
-        ),
-    ]
-    results, index, docs_problem = _run_with_docs(batches, docs_dir)
-    explain = {
-        "decodes": "decode_error",
-        "sha256_label_count": "sha256_labels",
-        "near_dup_cluster_size": "near_dup_cluster",
-    }
-    expectations = [describe_result(r, table, "path", explain, SUITE_NAME) for r in results[0].results]
+    results, index, docs_problem = _run_with_docs(_tile_batches(table, classes_frame, classes, settings), docs_dir)
+    expectations = [describe_result(r, table, "path", _TILE_EXPLAIN, SUITE_NAME) for r in results[0].results]
     expectations += [describe_result(r, classes_frame, "label", None, CLASS_SUITE_NAME) for r in results[1].results]
     failed = [e for e in expectations if not e["success"] and e["severity"] != "warning"]
 
@@ -732,25 +734,7 @@ def check_tiles(
     ][:MAX_LISTED_LOW_TISSUE]
     finite = [r for r in classes_frame["largest_to_this"] if math.isfinite(r)]
     imbalance = max(classes_frame["largest_to_this"]) if len(finite) == len(classes_frame) else None
-
-    warnings: list[str] = []
-    n_decoded = int(table["tissue_fraction"].notna().sum())
-    if len(low):
-        share = len(low) / max(n_decoded, 1)
-        names = [f"{Path(str(p)).name} ({f:.2f})" for p, f in zip(low["path"], low["tissue_fraction"], strict=True)]
-        warnings.append(
-            f"{len(low)} near-blank tile(s) ({share:.1%} of decoded tiles; at most "
-            f"{settings.max_low_tissue_share:.0%} allowed) with tissue_fraction < {settings.min_tissue_fraction}: "
-            + ", ".join(names[:10])
-            + (", ... (see low_tissue)" if len(names) > 10 else "")
-        )
-    if n_duplicates:
-        warnings.append(f"{n_duplicates} exact duplicate pair(s) (same sha256), listed under duplicates")
-    if found.n_pairs:
-        warnings.append(
-            f"{found.n_pairs} near-duplicate pair(s) (phash distance <= {settings.near_duplicate_distance}) in "
-            f"{found.n_clusters} cluster(s), listed under near_duplicates; the split keeps each cluster in one fold"
-        )
+    warnings = _tile_warnings(table, low, n_duplicates, found, settings)
     if docs_problem:
         warnings.append(docs_problem)
 
@@ -776,6 +760,61 @@ def check_tiles(
         "expectations": expectations,
     }
     return report, table
+
+
+#: Tile-suite column -> the column whose value explains a failing tile in the report.
+_TILE_EXPLAIN: Mapping[str, str] = {
+    "decodes": "decode_error",
+    "sha256_label_count": "sha256_labels",
+    "near_dup_cluster_size": "near_dup_cluster",
+}
+
+
+def _tile_batches(
+    table: pd.DataFrame, classes_frame: pd.DataFrame, classes: list[str], settings: ValidateConfig
+) -> list[SuiteBatch]:
+    """Return the tile suite on the tile table and the class suite on the per-class counts."""
+    return [
+        SuiteBatch(
+            SUITE_NAME,
+            lambda: build_suite(
+                classes, settings.min_size, settings.min_tissue_fraction, settings.max_low_tissue_share
+            ),
+            table,
+            "path",
+        ),
+        SuiteBatch(
+            CLASS_SUITE_NAME,
+            lambda: build_class_suite(settings.min_class_count, settings.max_imbalance_ratio),
+            classes_frame,
+            "label",
+        ),
+    ]
+
+
+def _tile_warnings(
+    table: pd.DataFrame, low: pd.DataFrame, n_duplicates: int, found: NearDuplicates, settings: ValidateConfig
+) -> list[str]:
+    """Return the tile report's warnings: near-blank tiles, exact and near duplicates."""
+    warnings: list[str] = []
+    n_decoded = int(table["tissue_fraction"].notna().sum())
+    if len(low):
+        share = len(low) / max(n_decoded, 1)
+        names = [f"{Path(str(p)).name} ({f:.2f})" for p, f in zip(low["path"], low["tissue_fraction"], strict=True)]
+        warnings.append(
+            f"{len(low)} near-blank tile(s) ({share:.1%} of decoded tiles; at most "
+            f"{settings.max_low_tissue_share:.0%} allowed) with tissue_fraction < {settings.min_tissue_fraction}: "
+            + ", ".join(names[:10])
+            + (", ... (see low_tissue)" if len(names) > 10 else "")
+        )
+    if n_duplicates:
+        warnings.append(f"{n_duplicates} exact duplicate pair(s) (same sha256), listed under duplicates")
+    if found.n_pairs:
+        warnings.append(
+            f"{found.n_pairs} near-duplicate pair(s) (phash distance <= {settings.near_duplicate_distance}) in "
+            f"{found.n_clusters} cluster(s), listed under near_duplicates; the split keeps each cluster in one fold"
+        )
+    return warnings
 
 
 def validate_dataset(
@@ -1022,21 +1061,12 @@ def validate_folds(
         SuiteBatch(FOLD_CLASSES_SUITE_NAME, build_fold_classes_suite, per_class, "fold_class"),
     ]
     results, index, docs_problem = _run_with_docs(batches, docs_dir)
-    explain = {
-        "group_fold_count": "group_where",
-        "group_spans_test": "group_where",
-        "cluster_fold_count": "cluster_where",
-        "cluster_spans_test": "cluster_where",
-    }
-    expectations = [describe_result(r, frame, "path", explain, FOLDS_SUITE_NAME) for r in results[0].results]
+    expectations = [describe_result(r, frame, "path", _FOLDS_EXPLAIN, FOLDS_SUITE_NAME) for r in results[0].results]
     expectations += [
         describe_result(r, per_class, "fold_class", None, FOLD_CLASSES_SUITE_NAME) for r in results[1].results
     ]
     failed = [e for e in expectations if not e["success"] and e["severity"] != "warning"]
-    missing: dict[str, list[str]] = {}
-    for name in per_class.loc[per_class["n_val_tiles"] < 1, "fold_class"]:
-        fold, label = name.split(": ", 1)
-        missing.setdefault(fold, []).append(label)
+    missing = _missing_val_classes(per_class)
     warnings = [f"{fold} validation set has no tiles of {labels}" for fold, labels in missing.items()]
     if docs_problem:
         warnings.append(docs_problem)
@@ -1062,3 +1092,21 @@ def validate_folds(
     if failed:
         raise DataValidationError(format_failures(report, str(report_path or "not written")))
     return report
+
+
+#: Folds-suite column -> the column whose value explains a failing tile in the report.
+_FOLDS_EXPLAIN: Mapping[str, str] = {
+    "group_fold_count": "group_where",
+    "group_spans_test": "group_where",
+    "cluster_fold_count": "cluster_where",
+    "cluster_spans_test": "cluster_where",
+}
+
+
+def _missing_val_classes(per_class: pd.DataFrame) -> dict[str, list[str]]:
+    """Return, per validation fold of :func:`fold_class_table` missing a class, the classes it has no tiles of."""
+    missing: dict[str, list[str]] = {}
+    for name in per_class.loc[per_class["n_val_tiles"] < 1, "fold_class"]:
+        fold, label = name.split(": ", 1)
+        missing.setdefault(fold, []).append(label)
+    return missing

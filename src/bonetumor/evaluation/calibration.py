@@ -33,7 +33,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from scipy.stats import beta
 
 from bonetumor.config import ReferralConfig
 from bonetumor.errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 log = logging.getLogger(__name__)
 
@@ -667,55 +670,102 @@ def choose_referral(
     target_index, safe_index = classes.index(config.target_class), classes.index(config.safe_class)
     unsafe = _safe_rule(probs, target_index, safe_index, config.max_target_prob_when_safe)
     sweep = _sweep(probs, labels, ~unsafe, target_index)
-    accepted = sweep["accepted"]
-    errors = accepted - np.nan_to_num(sweep["accuracy"] * accepted)
-    error_upper = clopper_pearson_upper(errors, accepted, config.confidence)
-    recall = sweep["target_recall"]
-    recall_lower = clopper_pearson_lower(
-        np.nan_to_num(recall * sweep["target_total"]), sweep["target_total"], config.confidence
-    )
+    candidates = _Candidates.of(sweep, config.confidence)
+    n_tiles = int(labels.size)
     # A tiny tolerance so that a bound equal to its target counts as meeting it whatever the rounding.
-    met = (accepted > 0) & (error_upper <= config.max_error + 1e-12)
-    met &= np.nan_to_num(recall_lower, nan=-1.0) >= config.target_recall - 1e-12
-
-    def make(k: int | None) -> ReferralPolicy:
-        return ReferralPolicy(
-            classes=classes,
-            temperature=temperature,
-            confidence_threshold=1.0 if k is None else float(sweep["thresholds"][k]),
-            target_class=config.target_class,
-            target_recall=config.target_recall,
-            safe_class=config.safe_class,
-            max_target_prob_when_safe=config.max_target_prob_when_safe,
-            n_tiles=int(labels.size),
-            coverage=0.0 if k is None else float(sweep["coverage"][k]),
-            accepted_accuracy=float("nan") if k is None else float(sweep["accuracy"][k]),
-            accepted_target_recall=float("nan") if k is None else float(recall[k]),
-            target_met=k is not None,
-            max_error=config.max_error,
-            confidence=config.confidence,
-            accepted_error_upper=float("nan") if k is None else float(error_upper[k]),
-            accepted_recall_lower=float("nan") if k is None else float(recall_lower[k]),
-            temperature_at_bound=at_bound,
-        )
-
+    met = (sweep["accepted"] > 0) & (candidates.error_upper <= config.max_error + 1e-12)
+    met &= np.nan_to_num(candidates.recall_lower, nan=-1.0) >= config.target_recall - 1e-12
     if met.any():
-        policy = make(int(np.argmax(met)))
-        log.info(
-            "referral threshold %.4f (T=%.3f): coverage %.3f, accepted accuracy %.3f (error bound %.3f <= %.3f), "
-            "%s recall %.3f (bound %.3f >= %.3f)",
-            policy.confidence_threshold,
-            temperature,
-            policy.coverage,
-            policy.accepted_accuracy,
-            policy.accepted_error_upper,
-            config.max_error,
-            config.target_class,
-            policy.accepted_target_recall,
-            policy.accepted_recall_lower,
-            config.target_recall,
-        )
+        policy = _referral_policy(int(np.argmax(met)), candidates, classes, temperature, at_bound, n_tiles, config)
+        _log_referral(policy, config)
         return policy
+    _warn_targets_not_met(candidates, labels, target_index, config)
+    return _referral_policy(None, candidates, classes, temperature, at_bound, n_tiles, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidates:
+    """The candidate thresholds of a sweep with a target class, and the conservative bounds at each.
+
+    Attributes:
+        sweep: :func:`_sweep`'s figures per threshold.
+        error_upper: Clopper-Pearson upper bound of the accepted tiles' error rate.
+        recall_lower: Clopper-Pearson lower bound of their target-class recall (NaN when undefined).
+    """
+
+    sweep: dict[str, np.ndarray]
+    error_upper: np.ndarray
+    recall_lower: np.ndarray
+
+    @classmethod
+    def of(cls, sweep: dict[str, np.ndarray], confidence: float) -> _Candidates:
+        """Bound the figures of every threshold of ``sweep`` at one-sided ``confidence``."""
+        accepted = sweep["accepted"]
+        errors = accepted - np.nan_to_num(sweep["accuracy"] * accepted)
+        error_upper = clopper_pearson_upper(errors, accepted, confidence)
+        target_total = sweep["target_total"]
+        recall_lower = clopper_pearson_lower(
+            np.nan_to_num(sweep["target_recall"] * target_total), target_total, confidence
+        )
+        return cls(sweep, error_upper, recall_lower)
+
+
+def _referral_policy(
+    k: int | None,
+    candidates: _Candidates,
+    classes: tuple[str, ...],
+    temperature: float,
+    at_bound: bool,
+    n_tiles: int,
+    config: ReferralConfig,
+) -> ReferralPolicy:
+    """Return the policy of candidate ``k``, or (``None``) the fallback that refers every tile."""
+    sweep = candidates.sweep
+    return ReferralPolicy(
+        classes=classes,
+        temperature=temperature,
+        confidence_threshold=1.0 if k is None else float(sweep["thresholds"][k]),
+        target_class=config.target_class,
+        target_recall=config.target_recall,
+        safe_class=config.safe_class,
+        max_target_prob_when_safe=config.max_target_prob_when_safe,
+        n_tiles=n_tiles,
+        coverage=0.0 if k is None else float(sweep["coverage"][k]),
+        accepted_accuracy=float("nan") if k is None else float(sweep["accuracy"][k]),
+        accepted_target_recall=float("nan") if k is None else float(sweep["target_recall"][k]),
+        target_met=k is not None,
+        max_error=config.max_error,
+        confidence=config.confidence,
+        accepted_error_upper=float("nan") if k is None else float(candidates.error_upper[k]),
+        accepted_recall_lower=float("nan") if k is None else float(candidates.recall_lower[k]),
+        temperature_at_bound=at_bound,
+    )
+
+
+def _log_referral(policy: ReferralPolicy, config: ReferralConfig) -> None:
+    """Log the chosen threshold and its figures on the out-of-fold tiles."""
+    log.info(
+        "referral threshold %.4f (T=%.3f): coverage %.3f, accepted accuracy %.3f (error bound %.3f <= %.3f), "
+        "%s recall %.3f (bound %.3f >= %.3f)",
+        policy.confidence_threshold,
+        policy.temperature,
+        policy.coverage,
+        policy.accepted_accuracy,
+        policy.accepted_error_upper,
+        config.max_error,
+        config.target_class,
+        policy.accepted_target_recall,
+        policy.accepted_recall_lower,
+        config.target_recall,
+    )
+
+
+def _warn_targets_not_met(
+    candidates: _Candidates, labels: np.ndarray, target_index: int, config: ReferralConfig
+) -> None:
+    """Warn that no threshold meets both targets, and say what came closest."""
+    accepted, error_upper, recall_lower = candidates.sweep["accepted"], candidates.error_upper, candidates.recall_lower
+    thresholds = candidates.sweep["thresholds"]
     n_target = int((labels == target_index).sum())
     with_target = (accepted > 0) & ~np.isnan(recall_lower)
     if n_target == 0 or not with_target.any():
@@ -724,7 +774,7 @@ def choose_referral(
         # The threshold that comes closest: the smallest error bound among those with a defined recall bound.
         best = int(np.argmin(np.where(with_target, error_upper, np.inf)))
         reached = (
-            f"closest: threshold {sweep['thresholds'][best]:.3f} accepts {int(accepted[best])} tiles with error "
+            f"closest: threshold {thresholds[best]:.3f} accepts {int(accepted[best])} tiles with error "
             f"bound {error_upper[best]:.3f} and {config.target_class} recall bound {recall_lower[best]:.3f}"
         )
     log.warning(
@@ -737,7 +787,6 @@ def choose_referral(
         labels.size,
         reached,
     )
-    return make(None)
 
 
 def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -831,7 +880,7 @@ def plot_risk_coverage(
     Returns:
         ``out_png`` as a Path.
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # here: serving, which only needs the referral rule, skips matplotlib
 
     probs = _as_probs(probs, "probs", len(policy.classes))
     labels = _as_labels(labels, probs.shape[0], len(policy.classes))
@@ -839,60 +888,13 @@ def plot_risk_coverage(
     unsafe = _safe_rule(probs, policy.target_index, policy.safe_index, policy.max_target_prob_when_safe)
     sweep = _sweep(probs, labels, ~unsafe, policy.target_index)
     summary = referral_summary(policy, probs, labels)
-    point_label = (
-        f"policy: threshold {policy.confidence_threshold:.3f}, coverage {summary['coverage']:.2f}"
-        if summary["accepted"]
-        else "policy: every tile referred"
-    )
     with_rule = sweep["accepted"] > 0
-    accepted = sweep["accepted"][with_rule]
-    errors = accepted - np.nan_to_num(sweep["accuracy"][with_rule] * accepted)
-    error_bound = clopper_pearson_upper(errors, accepted, policy.confidence)
-    target_total = sweep["target_total"][with_rule]
-    recall_bound = clopper_pearson_lower(
-        np.nan_to_num(sweep["target_recall"][with_rule] * target_total), target_total, policy.confidence
-    )
-    level = f"{policy.confidence:.0%}"
+    shown = _Candidates.of({k: v[with_rule] for k, v in sweep.items()}, policy.confidence)
     fig = Figure(figsize=(10, 4.4))
     left, right = fig.subplots(1, 2)
-    left.plot(coverage, risk, drawstyle="steps-post", label="confidence threshold only")
-    left.plot(
-        sweep["coverage"][with_rule],
-        1.0 - sweep["accuracy"][with_rule],
-        drawstyle="steps-post",
-        label=f"with the {policy.safe_class} rule",
-    )
-    left.plot(
-        sweep["coverage"][with_rule],
-        error_bound,
-        drawstyle="steps-post",
-        linestyle=":",
-        color="tab:orange",
-        label=f"its upper bound (Clopper-Pearson, {level})",
-    )
-    left.axhline(policy.max_error, color="tab:red", linestyle="--", label=f"max error {policy.max_error:g}")
-    right.plot(
-        sweep["coverage"][with_rule],
-        sweep["target_recall"][with_rule],
-        drawstyle="steps-post",
-        color="tab:orange",
-        label=f"{policy.target_class} recall among accepted",
-    )
-    right.plot(
-        sweep["coverage"][with_rule],
-        recall_bound,
-        drawstyle="steps-post",
-        linestyle=":",
-        color="tab:orange",
-        label=f"its lower bound (Clopper-Pearson, {level})",
-    )
-    right.axhline(policy.target_recall, color="tab:red", linestyle="--", label=f"goal {policy.target_recall:g}")
-    if summary["accepted"]:
-        left.plot(summary["coverage"], 1.0 - summary["accepted_accuracy"], "k*", markersize=14, label=point_label)
-        if not math.isnan(summary["accepted_target_recall"]):
-            right.plot(summary["coverage"], summary["accepted_target_recall"], "k*", markersize=14, label=point_label)
-    else:
-        left.plot([], [], "k*", label=point_label)
+    _plot_risk(left, coverage, risk, shown, policy)
+    _plot_target_recall(right, shown, policy)
+    _plot_policy_point(left, right, summary, policy)
     left.set(xlim=(0, 1.02), ylim=(0, 1.05), xlabel="coverage (share of tiles accepted)", ylabel="risk (error rate)")
     right.set(xlim=(0, 1.02), ylim=(0, 1.05), xlabel="coverage (share of tiles accepted)", ylabel="recall")
     left.legend(fontsize=7, loc="upper left")
@@ -901,6 +903,63 @@ def plot_risk_coverage(
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     return Path(out_png)
+
+
+def _plot_risk(ax: Axes, coverage: np.ndarray, risk: np.ndarray, shown: _Candidates, policy: ReferralPolicy) -> None:
+    """Draw the risk curves, without and with the safe-class rule, the latter's upper bound, and ``max_error``."""
+    sweep = shown.sweep
+    ax.plot(coverage, risk, drawstyle="steps-post", label="confidence threshold only")
+    ax.plot(
+        sweep["coverage"],
+        1.0 - sweep["accuracy"],
+        drawstyle="steps-post",
+        label=f"with the {policy.safe_class} rule",
+    )
+    ax.plot(
+        sweep["coverage"],
+        shown.error_upper,
+        drawstyle="steps-post",
+        linestyle=":",
+        color="tab:orange",
+        label=f"its upper bound (Clopper-Pearson, {policy.confidence:.0%})",
+    )
+    ax.axhline(policy.max_error, color="tab:red", linestyle="--", label=f"max error {policy.max_error:g}")
+
+
+def _plot_target_recall(ax: Axes, shown: _Candidates, policy: ReferralPolicy) -> None:
+    """Draw the target class's recall among accepted tiles (with the safe-class rule), its lower bound, the goal."""
+    sweep = shown.sweep
+    ax.plot(
+        sweep["coverage"],
+        sweep["target_recall"],
+        drawstyle="steps-post",
+        color="tab:orange",
+        label=f"{policy.target_class} recall among accepted",
+    )
+    ax.plot(
+        sweep["coverage"],
+        shown.recall_lower,
+        drawstyle="steps-post",
+        linestyle=":",
+        color="tab:orange",
+        label=f"its lower bound (Clopper-Pearson, {policy.confidence:.0%})",
+    )
+    ax.axhline(policy.target_recall, color="tab:red", linestyle="--", label=f"goal {policy.target_recall:g}")
+
+
+def _plot_policy_point(left: Axes, right: Axes, summary: dict[str, Any], policy: ReferralPolicy) -> None:
+    """Star the policy on these tiles in both panels (only a legend entry when it refers every tile)."""
+    point_label = (
+        f"policy: threshold {policy.confidence_threshold:.3f}, coverage {summary['coverage']:.2f}"
+        if summary["accepted"]
+        else "policy: every tile referred"
+    )
+    if summary["accepted"]:
+        left.plot(summary["coverage"], 1.0 - summary["accepted_accuracy"], "k*", markersize=14, label=point_label)
+        if not math.isnan(summary["accepted_target_recall"]):
+            right.plot(summary["coverage"], summary["accepted_target_recall"], "k*", markersize=14, label=point_label)
+    else:
+        left.plot([], [], "k*", label=point_label)
 
 
 # ---------------------------------------------------------------------------------------------------------------

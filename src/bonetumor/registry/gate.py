@@ -61,7 +61,7 @@ class GateMetrics:
 
     @classmethod
     def from_tags(cls, tags: dict[str, str], version: str) -> GateMetrics:
-        """Rebuild the figures a version was registered with from its ``bonetumor.registry.gate.candidate.*`` tags.
+        """Rebuild the figures a version was registered with from its ``bonetumor.gate.candidate.*`` tags.
 
         Raises:
             ArtifactError: A tag is missing or malformed (a version registered before the gate existed).

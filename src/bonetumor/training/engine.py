@@ -32,7 +32,8 @@ predicts
 - Checkpoints (``checkpoint_dir`` given and ``checkpoint: true``): at every evaluation the whole loop state is
   written atomically; a rerun with the same fingerprint resumes after the last checkpointed step and ends exactly
   as an uninterrupted run would (on a CPU with ``num_workers: 0``; with loader workers the batch order is
-  restored but the workers' augmentation draws are not).
+  restored but the workers' augmentation draws are not). The file, its fingerprint and the random generators'
+  state are :mod:`bonetumor.training.checkpoint`'s.
 - Progress: a tqdm bar on stderr per fit (``progress: true``) besides the log lines.
 """
 
@@ -40,20 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
-import pickle
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -69,6 +64,17 @@ from bonetumor.config import Config, TrainConfig
 from bonetumor.data.datasets import TileDataset, label_indices
 from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.evaluation.metrics import macro_f1
+from bonetumor.training.checkpoint import (
+    checkpoint_path,
+    fit_fingerprint,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    write_checkpoint,
+)
+
+# Re-exported: the callers of fit clear its checkpoint through the engine.
+from bonetumor.training.checkpoint import clear_checkpoint as clear_checkpoint
 from bonetumor.training.models import param_groups, set_trainable
 from bonetumor.transforms.augment import AugmentPolicy, build_train_transform
 from bonetumor.transforms.preprocess import tensor_tail, tile_ops
@@ -80,14 +86,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between progress lines inside one evaluation round (long rounds on the full data set or on a CPU).
 BATCH_LOG_SECONDS = 30.0
-#: File name of the checkpoint inside ``checkpoint_dir``.
-CHECKPOINT_FILE = "checkpoint.pt"
-#: Bump when the checkpoint content changes; an older checkpoint is then ignored (training starts over).
-CHECKPOINT_FORMAT = 2
-#: Train settings that do not change what is computed, so changing them keeps a checkpoint valid.
-_RESUME_NEUTRAL_FIELDS = frozenset(
-    {"architectures", "per_arch", "progress", "checkpoint", "num_workers", "num_threads", "device"}
-)
 #: torch OneCycleLR's defaults: the warm-up starts at lr / 25 and the annealing ends at lr / 25 / 1e4.
 ONECYCLE_DIV = 25.0
 ONECYCLE_FINAL_DIV = 1e4
@@ -190,19 +188,6 @@ def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
         return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     # Unknown dataset type: one pass over the items (decodes every tile once).
     return np.asarray([int(item[1]) for item in dataset], dtype=np.int64)  # type: ignore[attr-defined]
-
-
-def checkpoint_path(checkpoint_dir: str | Path) -> Path:
-    """Return the checkpoint file :func:`fit` writes into ``checkpoint_dir``."""
-    return Path(checkpoint_dir) / CHECKPOINT_FILE
-
-
-def clear_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Delete the checkpoint of a finished fit (and ``checkpoint_dir`` when that leaves it empty)."""
-    path = checkpoint_path(checkpoint_dir)
-    path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty (other files) or already gone: leave it
-        path.parent.rmdir()
 
 
 @dataclass
@@ -386,86 +371,6 @@ def _train_mode(model: nn.Module) -> None:
                 module.eval()
 
 
-def _fingerprint(
-    fingerprint: str,
-    config: TrainConfig,
-    model: nn.Module,
-    steps: int,
-    schedule_steps: int,
-    arch: str | None,
-    has_val: bool,
-    views: TestTimeViews | None,
-) -> str:
-    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUME_NEUTRAL_FIELDS}
-    shapes = [[name, list(tensor.shape)] for name, tensor in model.state_dict().items()]
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "caller": fingerprint,
-        "train": train,
-        "steps": steps,
-        "schedule_steps": schedule_steps,
-        "arch": arch,
-        "early_stopping_set": has_val,
-        "views": None if views is None else views.to_dict(),
-        "model": shapes,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _rng_state() -> dict[str, Any]:
-    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [bit_generator, torch.from_numpy(np.asarray(key, dtype=np.int64)), pos, has_gauss, cached_gaussian],
-        "python": random.getstate(),
-    }
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    bit_generator, key, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((bit_generator, key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _write_checkpoint(path: Path, content: dict[str, Any]) -> None:
-    # Temporary file + rename: a run killed while writing leaves the previous checkpoint intact. No fsync: it
-    # tripled the cost of a write (1 s of every evaluation of a ResNet50 on 2 cores), and what it guards against,
-    # a power cut between write and flush, leaves an unreadable checkpoint that the next run detects and replaces.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(content, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _read_checkpoint(path: Path, fingerprint: str, name: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        log.warning("%s: cannot read checkpoint %s (%s); training from scratch and overwriting it", name, path, exc)
-        return None
-    if not isinstance(content, dict) or content.get("fingerprint") != fingerprint:
-        log.warning(
-            "%s: checkpoint %s belongs to another config, data set or model (fingerprint differs); "
-            "training from scratch and overwriting it",
-            name,
-            path,
-        )
-        return None
-    return content
-
-
 @dataclass
 class _LoopState:
     """Everything of the loop besides model, optimiser and RNGs that a checkpoint must restore."""
@@ -476,6 +381,384 @@ class _LoopState:
     best_step: int = 0
     stale: int = 0
     stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """Two-phase fine-tuning: steps ``1..head_steps`` train the head only, later ones the ``trainable`` layers too."""
+
+    head_steps: int
+    arch: str | None
+    trainable: str
+
+    def freeze_backbone(self, model: nn.Module) -> None:
+        """Freeze all but the head for the head phase (nothing to do in a one-phase fit)."""
+        if self.head_steps > 0 and self.arch is not None:
+            set_trainable(model, self.arch, "head")
+
+    def unfreeze(self, model: nn.Module) -> None:
+        """Make the ``trainable`` layers trainable, as from the fine-tuning phase on (nothing to do in one phase)."""
+        if self.head_steps > 0 and self.arch is not None:
+            set_trainable(model, self.arch, self.trainable)
+
+    def fine_tuning_starts(self, step: int) -> bool:
+        """Return whether (1-based) ``step`` is the first step of the fine-tuning phase."""
+        return self.head_steps > 0 and self.arch is not None and step == self.head_steps + 1
+
+    def label(self, step: int) -> str:
+        """Return the phase of ``step`` for the progress bar: empty in one phase, else `` head`` or `` fine-tune``."""
+        return "" if self.head_steps == 0 else " head" if step <= self.head_steps else " fine-tune"
+
+
+@dataclass(frozen=True)
+class _StoppingRule:
+    """Which evaluation is the best so far, and when evaluations without improvement stop the run."""
+
+    steps: int
+    warmup: int
+    head_steps: int
+    patience: int
+    monitor: str
+    has_val: bool
+
+    def record(self, state: _LoopState, stats: dict[str, float], step: int, model: nn.Module) -> tuple[bool, bool]:
+        """Add the evaluation after ``step`` to ``state``; return whether it is the new best and whether to stop."""
+        state.history.append(stats)
+        # An evaluation inside the warm-up is logged but never chosen: weights taken at a still-rising rate
+        # are no model to keep, and a 5-tile early-stopping set would pick one by luck.
+        eligible = step > self.warmup or step == self.steps
+        improved = eligible and (not self.has_val or _improved(stats, state.best, self.monitor))
+        if improved:
+            state.best, state.stale, state.best_step = stats, 0, step
+            if self.has_val:  # without validation the last step is kept: nothing to restore
+                state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        elif eligible:
+            state.stale += 1
+        state.stopped_early = (
+            self.has_val
+            and step > max(self.head_steps, self.warmup)
+            and state.stale >= self.patience
+            and step < self.steps
+        )
+        return improved, state.stopped_early
+
+
+class _StepOutput(NamedTuple):
+    """One optimiser step's loss, logits and targets, and the learning rates it was taken at."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    y: torch.Tensor
+    used_lrs: list[float]
+
+
+class _Trainer:
+    """The model, optimiser, schedule, gradient scaler and loss of one fit, and one optimiser step with them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset[Any],
+        config: TrainConfig,
+        device: torch.device,
+        arch: str | None,
+        phases: _Phases,
+        schedule: int,
+        warmup: int,
+        name: str,
+    ) -> None:
+        model.to(device)
+        nhwc = channels_last_enabled(config.channels_last, device, arch)
+        self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
+        phases.freeze_backbone(model)
+        self.optimizer = _optimizer(model, config, arch, device)
+        self.scheduler = make_scheduler(self.optimizer, config.scheduler, schedule, warmup)
+        self.dtype = autocast_dtype(config, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.weights: torch.Tensor | None = None
+        self.train_labels = dataset_labels(train_set) if config.class_weighted_loss else None
+        self.model, self.config, self.device, self.name = model, config, device, name
+
+    def step(self, x_cpu: torch.Tensor, y_cpu: torch.Tensor) -> _StepOutput:
+        """Take one optimiser step on a batch; return its loss, logits, targets and the rates it was taken at."""
+        x, y = _to_device(x_cpu, self.device, self.memory_format), y_cpu.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.dtype):
+            logits = self.model(x)
+            loss = nn.functional.cross_entropy(
+                logits.float(), y, weight=self._class_weights(logits), label_smoothing=self.config.label_smoothing
+            )
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the float16-scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        used_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return _StepOutput(loss, logits, y, used_lrs)
+
+    def _class_weights(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Return the training loss's class weights (``None`` unless ``class_weighted_loss``), made at step one."""
+        if self.train_labels is not None and self.weights is None:  # the model's output size counts the classes
+            self.weights = class_weights(self.train_labels, logits.shape[1]).to(self.device)
+            log.info("%s: class weights %s", self.name, [round(float(w), 4) for w in self.weights])
+        return self.weights
+
+    def state_dicts(self) -> dict[str, Any]:
+        """Return the model's, optimiser's, scheduler's and scaler's state for a checkpoint."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load(self, restored: dict[str, Any]) -> None:
+        """Load the states :meth:`state_dicts` saved into a checkpoint."""
+        self.model.load_state_dict(restored["model"])
+        self.optimizer.load_state_dict(restored["optimizer"])
+        self.scheduler.load_state_dict(restored["scheduler"])
+        if restored["scaler"]:  # empty when the scaler was off (CPU, bfloat16): a fresh scaler is then right
+            self.scaler.load_state_dict(restored["scaler"])
+
+
+class _Validation:
+    """The early-stopping set of one fit (possibly none) and its metrics."""
+
+    def __init__(
+        self, val_set: Dataset[Any] | None, config: TrainConfig, device: torch.device, views: TestTimeViews | None
+    ) -> None:
+        self.val_set, self.config, self.device, self.views = val_set, config, device, views
+        self.criterion = nn.CrossEntropyLoss()
+        self.targets = torch.from_numpy(dataset_labels(val_set)) if val_set is not None else None
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        """Return the set's loss, accuracy and macro-F1 (empty without a set), leaving the model in training mode."""
+        if self.val_set is None or self.targets is None:
+            return {}
+        logits = torch.from_numpy(predict_logits(model, self.val_set, self.config, self.device, self.views))
+        metrics = {"val_loss": float(self.criterion(logits, self.targets))}
+        predictions = logits.argmax(1)
+        metrics["val_accuracy"] = float((predictions == self.targets).float().mean())
+        metrics["val_macro_f1"] = macro_f1(self.targets.numpy(), predictions.numpy())
+        _train_mode(model)
+        return metrics
+
+
+@dataclass
+class _Tally:
+    """Training loss and accuracy over the steps since the last evaluation, and when that round started."""
+
+    started: float
+    total_loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one step's batch."""
+        self.total_loss += loss.item() * y.numel()
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += y.numel()
+
+    def stats(self, step: int, used_lrs: list[float]) -> dict[str, float]:
+        """Return the training part of the evaluation after ``step``, taken at the rates ``used_lrs``."""
+        stats: dict[str, float] = {
+            "step": step,
+            "train_loss": self.total_loss / max(self.seen, 1),
+            "train_accuracy": self.correct / max(self.seen, 1),
+            "lr": used_lrs[0],  # the rate this step was taken at
+        }
+        if len(used_lrs) > 1:
+            stats["lr_backbone"] = used_lrs[1]
+        return stats
+
+
+@dataclass
+class _Progress:
+    """What a fit shows while it trains: the progress bar, and a log line every ``BATCH_LOG_SECONDS``."""
+
+    bar: tqdm
+    name: str
+    steps: int
+    phases: _Phases
+    timer: EtaTimer | None
+    last_log: float
+
+    def show(self, step: int, mean_loss: float) -> None:
+        """Advance the bar past ``step``, with the running training loss."""
+        self.bar.update()
+        self.bar.set_postfix_str(
+            f"step {step}/{self.steps}{self.phases.label(step)} loss {mean_loss:.4f}"
+            + (f" job ETA {self.timer.eta()}" if self.timer is not None else ""),
+            refresh=False,
+        )
+        if time.monotonic() - self.last_log > BATCH_LOG_SECONDS:
+            self.last_log = time.monotonic()
+            log.info("%s step %d/%d loss=%.4f", self.name, step, self.steps, mean_loss)
+
+    def skip_rest(self, step: int) -> None:
+        """Count the steps an early stop after ``step`` leaves out as done, on the timer and the bar."""
+        if self.timer is not None:
+            self.timer.step(self.steps - step)
+        self.bar.update(self.bar.total - self.bar.n)
+
+
+def _progress_bar(config: TrainConfig, steps: int, done: int, name: str) -> tqdm:
+    """Return the tqdm bar of a fit over ``steps`` steps, ``done`` of them already taken (disabled unless progress)."""
+    return tqdm(
+        total=steps,
+        initial=done,
+        desc=name,
+        unit="step",
+        file=sys.stderr,
+        disable=not config.progress,
+        dynamic_ncols=True,
+    )
+
+
+def _step_loader(train_set: Dataset[Any], config: TrainConfig, steps: int, done: int) -> DataLoader[Any]:
+    """Return the loader of the batches of steps ``done + 1 .. steps`` (see :class:`StepBatchSampler`)."""
+    size = len(train_set)  # type: ignore[arg-type]
+    sampler = StepBatchSampler(size, config.batch_size, steps, config.seed, start=done)
+    # Its own generator: starting to iterate draws a worker seed from it, which from the global generator would
+    # shift every augmentation draw of a resumed run against an uninterrupted one.
+    return DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed + done),
+    )
+
+
+def _log_evaluation(
+    name: str, step: int, steps: int, stats: dict[str, float], improved: bool, timer: EtaTimer | None
+) -> None:
+    """Log an evaluation's metrics; `` *`` marks a new best."""
+    log.info(
+        "%s step %d/%d %s%s (%.1fs%s)",
+        name,
+        step,
+        steps,
+        " ".join(
+            f"{k}={v:.4g}" if k.startswith("lr") else f"{k}={v:.4f}"
+            for k, v in stats.items()
+            if k not in ("step", "seconds")
+        ),
+        " *" if improved else "",
+        stats["seconds"],
+        f", ETA {timer.eta()}" if timer is not None else "",
+    )
+
+
+@dataclass
+class _Loop:
+    """The training loop of one fit: its parts, its checkpoint, and whom it reports to."""
+
+    trainer: _Trainer
+    validation: _Validation
+    rule: _StoppingRule
+    phases: _Phases
+    state: _LoopState
+    steps: int
+    name: str
+    checkpoint: Path | None
+    key: str
+    on_eval: Callable[[dict[str, float]], None] | None
+    timer: EtaTimer | None
+
+    def resume(self, restored: dict[str, Any]) -> int:
+        """Continue from a checkpoint: load it, replay its evaluations to ``on_eval``; return the steps it holds."""
+        done = int(restored["step"])
+        if done >= self.phases.head_steps:
+            self.phases.unfreeze(self.trainer.model)
+        self.trainer.load(restored)
+        self.state = _LoopState(**restored["loop"])
+        restore_rng(restored["rng"])
+        log.info("%s: resuming after step %d from checkpoint %s", self.name, done, self.checkpoint)
+        for restored_stats in self.state.history:
+            if self.on_eval is not None:
+                self.on_eval(restored_stats)
+        if self.timer is not None:
+            self.timer.step(self.steps if self.state.stopped_early else done)
+        return done
+
+    def run(self, train_set: Dataset[Any], done: int) -> None:
+        """Train steps ``done + 1 .. steps``, evaluating every ``eval_every`` steps, until the end or an early stop."""
+        config, model = self.trainer.config, self.trainer.model
+        loader = _step_loader(train_set, config, self.steps, done)
+        bar = _progress_bar(config, self.steps, done, self.name)
+        redirect = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
+        with bar, redirect:
+            started = time.monotonic()
+            tally, progress = _Tally(started), _Progress(bar, self.name, self.steps, self.phases, self.timer, started)
+            _train_mode(model)
+            for step, (x_cpu, y_cpu) in enumerate(loader, start=done + 1):
+                if self.phases.fine_tuning_starts(step):
+                    self.phases.unfreeze(model)
+                    _train_mode(model)
+                    self.state.stale = 0  # patience counts fine-tuning evaluations only
+                loss, logits, y, used_lrs = self.trainer.step(x_cpu, y_cpu)
+                tally.add(loss, logits, y)
+                progress.show(step, tally.total_loss / tally.seen)
+                if step % config.eval_every and step != self.steps:
+                    continue
+                stop = self._evaluate(step, tally, used_lrs)
+                tally = _Tally(time.monotonic())
+                if stop:
+                    self._log_early_stop(step)
+                    progress.skip_rest(step)
+                    break
+
+    def _evaluate(self, step: int, tally: _Tally, used_lrs: list[float]) -> bool:
+        """Evaluate after ``step``: record, checkpoint, report and log it; return whether to stop early."""
+        stats = tally.stats(step, used_lrs)
+        stats.update(self.validation.metrics(self.trainer.model))
+        stats["seconds"] = time.monotonic() - tally.started
+        improved, stop = self.rule.record(self.state, stats, step, self.trainer.model)
+        if self.checkpoint is not None:
+            self._save(self.checkpoint, step)
+        if self.on_eval is not None:
+            self.on_eval(stats)
+        if self.timer is not None:
+            self.timer.step(tally.seen // self.trainer.config.batch_size)
+        _log_evaluation(self.name, step, self.steps, stats, improved, self.timer)
+        return stop
+
+    def _save(self, path: Path, step: int) -> None:
+        """Write the checkpoint of the loop after ``step`` to ``path``."""
+        content = {"fingerprint": self.key, "step": step, **self.trainer.state_dicts()}
+        content["loop"] = dict(vars(self.state))  # shallow: asdict would deep-copy the best weights
+        content["rng"] = rng_state()
+        write_checkpoint(path, content)
+
+    def _log_early_stop(self, step: int) -> None:
+        """Log why the run stops after ``step``."""
+        log.info(
+            "%s: early stop after step %d (no %s improvement in %d evaluations)",
+            self.name,
+            step,
+            self.trainer.config.monitor,
+            self.state.stale,
+        )
+
+    def result(self, resumed_from: int) -> FitResult:
+        """Return the fit's result: the best weights loaded, the model in eval mode, frozen as ``trainable`` says."""
+        model = self.trainer.model
+        if self.state.best_state is not None:
+            model.load_state_dict(self.state.best_state)
+        # Back to the default layout: saved weights, ONNX export and Grad-CAM expect contiguous tensors.
+        model.to(memory_format=torch.contiguous_format)
+        self.phases.unfreeze(model)
+        model.eval()
+        return FitResult(
+            model=model,
+            history=self.state.history,
+            best_step=self.state.best_step,
+            stopped_early=self.state.stopped_early,
+            resumed_from=resumed_from,
+        )
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, arch: str | None, device: torch.device) -> torch.optim.Optimizer:
@@ -553,201 +836,18 @@ def fit(
         )
     schedule = schedule_steps or steps
     warmup = warmup_steps(config, schedule)
-    model.to(device)
-    memory_format = (
-        torch.channels_last if channels_last_enabled(config.channels_last, device, arch) else torch.contiguous_format
-    )
-    model.to(memory_format=memory_format)
-    if head_steps > 0 and arch is not None:
-        set_trainable(model, arch, "head")
-    optimizer = _optimizer(model, config, arch, device)
-    scheduler = make_scheduler(optimizer, config.scheduler, schedule, warmup)
-    dtype = autocast_dtype(config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    weights: torch.Tensor | None = None
-    train_labels = dataset_labels(train_set) if config.class_weighted_loss else None
-    val_criterion = nn.CrossEntropyLoss()
-    val_targets = torch.from_numpy(dataset_labels(val_set)) if val_set is not None else None
-
-    state = _LoopState()
-    result = FitResult(model=model)
+    phases = _Phases(head_steps, arch, config.trainable)
+    trainer = _Trainer(model, train_set, config, device, arch, phases, schedule, warmup, name)
+    validation = _Validation(val_set, config, device, views)
+    rule = _StoppingRule(steps, warmup, head_steps, config.patience, config.monitor, val_set is not None)
     path = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None and config.checkpoint else None
-    key = _fingerprint(fingerprint, config, model, steps, schedule, arch, val_set is not None, views) if path else ""
-    restored = _read_checkpoint(path, key, name) if path is not None else None
-    done = 0
-    if restored is not None:
-        done = int(restored["step"])
-        if head_steps > 0 and arch is not None and done >= head_steps:
-            set_trainable(model, arch, config.trainable)
-        model.load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        if restored["scaler"]:  # empty when the scaler was off (CPU, bfloat16): a fresh scaler is then right
-            scaler.load_state_dict(restored["scaler"])
-        state = _LoopState(**restored["loop"])
-        _restore_rng(restored["rng"])
-        result.resumed_from = done
-        log.info("%s: resuming after step %d from checkpoint %s", name, done, path)
-        for restored_stats in state.history:
-            if on_eval is not None:
-                on_eval(restored_stats)
-        if timer is not None:
-            timer.step(steps if state.stopped_early else done)
-        if state.stopped_early:
-            done = steps  # finished run: nothing left to train
-
-    size = len(train_set)  # type: ignore[arg-type]
-    sampler = StepBatchSampler(size, config.batch_size, steps, config.seed, start=done)
-    # Its own generator: starting to iterate draws a worker seed from it, which from the global generator would
-    # shift every augmentation draw of a resumed run against an uninterrupted one.
-    loader = DataLoader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed + done),
-    )
-    bar = tqdm(
-        total=steps,
-        initial=done,
-        desc=name,
-        unit="step",
-        file=sys.stderr,
-        disable=not config.progress,
-        dynamic_ncols=True,
-    )
-    redirect = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
-    with bar, redirect:
-        started = last_log = time.monotonic()
-        total_loss, correct, seen = 0.0, 0, 0
-        _train_mode(model)
-        for step, (x_cpu, y_cpu) in enumerate(loader, start=done + 1):
-            if head_steps > 0 and arch is not None and step == head_steps + 1:
-                set_trainable(model, arch, config.trainable)
-                _train_mode(model)
-                state.stale = 0  # patience counts fine-tuning evaluations only
-            x, y = _to_device(x_cpu, device, memory_format), y_cpu.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, dtype):
-                logits = model(x)
-                if train_labels is not None and weights is None:  # the model's output size counts the classes
-                    weights = class_weights(train_labels, logits.shape[1]).to(device)
-                    log.info("%s: class weights %s", name, [round(float(w), 4) for w in weights])
-                loss = nn.functional.cross_entropy(
-                    logits.float(), y, weight=weights, label_smoothing=config.label_smoothing
-                )
-            scaler.scale(loss).backward()
-            if config.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            used_lrs = [group["lr"] for group in optimizer.param_groups]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            total_loss += loss.item() * y.numel()
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.numel()
-            bar.update()
-            phase = "" if head_steps == 0 else " head" if step <= head_steps else " fine-tune"
-            bar.set_postfix_str(
-                f"step {step}/{steps}{phase} loss {total_loss / seen:.4f}"
-                + (f" job ETA {timer.eta()}" if timer is not None else ""),
-                refresh=False,
-            )
-            if time.monotonic() - last_log > BATCH_LOG_SECONDS:
-                last_log = time.monotonic()
-                log.info("%s step %d/%d loss=%.4f", name, step, steps, total_loss / seen)
-            if step % config.eval_every and step != steps:
-                continue
-            stats: dict[str, float] = {
-                "step": step,
-                "train_loss": total_loss / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
-                "lr": used_lrs[0],  # the rate this step was taken at
-            }
-            if len(used_lrs) > 1:
-                stats["lr_backbone"] = used_lrs[1]
-            if val_set is not None and val_targets is not None:
-                logits_val = torch.from_numpy(predict_logits(model, val_set, config, device, views))
-                stats["val_loss"] = float(val_criterion(logits_val, val_targets))
-                predictions = logits_val.argmax(1)
-                stats["val_accuracy"] = float((predictions == val_targets).float().mean())
-                stats["val_macro_f1"] = macro_f1(val_targets.numpy(), predictions.numpy())
-                _train_mode(model)
-            stats["seconds"] = time.monotonic() - started
-            state.history.append(stats)
-            # An evaluation inside the warm-up is logged but never chosen: weights taken at a still-rising rate
-            # are no model to keep, and a 5-tile early-stopping set would pick one by luck.
-            eligible = step > warmup or step == steps
-            improved = eligible and (val_set is None or _improved(stats, state.best, config.monitor))
-            if improved:
-                state.best, state.stale, state.best_step = stats, 0, step
-                if val_set is not None:  # without validation the last step is kept: nothing to restore
-                    state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            elif eligible:
-                state.stale += 1
-            stop = (
-                val_set is not None
-                and step > max(head_steps, warmup)
-                and state.stale >= config.patience
-                and step < steps
-            )
-            state.stopped_early = stop
-            if path is not None:
-                _write_checkpoint(
-                    path,
-                    {
-                        "fingerprint": key,
-                        "step": step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "loop": dict(vars(state)),  # shallow: asdict would deep-copy the best weights
-                        "rng": _rng_state(),
-                    },
-                )
-            if on_eval is not None:
-                on_eval(stats)
-            if timer is not None:
-                timer.step(seen // config.batch_size)
-            log.info(
-                "%s step %d/%d %s%s (%.1fs%s)",
-                name,
-                step,
-                steps,
-                " ".join(
-                    f"{k}={v:.4g}" if k.startswith("lr") else f"{k}={v:.4f}"
-                    for k, v in stats.items()
-                    if k not in ("step", "seconds")
-                ),
-                " *" if improved else "",
-                stats["seconds"],
-                f", ETA {timer.eta()}" if timer is not None else "",
-            )
-            started, total_loss, correct, seen = time.monotonic(), 0.0, 0, 0
-            if stop:
-                log.info(
-                    "%s: early stop after step %d (no %s improvement in %d evaluations)",
-                    name,
-                    step,
-                    config.monitor,
-                    state.stale,
-                )
-                if timer is not None:
-                    timer.step(steps - step)
-                bar.update(bar.total - bar.n)
-                break
-    result.history = state.history
-    result.best_step = state.best_step
-    result.stopped_early = state.stopped_early
-    if state.best_state is not None:
-        model.load_state_dict(state.best_state)
-    # Back to the default layout: saved weights, ONNX export and Grad-CAM expect contiguous tensors.
-    model.to(memory_format=torch.contiguous_format)
-    if head_steps > 0 and arch is not None:
-        set_trainable(model, arch, config.trainable)
-    model.eval()
-    return result
+    key = fit_fingerprint(fingerprint, config, model, steps, schedule, arch, val_set is not None, views) if path else ""
+    loop = _Loop(trainer, validation, rule, phases, _LoopState(), steps, name, path, key, on_eval, timer)
+    restored = read_checkpoint(path, key, name) if path is not None else None
+    resumed_from = loop.resume(restored) if restored is not None else 0
+    # A checkpoint of a run that stopped early is a finished run: nothing left to train.
+    loop.run(train_set, steps if loop.state.stopped_early else resumed_from)
+    return loop.result(resumed_from)
 
 
 def training_dataset(
