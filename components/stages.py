@@ -1,19 +1,20 @@
 """One kfp v2 lightweight Python component per pipeline stage.
 
-Each component is a thin adapter: it builds the :class:`bonetumor.config.Config` from the pipeline's ``params``
-dict (params.yaml content; missing sections and fields take the defaults), calls the stage function of the
-``bonetumor`` package with paths taken from its typed artifacts, and copies a few headline values into artifact
-metadata for the KFP UI. The stage functions write folders, so every folder-shaped output uses ``artifact.path``
-as the stage's output folder.
+Each component is a thin adapter: it calls the matching ``*_stage`` function of :mod:`bonetumor.stages` with
+the pipeline's ``params`` dict (params.yaml content; missing sections and fields take the defaults) and the paths
+of its typed artifacts, and copies the headline values the stage function returns into artifact metadata for the
+KFP UI. The set-up every stage shares (:func:`bonetumor.runtime.configure_process`, the config built from
+``params``, the MLflow tracking URI override, the file names inside upstream artifact folders) lives in that
+module, not here. The stage functions write folders, so every folder-shaped output uses ``artifact.path`` as the
+stage's output folder.
 
 KFP serialises each function's source into the pipeline spec and runs it in :data:`BASE_IMAGE`, so every import
 is inside the function body and nothing is pip-installed at run time (``install_kfp_package=False``): the image
 already holds the package and kfp, which keeps the components working offline and under ``kfp.local``.
 
-Each component first calls :func:`bonetumor.runtime.configure_process`, as the CLI does: it switches telemetry off
-and quietens chatty loggers. The project folder handed to the stages is the task's working folder:
-it resolves a relative ``source_dir`` or sqlite tracking URI, and holds ``mlartifacts/`` when MLflow uses a local
-sqlite store (kfp.local); on a cluster the tracking server stores the artifacts.
+The project folder handed to the stages is the task's working folder: it resolves a relative ``source_dir`` or
+sqlite tracking URI, and holds ``mlartifacts/`` when MLflow uses a local sqlite store (kfp.local); on a cluster
+the tracking server stores the artifacts.
 
 Errors are not caught: a stage that raises (for example :class:`bonetumor.errors.DataValidationError`) fails
 its task, and KFP stops everything downstream of it.
@@ -38,20 +39,9 @@ def ingest(source_dir: str, params: dict, dataset: Output[Dataset]) -> None:
         params: params.yaml content (sections may be missing).
         dataset: Output folder: ``manifest.csv``, ``images/`` and ``config.resolved.yaml``.
     """
-    import os
+    from bonetumor.stages import ingest_stage
 
-    from bonetumor.config import Config
-    from bonetumor.data.ingest import run_ingest
-    from bonetumor.runtime import configure_process
-
-    configure_process()
-    raw = dict(params)
-    raw["data"] = {**(raw.get("data") or {}), "source": source_dir}
-    config = Config.from_dict(raw, source="pipeline params")
-    frame = run_ingest(config, os.getcwd(), dataset.path, copy_images=True)
-    dataset.metadata.update(
-        {"n_tiles": len(frame), "n_slides": int(frame["slide"].nunique()), "n_cases": int(frame["case"].nunique())}
-    )
+    dataset.metadata.update(ingest_stage(params, source_dir=source_dir, out_dir=dataset.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -63,17 +53,9 @@ def validate(params: dict, dataset: Input[Dataset], report: Output[Artifact]) ->
         dataset: The ingest output.
         report: Output folder: ``report.json`` and ``config.resolved.yaml``.
     """
-    from pathlib import Path
+    from bonetumor.stages import validate_stage
 
-    from bonetumor.config import Config
-    from bonetumor.data.manifest import MANIFEST_FILE
-    from bonetumor.data.validate import run_validation
-    from bonetumor.runtime import configure_process
-
-    configure_process()
-    config = Config.from_dict(params, source="pipeline params")
-    result = run_validation(config, Path(dataset.path) / MANIFEST_FILE, report.path)
-    report.metadata.update({"success": result["success"], "n_tiles": result["n_tiles"]})
+    report.metadata.update(validate_stage(params, dataset_dir=dataset.path, out_dir=report.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -87,22 +69,10 @@ def split(params: dict, dataset: Input[Dataset], validation_report: Input[Artifa
             near-duplicate clusters that must stay on one side of every fold.
         folds: Output folder: ``folds.json``, ``folds_report.json`` and ``config.resolved.yaml``.
     """
-    from pathlib import Path
+    from bonetumor.stages import split_stage
 
-    from bonetumor.config import Config
-    from bonetumor.data.manifest import MANIFEST_FILE
-    from bonetumor.data.split import run_split
-    from bonetumor.data.validate import TILES_FILE
-    from bonetumor.runtime import configure_process
-
-    configure_process()
-    config = Config.from_dict(params, source="pipeline params")
-    result = run_split(
-        config, Path(dataset.path) / MANIFEST_FILE, folds.path, Path(validation_report.path) / TILES_FILE
-    )
-    folds.metadata.update(
-        {"n_folds": result["n_folds"], "group_by": result["group_by"], "validated_by": validation_report.uri}
-    )
+    result = split_stage(params, dataset_dir=dataset.path, validation_dir=validation_report.path, out_dir=folds.path)
+    folds.metadata.update({**result, "validated_by": validation_report.uri})
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -117,17 +87,10 @@ def augment(
         validation_report: The validate output; taken only so that validation gates this stage.
         policy: Output folder: ``policy.json``, ``preview.png`` and ``config.resolved.yaml``.
     """
-    from pathlib import Path
+    from bonetumor.stages import augment_stage
 
-    from bonetumor.config import Config
-    from bonetumor.data.manifest import MANIFEST_FILE
-    from bonetumor.runtime import configure_process
-    from bonetumor.transforms.augment import run_augment
-
-    configure_process()
-    config = Config.from_dict(params, source="pipeline params")
-    result = run_augment(config, Path(dataset.path) / MANIFEST_FILE, policy.path)
-    policy.metadata.update({"digest": result.digest(), "validated_by": validation_report.uri})
+    result = augment_stage(params, dataset_dir=dataset.path, out_dir=policy.path)
+    policy.metadata.update({**result, "validated_by": validation_report.uri})
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -140,24 +103,10 @@ def balance(params: dict, dataset: Input[Dataset], folds: Input[Artifact], balan
         folds: The split output.
         balanced: Output folder: one ``<set>/train_manifest.csv`` per training set and ``summary.json``.
     """
-    from pathlib import Path
+    from bonetumor.stages import balance_stage
 
-    from bonetumor.balance.gan import run_balance
-    from bonetumor.config import Config
-    from bonetumor.data.manifest import MANIFEST_FILE
-    from bonetumor.data.split import FOLDS_FILE
-    from bonetumor.runtime import configure_process
-
-    configure_process()
-    config = Config.from_dict(params, source="pipeline params")
-    summary = run_balance(
-        config,
-        manifest_path=Path(dataset.path) / MANIFEST_FILE,
-        folds_path=Path(folds.path) / FOLDS_FILE,
-        out_dir=balanced.path,
-    )
     balanced.metadata.update(
-        {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
+        balance_stage(params, dataset_dir=dataset.path, folds_dir=folds.path, out_dir=balanced.path)
     )
 
 
@@ -184,36 +133,19 @@ def train(
         validation_report: The validate output (report and Data Docs, logged with the runs).
         training: Output folder: ``runs.json``, ``<arch>/oof.csv`` (out-of-fold predictions), Grad-CAM galleries.
     """
-    import os
-    from pathlib import Path
+    from bonetumor.stages import train_stage
 
-    from bonetumor.config import Config
-    from bonetumor.data.manifest import MANIFEST_FILE
-    from bonetumor.data.split import FOLDS_FILE
-    from bonetumor.runtime import configure_process
-    from bonetumor.training.cross_validation import run_cross_validation
-    from bonetumor.transforms.augment import POLICY_FILE
-
-    configure_process()
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    config = Config.from_dict(params, source="pipeline params")
-    runs = run_cross_validation(
-        config,
-        manifest_path=Path(dataset.path) / MANIFEST_FILE,
-        folds_path=Path(folds.path) / FOLDS_FILE,
-        policy_path=Path(policy.path) / POLICY_FILE,
+    result = train_stage(
+        params,
+        dataset_dir=dataset.path,
+        folds_dir=folds.path,
+        policy_dir=policy.path,
         balance_dir=balanced.path,
-        out_dir=training.path,
-        project_dir=os.getcwd(),
         validation_dir=validation_report.path,
+        out_dir=training.path,
+        tracking_uri=mlflow_tracking_uri,
     )
-    training.metadata.update(
-        {
-            "experiment_id": runs["experiment_id"],
-            **{f"run_id_{arch}": info["run_id"] for arch, info in runs["architectures"].items()},
-        }
-    )
+    training.metadata.update(result)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -237,30 +169,21 @@ def evaluate(
         confusion_matrix: The winner's out-of-fold confusion matrix.
         comparison: The architecture comparison table (Markdown).
     """
-    import os
-    from pathlib import Path
+    from bonetumor.stages import evaluate_stage
 
-    from bonetumor.config import Config
-    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, run_evaluation
-    from bonetumor.runtime import configure_process
-
-    configure_process()
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    config = Config.from_dict(params, source="pipeline params")
-    result = run_evaluation(config, train_dir=training.path, out_dir=evaluation.path, project_dir=os.getcwd())
-    winner = result["winner"]
-    scores = result["scores"][winner]
-    evaluation.metadata.update({"winner": winner, "ranking": result["ranking"], "selection": result["selection"]})
-    for name, value in scores.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(name, float(value))
-    confusion_matrix.log_confusion_matrix(list(config.data.classes), scores["confusion_matrix"])
-    confusion_matrix.metadata["arch"] = winner
-    Path(comparison.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(comparison.path).write_text(
-        (Path(evaluation.path) / COMPARISON_MD_FILE).read_text(encoding="utf-8"), encoding="utf-8"
+    result = evaluate_stage(
+        params,
+        train_dir=training.path,
+        out_dir=evaluation.path,
+        comparison_path=comparison.path,
+        tracking_uri=mlflow_tracking_uri,
     )
+    evaluation.metadata.update(result["evaluation"])
+    for name, value in result["metrics"].items():
+        metrics.log_metric(name, value)
+    matrix = result["confusion_matrix"]
+    confusion_matrix.log_confusion_matrix(matrix["classes"], matrix["matrix"])
+    confusion_matrix.metadata["arch"] = matrix["arch"]
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -288,31 +211,17 @@ def register(
         folds: The split output (the gate compares models on the same folds; test tiles are scored).
         model: Output folder: ``bundle/`` (weights and metadata) and ``champion.json``.
     """
-    import os
-    from pathlib import Path
+    from bonetumor.stages import register_stage
 
-    from bonetumor.config import Config
-    from bonetumor.data.manifest import MANIFEST_FILE
-    from bonetumor.data.split import FOLDS_FILE
-    from bonetumor.registry.register import run_registration
-    from bonetumor.runtime import configure_process
-    from bonetumor.transforms.augment import POLICY_FILE
-
-    configure_process()
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    config = Config.from_dict(params, source="pipeline params")
-    champion = run_registration(
-        config,
-        manifest_path=Path(dataset.path) / MANIFEST_FILE,
-        policy_path=Path(policy.path) / POLICY_FILE,
+    result = register_stage(
+        params,
+        dataset_dir=dataset.path,
+        policy_dir=policy.path,
         balance_dir=balanced.path,
         train_dir=training.path,
         evaluate_dir=evaluation.path,
+        folds_dir=folds.path,
         out_dir=model.path,
-        project_dir=os.getcwd(),
-        folds_path=Path(folds.path) / FOLDS_FILE,
+        tracking_uri=mlflow_tracking_uri,
     )
-    model.metadata.update(
-        {key: champion[key] for key in ("model_name", "version", "alias", "model_uri", "arch", "run_id", "cv_run_id")}
-    )
+    model.metadata.update(result)

@@ -133,6 +133,45 @@ def test_failed_validation_stops_the_local_run(tmp_path: Path, monkeypatch: pyte
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _metadata(task_dir: Path, artifact: str) -> dict[str, Any]:
+    """The metadata a local task logged on one of its output artifacts."""
+    outputs = json.loads((task_dir / "executor_output.json").read_text())["artifacts"]
+    metadata: dict[str, Any] = outputs[artifact]["artifacts"][0]["metadata"]
+    return metadata
+
+
+def _check_stage_metadata(out: dict[str, Path], runs: dict[str, Any], champion: dict[str, Any]) -> None:
+    """Every task's headline metadata (what bonetumor.stages returns) agrees with the files it wrote."""
+    report_uri = str(out["validate"] / "report")
+    folds = json.loads((out["split"] / "folds" / "folds.json").read_text())
+    summary = json.loads((out["balance"] / "balanced" / "summary.json").read_text())
+    comparison = json.loads((out["evaluate"] / "evaluation" / "comparison.json").read_text())
+    assert _metadata(out["ingest"], "dataset") == {"n_tiles": 30, "n_slides": 12, "n_cases": 4}
+    assert _metadata(out["validate"], "report") == {"success": True, "n_tiles": 30}
+    assert _metadata(out["split"], "folds") == {
+        "n_folds": folds["n_folds"],
+        "group_by": folds["group_by"],
+        "validated_by": report_uri,
+    }
+    policy = _metadata(out["augment"], "policy")
+    assert policy["validated_by"] == report_uri
+    assert len(policy["digest"]) == 12
+    assert _metadata(out["balance"], "balanced") == {
+        f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()
+    }
+    assert _metadata(out["train"], "training") == {
+        "experiment_id": runs["experiment_id"],
+        "run_id_resnet50": runs["architectures"]["resnet50"]["run_id"],
+    }
+    assert _metadata(out["evaluate"], "evaluation") == {
+        key: comparison[key] for key in ("winner", "ranking", "selection")
+    }
+    assert _metadata(out["evaluate"], "confusion_matrix")["arch"] == comparison["winner"]
+    assert _metadata(out["register"], "model") == {
+        key: champion[key] for key in ("model_name", "version", "alias", "model_uri", "arch", "run_id", "cv_run_id")
+    }
+
+
 @pytest.mark.integration
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:Task .*have no effect in the current local runner:UserWarning")
@@ -163,6 +202,7 @@ def test_local_run_trains_and_registers_the_champion(tmp_path: Path, monkeypatch
     champion = json.loads((out["register"] / "model" / "champion.json").read_text())
     assert (out["register"] / "model" / "bundle").is_dir()
 
+    _check_stage_metadata(out, runs, champion)
     # The KFP metadata the components logged: metrics, confusion matrix, model metadata.
     evaluate_meta = json.loads((out["evaluate"] / "executor_output.json").read_text())["artifacts"]
     metrics = evaluate_meta["metrics"]["artifacts"][0]["metadata"]

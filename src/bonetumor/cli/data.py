@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bonetumor.cli.common import run_stage
-from bonetumor.config import load_config
+from bonetumor.cli.common import run_stage, stage_config
 
 if TYPE_CHECKING:
     from bonetumor.data.importer import ImportResult
@@ -104,8 +103,7 @@ def import_(
     from bonetumor.data.importer import import_dataset
 
     def command() -> None:
-        config = load_config(params)
-        project = params.resolve().parent
+        config, project = stage_config(params)
         result = import_dataset(source, config, project, name)
         _print_summary(result, project)
         _track(result, project, dvc)

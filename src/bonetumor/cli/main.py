@@ -14,8 +14,6 @@ from typing import Annotated
 import typer
 
 from bonetumor.cli.common import FOLDS, MANIFEST, OUT, POLICY, TILES, ParamsOption, run_stage, stage_config
-from bonetumor.config import load_config
-from bonetumor.errors import InvalidImageError
 from bonetumor.runtime import configure_process
 
 app = typer.Typer(
@@ -41,11 +39,10 @@ def weights_fetch(
     Run it where there is internet; copy the printed files to the same place under TORCH_HOME on the offline
     machine. `train.weights: auto` and `imagenet` then find them there.
     """
-    from bonetumor.training.models import fetch_imagenet_weights
+    from bonetumor.stages import fetch_weights
 
     def stage() -> None:
-        chosen = list(archs or []) or list(load_config(params).train.architectures)
-        for arch, path in zip(chosen, fetch_imagenet_weights(chosen), strict=True):
+        for arch, path in fetch_weights(archs or [], params):
             typer.echo(f"{arch}: {path} ({path.stat().st_size / 1e6:.0f} MB, hash checked)")
         typer.echo(
             "offline machines: copy these files to $TORCH_HOME/hub/checkpoints/ (default "
@@ -268,14 +265,11 @@ def promote(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Point the champion alias at a version by hand, after review (the gate kept it as challenger)."""
-    from bonetumor.registry.model_registry import promote as promote_version
-    from bonetumor.registry.tracking import configure_tracking
+    from bonetumor.stages import promote_model
 
     def stage() -> None:
-        config, project = stage_config(params)
-        configure_tracking(config.tracking, project)
-        promote_version(config.register.model_name, version, config.register.alias, reason)
-        typer.echo(f"{config.register.model_name} version {version} is now @{config.register.alias}")
+        promoted = promote_model(params, version, reason)
+        typer.echo(f"{promoted['model_name']} version {version} is now @{promoted['alias']}")
 
     run_stage(stage)
 
@@ -291,22 +285,15 @@ def predict(
     A tile that cannot be read or decoded gets an ``error`` answer; the others are still classified, and the
     exit status is 1 when any tile failed.
     """
-    from bonetumor.registry.model_registry import load_configured_predictor
-    from bonetumor.transforms.decode import decode_image
+    from bonetumor.stages import predict_tiles
 
     failed = 0
 
     def stage() -> None:
         nonlocal failed
-        predictor = load_configured_predictor(params, model or None)
-        for tile in tiles:
-            try:
-                answer = predictor.predict_image(decode_image(tile))
-            except InvalidImageError as exc:
-                failed += 1
-                typer.echo(json.dumps({"file": str(tile), "error": str(exc)}))
-                continue
-            typer.echo(json.dumps({"file": str(tile), **answer}))
+        for answer in predict_tiles(params, tiles, model or None):
+            failed += "error" in answer
+            typer.echo(json.dumps(answer))
 
     run_stage(stage)
     if failed:

@@ -1,0 +1,464 @@
+"""Entry points of the pipeline stages for adapters (Kubeflow components, the CLI) that hold no logic themselves.
+
+Each ``*_stage`` function takes the params dict (params.yaml content; missing sections and fields take the
+defaults) and plain folder paths, does the set-up every entry point shares, runs the package's stage function and
+returns the headline values an adapter shows (a Kubeflow component copies them into its artifact's metadata):
+
+* :func:`bonetumor.runtime.configure_process` (telemetry off, readable logs);
+* :meth:`bonetumor.config.Config.from_dict` with the source ``"pipeline params"``, so a typo in the params fails
+  with a :class:`bonetumor.errors.ConfigError` naming the field;
+* for the stages that log to MLflow, a tracking URI override (``MLFLOW_TRACKING_URI`` while the stage runs);
+* the well-known file names inside upstream output folders (``manifest.csv``, ``folds.json``, ``policy.json``,
+  ``tiles.csv``), so callers pass only the folders.
+
+Beside them are the manual steps the CLI offers outside the pipeline (:func:`fetch_weights`,
+:func:`promote_model`, :func:`predict_tiles`), which read params.yaml itself.
+
+The stage modules are imported inside the functions, so importing this module pulls in neither torch, MLflow nor
+Great Expectations, and each Kubeflow task pays only for its own stage. This module imports no kfp, dvc or bentoml.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bonetumor.config import Config, load_config
+from bonetumor.errors import InvalidImageError
+from bonetumor.runtime import configure_process
+
+#: The ``source`` that config errors of params dicts name.
+PARAMS_SOURCE = "pipeline params"
+#: The environment variable MLflow (and :func:`bonetumor.registry.tracking.resolve_tracking_uri`) reads first.
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: Keys of the registration result that the register stage reports.
+CHAMPION_KEYS = ("model_name", "version", "alias", "model_uri", "arch", "run_id", "cv_run_id")
+
+
+def config_from_params(params: dict[str, Any]) -> Config:
+    """Set up the process and build the validated config from a params dict.
+
+    Args:
+        params: params.yaml content (sections and fields may be missing).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: A section or field is unknown or invalid; the message names it and says ``pipeline params``.
+    """
+    configure_process()
+    return Config.from_dict(params, source=PARAMS_SOURCE)
+
+
+@contextmanager
+def tracking_override(uri: str | None) -> Iterator[None]:
+    """Make ``uri`` the MLflow tracking URI while the block runs (nothing changes when ``uri`` is empty).
+
+    The override is ``MLFLOW_TRACKING_URI``, which beats params' ``tracking.uri``; the earlier value is restored
+    afterwards. A relative ``sqlite:///`` path is resolved against the project folder, as params' URI is.
+
+    Args:
+        uri: The tracking URI, or ``None``/``""`` for no override.
+    """
+    if not uri:
+        yield
+        return
+    previous = os.environ.get(TRACKING_URI_ENV)
+    os.environ[TRACKING_URI_ENV] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = previous
+
+
+def _project(project_dir: str | Path | None) -> Path:
+    return Path(project_dir) if project_dir is not None else Path.cwd()
+
+
+def _manifest(dataset_dir: str | Path) -> Path:
+    from bonetumor.data.manifest import MANIFEST_FILE
+
+    return Path(dataset_dir) / MANIFEST_FILE
+
+
+def _folds(folds_dir: str | Path) -> Path:
+    from bonetumor.data.split import FOLDS_FILE
+
+    return Path(folds_dir) / FOLDS_FILE
+
+
+def _policy(policy_dir: str | Path) -> Path:
+    from bonetumor.transforms.augment import POLICY_FILE
+
+    return Path(policy_dir) / POLICY_FILE
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline stages.
+
+
+def ingest_stage(
+    params: dict[str, Any], *, source_dir: str | Path, out_dir: str | Path, project_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Scan ``source_dir`` and write the manifest plus a copy of every tile (``images/``) into ``out_dir``.
+
+    Args:
+        params: params.yaml content; ``source_dir`` replaces its ``data.source``.
+        source_dir: Folder with one sub-folder per class (relative to ``project_dir`` unless absolute).
+        out_dir: Output folder: ``manifest.csv``, ``images/`` and ``config.resolved.yaml``.
+        project_dir: The project folder (default: the current working folder).
+
+    Returns:
+        ``n_tiles``, ``n_slides`` and ``n_cases`` of the manifest.
+
+    Raises:
+        ConfigError: The params are invalid.
+        DatasetError: The source folder does not hold a valid data set.
+    """
+    from bonetumor.data.ingest import run_ingest
+
+    raw = dict(params)
+    data = raw.get("data") or {}
+    # A malformed ``data`` section is left for Config.from_dict to report.
+    raw["data"] = {**data, "source": str(source_dir)} if isinstance(data, Mapping) else data
+    config = config_from_params(raw)
+    frame = run_ingest(config, _project(project_dir), out_dir, copy_images=True)
+    return {"n_tiles": len(frame), "n_slides": int(frame["slide"].nunique()), "n_cases": int(frame["case"].nunique())}
+
+
+def validate_stage(params: dict[str, Any], *, dataset_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Run the data validation suites on the ingest output.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        out_dir: Output folder: ``report.json``, ``tiles.csv``, Data Docs and ``config.resolved.yaml``.
+
+    Returns:
+        ``success`` and ``n_tiles`` of the report.
+
+    Raises:
+        ConfigError: The params are invalid.
+        DataValidationError: An expectation failed (the report is written all the same).
+    """
+    from bonetumor.data.validate import run_validation
+
+    result = run_validation(config_from_params(params), _manifest(dataset_dir), out_dir)
+    return {"success": result["success"], "n_tiles": result["n_tiles"]}
+
+
+def split_stage(
+    params: dict[str, Any], *, dataset_dir: str | Path, validation_dir: str | Path, out_dir: str | Path
+) -> dict[str, Any]:
+    """Make grouped, stratified cross-validation folds, keeping near-duplicate clusters on one side.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        validation_dir: The validate output folder (``tiles.csv``, the near-duplicate clusters).
+        out_dir: Output folder: ``folds.json``, ``folds_report.json`` and ``config.resolved.yaml``.
+
+    Returns:
+        ``n_folds`` and ``group_by`` of the folds.
+
+    Raises:
+        ConfigError: The params are invalid.
+        SplitError: The folds cannot be made as asked.
+    """
+    from bonetumor.data.split import run_split
+    from bonetumor.data.validate import TILES_FILE
+
+    result = run_split(config_from_params(params), _manifest(dataset_dir), out_dir, Path(validation_dir) / TILES_FILE)
+    return {"n_folds": result["n_folds"], "group_by": result["group_by"]}
+
+
+def augment_stage(params: dict[str, Any], *, dataset_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write the augmentation policy and its preview grid.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        out_dir: Output folder: ``policy.json``, ``preview.png`` and ``config.resolved.yaml``.
+
+    Returns:
+        ``digest``: the policy's content hash.
+
+    Raises:
+        ConfigError: The params are invalid.
+    """
+    from bonetumor.transforms.augment import run_augment
+
+    policy = run_augment(config_from_params(params), _manifest(dataset_dir), out_dir)
+    return {"digest": policy.digest()}
+
+
+def balance_stage(
+    params: dict[str, Any], *, dataset_dir: str | Path, folds_dir: str | Path, out_dir: str | Path
+) -> dict[str, Any]:
+    """Balance each fold's training set (and the full set) with conditional-GAN tiles.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        folds_dir: The split output folder (``folds.json``).
+        out_dir: Output folder: one ``<set>/train_manifest.csv`` per training set and ``summary.json``.
+
+    Returns:
+        ``generated_<set>``: the number of synthetic tiles added to each training set.
+
+    Raises:
+        ConfigError: The params are invalid.
+    """
+    from bonetumor.balance.gan import run_balance
+
+    summary = run_balance(config_from_params(params), _manifest(dataset_dir), _folds(folds_dir), out_dir)
+    return {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
+
+
+def train_stage(
+    params: dict[str, Any],
+    *,
+    dataset_dir: str | Path,
+    folds_dir: str | Path,
+    policy_dir: str | Path,
+    balance_dir: str | Path,
+    validation_dir: str | Path,
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Cross-validate every architecture (MLflow: a parent run per architecture, a nested run per fold).
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        folds_dir: The split output folder (``folds.json``).
+        policy_dir: The augment output folder (``policy.json``).
+        balance_dir: The balance output folder.
+        validation_dir: The validate output folder (report and Data Docs, logged with the runs).
+        out_dir: Output folder: ``runs.json``, ``<arch>/oof.csv``, Grad-CAM galleries.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
+
+    Returns:
+        ``experiment_id`` and ``run_id_<arch>`` for every architecture.
+
+    Raises:
+        ConfigError: The params are invalid.
+    """
+    from bonetumor.training.cross_validation import run_cross_validation
+
+    config = config_from_params(params)
+    with tracking_override(tracking_uri):
+        runs = run_cross_validation(
+            config,
+            manifest_path=_manifest(dataset_dir),
+            folds_path=_folds(folds_dir),
+            policy_path=_policy(policy_dir),
+            balance_dir=balance_dir,
+            out_dir=out_dir,
+            project_dir=_project(project_dir),
+            validation_dir=validation_dir,
+        )
+    return {
+        "experiment_id": runs["experiment_id"],
+        **{f"run_id_{arch}": info["run_id"] for arch, info in runs["architectures"].items()},
+    }
+
+
+def evaluate_stage(
+    params: dict[str, Any],
+    *,
+    train_dir: str | Path,
+    out_dir: str | Path,
+    comparison_path: str | Path | None = None,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score the out-of-fold predictions, rank the architectures and pick the winner.
+
+    Args:
+        params: params.yaml content.
+        train_dir: The train output folder.
+        out_dir: Output folder: ``comparison.json``, ``comparison.md``, ``metrics.json``, ``plots/``, ``reports/``.
+        comparison_path: When given, a copy of ``comparison.md`` (the architecture comparison table) goes here.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI (default: the working folder).
+
+    Returns:
+        One entry per output: ``evaluation`` (``winner``, ``ranking``, ``selection``), ``metrics`` (the
+        winner's scalar out-of-fold metrics as floats) and ``confusion_matrix`` (``classes``, ``matrix``, ``arch``).
+
+    Raises:
+        ConfigError: The params are invalid.
+    """
+    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, run_evaluation
+
+    config = config_from_params(params)
+    with tracking_override(tracking_uri):
+        result = run_evaluation(config, train_dir=train_dir, out_dir=out_dir, project_dir=_project(project_dir))
+    if comparison_path is not None:
+        Path(comparison_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(out_dir) / COMPARISON_MD_FILE, comparison_path)
+    winner = result["winner"]
+    scores = result["scores"][winner]
+    return {
+        "evaluation": {"winner": winner, "ranking": result["ranking"], "selection": result["selection"]},
+        "metrics": {
+            name: float(value)
+            for name, value in scores.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        },
+        "confusion_matrix": {
+            "classes": list(config.data.classes),
+            "matrix": scores["confusion_matrix"],
+            "arch": winner,
+        },
+    }
+
+
+def register_stage(
+    params: dict[str, Any],
+    *,
+    dataset_dir: str | Path,
+    policy_dir: str | Path,
+    balance_dir: str | Path,
+    train_dir: str | Path,
+    evaluate_dir: str | Path,
+    folds_dir: str | Path,
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Refit the winner, register it in MLflow, and set the alias the champion gate decides.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        policy_dir: The augment output folder (``policy.json``).
+        balance_dir: The balance output folder.
+        train_dir: The train output folder.
+        evaluate_dir: The evaluate output folder.
+        folds_dir: The split output folder (``folds.json``; the gate compares models on the same folds).
+        out_dir: Output folder: ``bundle/`` (weights and metadata) and ``champion.json``.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
+
+    Returns:
+        ``model_name``, ``version``, ``alias``, ``model_uri``, ``arch``, ``run_id`` and ``cv_run_id`` of the
+        registered version.
+
+    Raises:
+        ConfigError: The params are invalid.
+    """
+    from bonetumor.registry.register import run_registration
+
+    config = config_from_params(params)
+    with tracking_override(tracking_uri):
+        champion = run_registration(
+            config,
+            manifest_path=_manifest(dataset_dir),
+            policy_path=_policy(policy_dir),
+            balance_dir=balance_dir,
+            train_dir=train_dir,
+            evaluate_dir=evaluate_dir,
+            out_dir=out_dir,
+            project_dir=_project(project_dir),
+            folds_path=_folds(folds_dir),
+        )
+    return {key: champion[key] for key in CHAMPION_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Manual steps beside the pipeline (CLI commands); they read params.yaml, whose folder is the project folder.
+
+
+def fetch_weights(archs: Sequence[str], params_path: str | Path) -> list[tuple[str, Path]]:
+    """Download (or find, hash-checked) the ImageNet weights of ``archs`` in TORCH_HOME.
+
+    Args:
+        archs: Architectures; when empty, every one ``train.architectures`` of params.yaml names.
+        params_path: params.yaml; read only when ``archs`` is empty.
+
+    Returns:
+        ``(architecture, weights file)`` pairs, in the order of the architectures.
+
+    Raises:
+        ConfigError: params.yaml is invalid, or an architecture is unknown.
+        WeightsUnavailableError: A download failed or a file is corrupt.
+    """
+    from bonetumor.training.models import fetch_imagenet_weights
+
+    chosen = list(archs) or list(load_config(params_path).train.architectures)
+    return list(zip(chosen, fetch_imagenet_weights(chosen), strict=True))
+
+
+def promote_model(params_path: str | Path, version: str, reason: str) -> dict[str, str]:
+    """Point params' ``register.alias`` at a version of ``register.model_name`` by hand, after review.
+
+    The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else params' ``tracking.uri`` resolved against the
+    params file's folder.
+
+    Args:
+        params_path: The project's params.yaml.
+        version: The registered model version.
+        reason: Why (recorded on the version for the audit trail).
+
+    Returns:
+        ``model_name``, ``version`` and ``alias``.
+
+    Raises:
+        ConfigError: params.yaml is invalid.
+        ModelNotFoundError: The version does not exist.
+        ArtifactError: The version's registration never finished.
+    """
+    from bonetumor.registry.model_registry import promote
+    from bonetumor.registry.tracking import configure_tracking
+
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    configure_tracking(config.tracking, params_path.resolve().parent)
+    promote(config.register.model_name, version, config.register.alias, reason)
+    return {"model_name": config.register.model_name, "version": version, "alias": config.register.alias}
+
+
+def predict_tiles(
+    params_path: str | Path, tiles: Sequence[str | Path], alias_or_version: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Classify tile files with the registered model that params.yaml names, one answer per tile, as they come.
+
+    The model is loaded before the first answer. A tile that cannot be read or decoded gets the answer
+    ``{"file": ..., "error": ...}``; the others ``{"file": ..., **the predictor's answer}`` (which has no
+    ``error`` key).
+
+    Args:
+        params_path: The project's params.yaml (``register.model_name``, ``register.alias``, ``tracking``).
+        tiles: Tile image files (JPEG, PNG, TIFF).
+        alias_or_version: Overrides ``register.alias`` (an alias or a version number).
+
+    Yields:
+        One answer per tile, in order.
+
+    Raises:
+        ConfigError: params.yaml is invalid.
+        ModelNotFoundError: No such registered model, alias or version.
+    """
+    from bonetumor.registry.model_registry import load_configured_predictor
+    from bonetumor.transforms.decode import decode_image
+
+    predictor = load_configured_predictor(params_path, alias_or_version)
+    for tile in tiles:
+        try:
+            answer = predictor.predict_image(decode_image(tile))
+        except InvalidImageError as exc:
+            yield {"file": str(tile), "error": str(exc)}
+            continue
+        yield {"file": str(tile), **answer}
