@@ -121,7 +121,7 @@ def train(
     validation_report: Input[Artifact],
     training: Output[Artifact],
 ) -> None:
-    """Cross-validate every architecture (MLflow: a parent run per architecture, a nested run per fold).
+    """Cross-validate every candidate (MLflow: a parent run per candidate, a nested run per fold).
 
     Args:
         params: params.yaml content (sections may be missing).

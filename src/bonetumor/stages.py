@@ -235,7 +235,7 @@ def train_stage(
     tracking_uri: str | None = None,
     project_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate every architecture (MLflow: a parent run per architecture, a nested run per fold).
+    """Cross-validate every candidate (MLflow: a parent run per candidate, a nested run per fold).
 
     Args:
         params: params.yaml content.

@@ -170,7 +170,7 @@ def train(
     validation: Annotated[Path, typer.Option(help="Output of `validate` (logged with the runs).")] = OUT / "validate",
     out: Annotated[Path, typer.Option(help="Output folder (runs.json, <arch>/oof.csv).")] = OUT / "train",
 ) -> None:
-    """Train every architecture on every fold (MLflow: a parent run per architecture, a nested run per fold)."""
+    """Cross-validate every candidate on every fold (MLflow: a parent run per candidate, a nested run per fold)."""
     from bonetumor.training.cross_validation import run_cross_validation
 
     def stage() -> None:
