@@ -17,7 +17,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # every stage process recompiled torch, MLflow and GX from source, 13 of the 21 s a `bonetumor balance` took.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install run pipeline serve test lint compile clean
+.PHONY: install run pipeline serve test test-fast lint compile clean
 
 # --no-compile: byte-compiling all of torch's and MLflow's modules at install took 1 min 40 s of a 3 min 44 s
 # install on 2 cores; Python compiles the modules it imports on first use instead.
@@ -45,6 +45,9 @@ test: install ## Lint, type-check and run the test suite
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+test-fast: install ## The test suite without the tests marked slow (dvc repro, kfp.local, bentoml serve, ...)
+	$(BIN)/pytest -m "not slow"
 
 lint: install ## Fix formatting and lint what can be fixed
 	$(BIN)/ruff format .

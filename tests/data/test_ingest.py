@@ -1,10 +1,12 @@
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import CLASSES, SAMPLE
 
-from bonetumor.data.ingest import ingest, normalise_tile_name, parse_tile_name
+from bonetumor.config import Config
+from bonetumor.data.ingest import ingest, normalise_tile_name, parse_tile_name, run_ingest
 from bonetumor.data.manifest import read_manifest, resolve_paths
 from bonetumor.errors import DatasetError, TileNameError
 from bonetumor.utils import sha256_file
@@ -54,10 +56,41 @@ def test_ingest_copy_makes_a_self_contained_dataset_and_leaves_the_source_alone(
     sample_copy: Path, tmp_path: Path
 ) -> None:
     before = {p: sha256_file(p) for p in sample_copy.rglob("*.jpg")}
+    assert len(before) == 30
     out = tmp_path / "artifact"
-    frame = ingest(sample_copy, CLASSES, out / "manifest.csv", copy_images_to=out / "images")
-    assert all(p.startswith("images/") for p in frame["path"])
-    assert {p: sha256_file(p) for p in sample_copy.rglob("*.jpg")} == before
+    ingest(sample_copy, CLASSES, out / "manifest.csv", copy_images_to=out / "images")
+    assert {p: sha256_file(p) for p in sample_copy.rglob("*.jpg")} == before  # the source is untouched
+
+    # The artifact travels alone: moved elsewhere with its source gone, every manifest row still resolves.
+    moved = tmp_path / "elsewhere" / "artifact"
+    moved.parent.mkdir()
+    out.rename(moved)
+    originals = {p.relative_to(sample_copy).as_posix(): digest for p, digest in before.items()}
+    shutil.rmtree(sample_copy)
+    manifest = read_manifest(moved / "manifest.csv")
+    files = resolve_paths(manifest, moved)
+    copies = {f.relative_to((moved / "images").resolve()).as_posix(): f for f in files}  # raises if outside
+    # One copy per source tile, at images/<class>/<name>, byte-identical to its source, and nothing else there.
+    assert set(copies) == set(originals)
+    assert {name: sha256_file(f) for name, f in copies.items()} == originals
+    assert sorted(p for p in (moved / "images").rglob("*") if p.is_file()) == sorted(files)
+    # The manifest's own checksum and label describe the copy it points at.
+    for row, f in zip(manifest.itertuples(), files, strict=True):
+        assert row.sha256 == sha256_file(f)
+        assert f.parent.name == row.label
+
+
+def test_the_ingest_stage_copies_tiles_into_its_output_folder(tmp_path: Path) -> None:
+    # The Kubeflow path: run_ingest builds the output in a temporary folder and renames it at the end; the
+    # manifest must point at the copies in the final folder, not at the temporary one or the source.
+    config = Config.from_dict({"data": {"source": str(SAMPLE / "images")}})
+    out = tmp_path / "ingest"
+    run_ingest(config, tmp_path, out, copy_images=True)
+    files = resolve_paths(read_manifest(out / "manifest.csv"), out)
+    assert len(files) == 30
+    assert all(f.is_relative_to((out / "images").resolve()) for f in files)
+    by_name = {p.name: sha256_file(p) for p in (SAMPLE / "images").rglob("*.jpg")}
+    assert {f.name: sha256_file(f) for f in files} == by_name
 
 
 def test_missing_and_unknown_class_folders_are_named(sample_copy: Path, tmp_path: Path) -> None:

@@ -113,6 +113,7 @@ def _run_dir(pipeline_root: Path) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 def test_failed_validation_stops_the_local_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp.components import load_component_from_file
@@ -173,6 +174,7 @@ def _check_stage_metadata(out: dict[str, Path], runs: dict[str, Any], champion: 
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:Task .*have no effect in the current local runner:UserWarning")
 def test_local_run_trains_and_registers_the_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

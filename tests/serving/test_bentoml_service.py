@@ -22,7 +22,7 @@ from bonetumor.serving.predictor import ModelMetadata, save_bundle
 from bonetumor.training.models import build_model
 from bonetumor.transforms.stain import fit_from_files
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 #: A referral rule that refers every tile below 0.99 confidence: an untrained model is never that sure.

@@ -39,6 +39,7 @@ from bonetumor.transforms.augment import POLICY_FILE, AugmentPolicy, run_augment
 from bonetumor.transforms.tta import TestTimeViews
 
 
+@pytest.mark.slow
 def test_known_answer_the_loop_learns_a_clear_class_signal(make_dataset: DatasetFactory, tmp_path: Path) -> None:
     # Generated tiles whose class is their colour: held-out slides must be classified (almost) perfectly.
     source = make_dataset(per_slide=8, slides=4, size=48)
