@@ -131,7 +131,7 @@ def train(
         policy: The augment output.
         balanced: The balance output.
         validation_report: The validate output (report and Data Docs, logged with the runs).
-        training: Output folder: ``runs.json``, ``<arch>/oof.csv`` (out-of-fold predictions), Grad-CAM galleries.
+        training: Output folder: ``runs.json``, ``<candidate>/oof.csv`` (out-of-fold predictions), Grad-CAM galleries.
     """
     from bonetumor.stages import train_stage
 

@@ -244,7 +244,7 @@ def train_stage(
         policy_dir: The augment output folder (``policy.json``).
         balance_dir: The balance output folder.
         validation_dir: The validate output folder (report and Data Docs, logged with the runs).
-        out_dir: Output folder: ``runs.json``, ``<arch>/oof.csv``, Grad-CAM galleries.
+        out_dir: Output folder: ``runs.json``, ``<candidate>/oof.csv``, Grad-CAM galleries.
         tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
         project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
 

@@ -168,7 +168,7 @@ def train(
     policy: Annotated[Path, typer.Option(help="Policy from `augment`.")] = POLICY,
     balanced: Annotated[Path, typer.Option("--balance", help="Output of `balance`.")] = OUT / "balance",
     validation: Annotated[Path, typer.Option(help="Output of `validate` (logged with the runs).")] = OUT / "validate",
-    out: Annotated[Path, typer.Option(help="Output folder (runs.json, <arch>/oof.csv).")] = OUT / "train",
+    out: Annotated[Path, typer.Option(help="Output folder (runs.json, <candidate>/oof.csv).")] = OUT / "train",
 ) -> None:
     """Cross-validate every candidate on every fold (MLflow: a parent run per candidate, a nested run per fold)."""
     from bonetumor.training.cross_validation import run_cross_validation

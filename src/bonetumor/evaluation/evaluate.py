@@ -372,7 +372,7 @@ def run_evaluation(
 
     Args:
         config: Uses ``data.classes``, ``train.architectures``, ``evaluate``, ``referral`` and ``tracking``.
-        train_dir: The train stage's output (``runs.json``, ``<arch>/oof.csv``, ``<arch>/gradcam/``).
+        train_dir: The train stage's output (``runs.json``, ``<candidate>/oof.csv``, ``<arch>/gradcam/``).
         out_dir: Output folder: ``metrics.json`` (DVC metrics), ``comparison.json``, ``comparison.md``,
             ``plots/`` (confusion, ROC/PR, reliability, risk-coverage, Grad-CAM, comparison bars),
             ``reports/<model>.json`` and ``referral/<model>.json`` (the calibrated referral rule).
