@@ -122,6 +122,8 @@ def tiny_params(**overrides: dict[str, object]) -> dict[str, dict[str, object]]:
             "patience": 1,
         },
         "baseline": {"trees": 20},
+        # INT8 copies of every fold model cost seconds per fold; the tests that need them switch them on.
+        "candidates": {"int8": False},
     }
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
@@ -184,3 +186,15 @@ def bundle_metadata(arch: str = "resnet50", size: int = 40) -> ModelMetadata:
         provenance={"data_version": "abc"},
         versions=ModelMetadata.current_versions(),
     )
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A registered model served by a real ``bentoml serve`` for the whole session (``bento_server.BentoServer``)."""
+    from bento_server import serve_session
+
+    server = serve_session(tmp_path_factory.mktemp("serving"))
+    try:
+        yield server
+    finally:
+        server.stop()

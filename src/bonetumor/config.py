@@ -411,8 +411,9 @@ class CandidatesConfig:
         prune_amount: Share of each conv layer's filters removed (lowest L1 norm first).
         prune_finetune_steps: Fine-tuning optimiser steps of the pruned model.
         int8: Export each fold's models to ONNX and quantise them to INT8 (static, calibrated on training
-            tiles), and score the quantised models too (off in the demo: a minute of its budget; the registered
-            model is exported either way, ``register.export_onnx``).
+            tiles), and score the quantised models too (about a minute of the demo). The service answers from
+            INT8 only when this out-of-fold score is within ``serving.max_int8_drop`` of FP32's; the registered
+            model is exported either way (``register.export_onnx``).
         calibration_tiles: Training tiles used to calibrate the INT8 quantisation.
         latency_batch: Batch size of the CPU latency measurement reported for every model.
     """
@@ -422,7 +423,7 @@ class CandidatesConfig:
     pruned_vgg19: bool = False
     prune_amount: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     prune_finetune_steps: PositiveInt = 60
-    int8: bool = False
+    int8: bool = True
     calibration_tiles: PositiveInt = 32
     latency_batch: PositiveInt = 8
 
@@ -542,6 +543,42 @@ class TrackingConfig:
 
 
 @dataclass(config=_STRICT)
+class ServingConfig:
+    """The BentoML service: which runtime answers, input checks, the prediction log, following the alias.
+
+    Attributes:
+        runtime: ``auto`` serves what the bundle's runtime decision says (ONNX Runtime INT8 when its out-of-fold
+            macro-F1 is within ``max_int8_drop`` of FP32, else FP32), or force ``onnx-int8``, ``onnx-fp32`` or
+            ``torch`` (eager). Grad-CAM always runs the eager torch model.
+        max_int8_drop: Largest loss of out-of-fold macro-F1 (FP32 minus INT8) at which register lets the
+            service answer from the INT8 file. Needs ``candidates.int8`` to measure it; without the
+            measurement the service answers from FP32.
+        ort_threads: ONNX Runtime intra-op threads; 0 = one per CPU core.
+        min_size: Smallest accepted upload side in pixels; 0 = the model's ``validate.min_size`` (recorded in the
+            bundle), so the service refuses what validation would have refused.
+        max_upload_bytes: Largest accepted upload (one tile).
+        max_batch_files: Most files one ``/predict_batch`` request may carry.
+        prediction_log: JSONL file of every answer's audit fields (no image bytes), relative to the project
+            folder; empty = off.
+        prediction_log_max_bytes: Size at which the log rotates.
+        prediction_log_backups: Rotated files kept (``predictions.jsonl.1`` ...).
+        reload_seconds: Seconds between checks of where the alias points; a moved alias is loaded in the
+            background and swapped in between requests. 0 = never check.
+    """
+
+    runtime: Literal["auto", "onnx-int8", "onnx-fp32", "torch"] = "auto"
+    max_int8_drop: Probability = 0.01
+    ort_threads: Annotated[int, Field(ge=0)] = 0
+    min_size: Annotated[int, Field(ge=0)] = 0
+    max_upload_bytes: PositiveInt = 50 * 1024 * 1024
+    max_batch_files: PositiveInt = 64
+    prediction_log: str = "outputs/serving/predictions.jsonl"
+    prediction_log_max_bytes: PositiveInt = 10 * 1024 * 1024
+    prediction_log_backups: Annotated[int, Field(ge=0)] = 5
+    reload_seconds: Annotated[float, Field(ge=0.0)] = 30.0
+
+
+@dataclass(config=_STRICT)
 class Config:
     """The whole of params.yaml."""
 
@@ -559,6 +596,7 @@ class Config:
     referral: ReferralConfig = dataclasses.field(default_factory=ReferralConfig)
     register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
         # Cross-section rules; ValueError becomes a ConfigError naming the field in from_dict.
@@ -672,6 +710,7 @@ _SECTIONS: dict[str, type] = {
     "referral": ReferralConfig,
     "register": RegisterConfig,
     "tracking": TrackingConfig,
+    "serving": ServingConfig,
 }
 
 

@@ -124,7 +124,7 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
         "evaluate/referral/resnet50.json",
         "register/bundle/weights.pt",
         "register/bundle/metadata.json",
-        "register/onnx/model.int8.onnx",
+        "register/bundle/onnx/model.int8.onnx",
         "register/champion.json",
     ):
         assert (out / path).is_file(), path

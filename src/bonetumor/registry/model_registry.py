@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from bonetumor import __version__
-from bonetumor.config import load_config
+from bonetumor.config import Config, load_config
 from bonetumor.errors import ArtifactError, ModelNotFoundError
 from bonetumor.registry.gate import GATE_PREFIX, GateMetrics
 from bonetumor.registry.tracking import configure_tracking
+from bonetumor.serving.holder import ModelHolder
 from bonetumor.serving.predictor import ModelMetadata, Predictor
+from bonetumor.serving.served import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,12 @@ class BoneTumorPyfunc(PythonModel):
 
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
+        self.bundle_dir: Path | None = None
 
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the model from the bundle artifact."""
-        self.predictor = Predictor.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+        self.bundle_dir = Path(context.artifacts[BUNDLE_ARTIFACT])
+        self.predictor = Predictor.from_bundle(self.bundle_dir)
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -222,21 +227,74 @@ def _gate_hint(client: MlflowClient, model_name: str) -> str:
     )
 
 
-def load_predictor(model_name: str, alias_or_version: str) -> Predictor:
-    """Load a registered model as a :class:`Predictor` named with its registered name and version.
-
-    The alias is resolved once, so the version reported with every answer is the one actually loaded.
-    """
-    version = resolve_version(model_name, alias_or_version)
+def _load_version(model_name: str, version: ModelVersion) -> tuple[Predictor, Path]:
+    """Load a resolved version's bundle as a :class:`Predictor`; refuse a registration that never finished."""
+    status = version.tags.get(STATUS_TAG, "ready")
+    if status != "ready":
+        raise ArtifactError(f"{model_name} version {version.version} is {status!r}, not 'ready': it is not served")
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
     wrapper = pyfunc.unwrap_python_model()
-    if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None:
+    if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None or wrapper.bundle_dir is None:
         raise ModelNotFoundError(
             f"{model_name} version {version.version} is not a bonetumor model (got {type(wrapper).__name__})"
         )
     predictor = wrapper.predictor
     predictor.name, predictor.version = model_name, str(version.version)
-    return predictor
+    return predictor, wrapper.bundle_dir
+
+
+def load_predictor(model_name: str, alias_or_version: str) -> Predictor:
+    """Load a registered model as a :class:`Predictor` named with its registered name and version.
+
+    The alias is resolved once, so the version reported with every answer is the one actually loaded.
+    """
+    return _load_version(model_name, resolve_version(model_name, alias_or_version))[0]
+
+
+def load_served_version(config: Config, version: ModelVersion) -> ServedModel:
+    """Load a resolved model version as a :class:`ServedModel` (fast engine, Grad-CAM model, identity)."""
+    name = config.register.model_name
+    predictor, bundle_dir = _load_version(name, version)
+    created = datetime.fromtimestamp((version.creation_timestamp or 0) / 1000, UTC).isoformat(timespec="seconds")
+    identity = {
+        "name": name,
+        "version": str(version.version),
+        "run_id": version.run_id or "",
+        # Registered before 0.4 bundles recorded it: the version's creation time is when its refit finished.
+        "trained_at": str(predictor.metadata.provenance.get("trained_at") or created),
+    }
+    return ServedModel.create(bundle_dir, predictor, identity, config.serving, config.validate)
+
+
+def open_served_model(params_path: str | Path, alias_or_version: str | None = None) -> tuple[ModelHolder, Config]:
+    """Load the model params.yaml names for serving, in a holder that follows its alias.
+
+    Args:
+        params_path: The project's params.yaml (tracking URI, model name, alias, the ``serving`` section).
+        alias_or_version: Overrides ``register.alias``; a version number pins it (no reloading).
+
+    Returns:
+        The holder (not started: call ``start()`` to follow the alias) and the config.
+
+    Raises:
+        ModelNotFoundError: No such version, or not a bonetumor model.
+        ArtifactError: The version is not ready, or its runtime's files do not load.
+    """
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    configure_tracking(config.tracking, params_path.resolve().parent)
+    name = config.register.model_name
+    ref = alias_or_version or config.register.alias
+    initial = load_served_version(config, resolve_version(name, ref))
+    return (
+        ModelHolder(
+            initial,
+            resolve=lambda: str(resolve_version(name, ref).version),
+            load=lambda version: load_served_version(config, resolve_version(name, version)),
+            reload_seconds=0.0 if ref.isdigit() else config.serving.reload_seconds,
+        ),
+        config,
+    )
 
 
 def load_configured_predictor(params_path: str | Path, alias_or_version: str | None = None) -> Predictor:

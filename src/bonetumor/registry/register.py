@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from bonetumor.registry.tracking import (
     require_run,
     setup_mlflow,
 )
-from bonetumor.serving.predictor import ModelMetadata, Predictor, load_bundle
+from bonetumor.serving.engines import ONNX_DIR, decide_runtime
+from bonetumor.serving.predictor import ModelMetadata, Predictor, load_bundle, write_metadata
 from bonetumor.training.candidates import TrainingSet
 from bonetumor.training.candidates.int8 import int8_classifier, select_calibration_files
 from bonetumor.training.candidates.network import INIT_TAG, NetworkCandidate
@@ -56,8 +58,6 @@ from bonetumor.utils import atomic_dir, read_json, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 CHAMPION_FILE = "champion.json"
-#: ONNX FP32 and INT8 exports of the registered model (``model.fp32.onnx``, ``model.int8.onnx``).
-ONNX_DIR = "onnx"
 
 
 def score_test_set(predictor: Predictor, rows: Any, dataset_dir: Path, classes: tuple[str, ...]) -> dict[str, Any]:
@@ -109,6 +109,7 @@ class _Winner:
     referral: ReferralPolicy
     reason: str
     baseline: float | None
+    all_scores: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_registration(
@@ -177,7 +178,8 @@ def run_registration(
             provenance = _provenance(tags, winner, run.info.run_id, init, candidate)
             bundle = fitted.export(tmp / "bundle", provenance=provenance, referral=winner.referral)
             model, metadata = load_bundle(bundle)
-            _export_onnx(config, model, metadata, data, tmp / ONNX_DIR)
+            exported = _export_onnx(config, model, metadata, data, bundle)
+            metadata = _finish_bundle(config, winner, bundle, metadata, exported)
             test_scores = _score_held_out(Predictor(model, metadata), manifest, folds, manifest_path.parent, tmp)
             version_tags = {
                 **_version_tags(tags, winner, init, test_scores),
@@ -238,7 +240,9 @@ def _read_winner(train_dir: Path, evaluate_dir: Path) -> _Winner:
         f"mean per-fold macro-F1 {scores['fold_f1_macro_mean']:.4f}, pooled accuracy {scores['accuracy']:.4f}"
     )
     baseline = (comparison.get("baseline") or {}).get("fold_f1_macro_mean")
-    return _Winner(name, cv, scores, referral, reason, None if baseline is None else float(baseline))
+    return _Winner(
+        name, cv, scores, referral, reason, None if baseline is None else float(baseline), comparison["scores"]
+    )
 
 
 def _gate(config: Config, candidate: GateMetrics) -> tuple[GateMetrics | None, GateDecision, str]:
@@ -291,6 +295,7 @@ def _provenance(
         "refit_run_id": refit_run_id,
         "refit_steps": winner.cv["refit_steps"],
         "init": init.tag,
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "temperature_at_bound": winner.referral.temperature_at_bound,
         "oof_f1_macro": winner.scores["f1_macro"],
         "oof_accuracy": winner.scores["accuracy"],
@@ -300,12 +305,14 @@ def _provenance(
     }
 
 
-def _export_onnx(config: Config, model: nn.Module, metadata: ModelMetadata, data: TrainingSet, out_dir: Path) -> None:
-    """For small machines: the registered model as ONNX (FP32) and INT8, beside the bundle, same preprocessing."""
+def _export_onnx(config: Config, model: nn.Module, metadata: ModelMetadata, data: TrainingSet, bundle: Path) -> bool:
+    """For the service and small machines: the model as ONNX FP32 and INT8 inside its bundle, same preprocessing.
+
+    Returns:
+        Whether the files were written (``register.export_onnx``).
+    """
     if not config.register.export_onnx:
-        out_dir.mkdir()
-        (out_dir / "DISABLED.txt").write_text("register.export_onnx is false: no ONNX export\n")
-        return
+        return False
     calibration = select_calibration_files(
         data.train_table, config.candidates.calibration_tiles, seed=config.train.seed
     )
@@ -314,13 +321,34 @@ def _export_onnx(config: Config, model: nn.Module, metadata: ModelMetadata, data
         metadata.preprocess,
         data.stain,
         calibration,
-        out_dir,
+        bundle / ONNX_DIR,
         "model",
         classes=config.data.classes,
         max_tiles=config.candidates.calibration_tiles,
     )
     mlflow.set_tag(f"{TAG_PREFIX}int8_method", quantized.method)
-    mlflow.log_artifacts(str(out_dir), ONNX_DIR)
+    return True
+
+
+def _finish_bundle(
+    config: Config, winner: _Winner, bundle: Path, metadata: ModelMetadata, exported: bool
+) -> ModelMetadata:
+    """Record in the bundle what serving needs besides the model: input checks and which runtime answers."""
+    runtime = decide_runtime(winner.name, winner.all_scores, config.serving.max_int8_drop, exported)
+    log.info("serving runtime: %s (%s)", runtime["engine"], runtime["reason"])
+    mlflow.set_tags(
+        {f"{TAG_PREFIX}serving_runtime": runtime["engine"], f"{TAG_PREFIX}serving_reason": runtime["reason"]}
+    )
+    metadata = dataclasses.replace(
+        metadata,
+        input_checks={
+            "min_size": config.validate.min_size,
+            "min_tissue_fraction": config.validate.min_tissue_fraction,
+        },
+        runtime=runtime,
+    )
+    write_metadata(bundle, metadata)
+    return metadata
 
 
 def _score_held_out(

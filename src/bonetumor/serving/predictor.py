@@ -11,6 +11,7 @@ it is in there.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ from bonetumor.transforms.stain import StainNormalizer
 from bonetumor.transforms.tta import TestTimeAugmented, TestTimeViews, with_views
 from bonetumor.utils import read_json, write_json
 
-BUNDLE_FORMAT_VERSION = 3
+BUNDLE_FORMAT_VERSION = 4
 #: Earlier formats that still load (version 1 had no stain normaliser and no referral rule; versions 1 and 2 had
-#: one ``image_size`` and no test-time views: they load as tile and crop of that size, one view).
-READABLE_FORMATS = (1, 2, 3)
+#: one ``image_size`` and no test-time views: they load as tile and crop of that size, one view; versions 1 to 3
+#: had no input checks and no runtime decision: they are served without a size floor or tissue check by torch,
+#: or by ONNX when the bundle holds the files).
+READABLE_FORMATS = (1, 2, 3, 4)
 WEIGHTS_FILE = "weights.pt"
 METADATA_FILE = "metadata.json"
 
@@ -59,6 +62,11 @@ class ModelMetadata:
         versions: Library versions it was trained with.
         stain: The stain normaliser fitted on the training tiles (``StainNormalizer.to_dict``), or None.
         referral: The calibrated referral rule (``ReferralPolicy.to_dict``), or None.
+        input_checks: What validation required of a training tile, applied to uploads too: ``min_size`` (pixels)
+            and ``min_tissue_fraction``; None for bundles from before format 4.
+        runtime: Which ONNX file the service answers from and why (:func:`bonetumor.serving.engines.decide_runtime`):
+            ``engine`` (``onnx-int8``, ``onnx-fp32`` or ``torch``), ``reason``, ``files`` and the out-of-fold
+            figures it was decided on; None when nothing was exported.
         format_version: Bundle format version.
     """
 
@@ -75,6 +83,8 @@ class ModelMetadata:
     versions: dict[str, str] = field(default_factory=dict)
     stain: dict[str, Any] | None = None
     referral: dict[str, Any] | None = None
+    input_checks: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None
     format_version: int = BUNDLE_FORMAT_VERSION
 
     @property
@@ -113,6 +123,45 @@ def save_bundle(model: nn.Module, metadata: ModelMetadata, out_dir: str | Path) 
     torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, out_dir / WEIGHTS_FILE)
     write_json(out_dir / METADATA_FILE, asdict(metadata))
     return out_dir
+
+
+def write_metadata(bundle_dir: str | Path, metadata: ModelMetadata) -> Path:
+    """Rewrite a bundle's ``metadata.json`` (register adds the input checks and the runtime decision)."""
+    return write_json(Path(bundle_dir) / METADATA_FILE, asdict(metadata))
+
+
+def answers_from_logits(
+    logits: np.ndarray, classes: tuple[str, ...], referral: ReferralPolicy | None
+) -> list[dict[str, Any]]:
+    """Turn logits into answers: calibrated probabilities, the label, the confidence and the referral decision.
+
+    Every runtime (eager torch, ONNX FP32 or INT8) answers through this one function, so the temperature and the
+    referral rule fitted in evaluate are applied the same way whichever engine produced the logits.
+
+    Args:
+        logits: ``(N, len(classes))`` logits (averaged over the test-time views inside the model).
+        classes: Class names in output order.
+        referral: The model's referral rule; None gives plain softmax and never refers.
+
+    Returns:
+        One dict per row: ``label``, ``probabilities``, ``confidence`` and ``referral`` (``refer``, ``reason``).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if referral is None:
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        confidence, refer, reasons = probs.max(1), np.zeros(len(probs), dtype=bool), [""] * len(probs)
+    else:
+        probs = referral.calibrated_probs(logits)
+        confidence, refer, reasons = referral.decide_batch(probs)
+    return [
+        {
+            "label": classes[int(p.argmax())],
+            "probabilities": dict(zip(classes, map(float, p), strict=True)),
+            "confidence": float(c),
+            "referral": {"refer": bool(r), "reason": reason},
+        }
+        for p, c, r, reason in zip(probs, confidence, refer, reasons, strict=True)
+    ]
 
 
 def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +205,22 @@ def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, ModelMetadata]:
     return model, metadata
 
 
+def serving_transform(metadata: ModelMetadata) -> Callable[[Image.Image], torch.Tensor]:
+    """The tile-to-tensor transform a model was evaluated with: resize, the stain target it carries, normalise.
+
+    Every engine (torch, ONNX FP32 and INT8) preprocesses through this one transform.
+    """
+    stain = None if metadata.stain is None else StainNormalizer.from_dict(metadata.stain)
+    return build_eval_transform(metadata.preprocess, stain=stain)
+
+
+def referral_rule(metadata: ModelMetadata) -> ReferralPolicy | None:
+    """The calibrated referral rule (temperature and thresholds) a model carries, or None."""
+    if metadata.referral is None:
+        return None
+    return ReferralPolicy.from_dict(metadata.referral, source="the model's referral rule")
+
+
 class Predictor:
     """Classifies tiles with a model and its metadata: the training pipeline's preprocessing and test-time views.
 
@@ -169,12 +234,8 @@ class Predictor:
         self.name = name
         self.version = version
         self.stain = None if metadata.stain is None else StainNormalizer.from_dict(metadata.stain)
-        self.transform = build_eval_transform(metadata.preprocess, stain=self.stain)
-        self.referral = (
-            None
-            if metadata.referral is None
-            else ReferralPolicy.from_dict(metadata.referral, source="the model's referral rule")
-        )
+        self.transform = serving_transform(metadata)
+        self.referral = referral_rule(metadata)
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, name: str = "", version: str = "") -> Predictor:
@@ -193,23 +254,7 @@ class Predictor:
         if not images:
             return []
         batch = torch.stack([self.transform(image) for image in images])
-        logits = self.model(batch).double().numpy()
-        classes = self.metadata.classes
-        if self.referral is None:
-            probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-            confidence, refer, reasons = probs.max(1), np.zeros(len(probs), dtype=bool), [""] * len(probs)
-        else:
-            probs = self.referral.calibrated_probs(logits)
-            confidence, refer, reasons = self.referral.decide_batch(probs)
-        return [
-            {
-                "label": classes[int(p.argmax())],
-                "probabilities": dict(zip(classes, map(float, p), strict=True)),
-                "confidence": float(c),
-                "referral": {"refer": bool(r), "reason": reason},
-            }
-            for p, c, r, reason in zip(probs, confidence, refer, reasons, strict=True)
-        ]
+        return answers_from_logits(self.model(batch).double().numpy(), self.metadata.classes, self.referral)
 
     def predict_image(self, image: Image.Image) -> dict[str, Any]:
         """Classify one RGB image: ``label``, ``probabilities`` and ``model`` (registered name and version)."""
