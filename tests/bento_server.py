@@ -74,7 +74,7 @@ def served_metadata(runtime: dict[str, Any] | None = None) -> ModelMetadata:
 def write_registry_project(root: Path, serving: dict[str, Any] | None = None) -> None:
     """A project folder whose params.yaml points at ``root/mlflow.db`` (and sets ``serving`` options)."""
     params: dict[str, Any] = {"tracking": {"uri": "sqlite:///mlflow.db"}}
-    params["serving"] = {"prediction_log": "predictions.jsonl", **(serving or {})}
+    params["serving"] = {"prediction_log": "predictions.jsonl", "max_upload_bytes": 2_000_000, **(serving or {})}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 

@@ -12,12 +12,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import requests
+import torch
 import yaml
 from conftest import CLASSES, REPO, tiny_params, venv_env
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+from bonetumor.config import load_config
+from bonetumor.evaluation.calibration import ReferralPolicy
 from bonetumor.registry.tracking import data_version
+from bonetumor.training.models import build_model
+from bonetumor.training.refit import full_training_set
+from bonetumor.transforms.augment import load_policy
+from bonetumor.transforms.decode import decode_image
+from bonetumor.transforms.preprocess import build_eval_transform
+from bonetumor.transforms.tta import TestTimeViews, with_views
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,6 +65,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # rule: threshold 0 accepts every tile), and no requirement to beat the baseline.
     overrides["referral"] = {"target_recall": 0.0, "max_error": 1.0, "max_target_prob_when_safe": 1.0}
     overrides["register"] = {"require_beats_baseline": False}
+    # A stain target makes the end-to-end serving test below see whether it reaches the service; the service
+    # answers from ONNX FP32 there, whose arithmetic matches torch's to float tolerance (INT8 does not).
+    overrides["augment"]["stain_normalization"] = "reinhard"
+    overrides["serving"] = {"runtime": "onnx-fp32", "prediction_log": "outputs/serving/predictions.jsonl"}
     for section, values in overrides.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -260,6 +274,64 @@ def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> No
     assert refit.data.tags["bonetumor.stage"] == "register"
     comparison = json.loads((project / "outputs" / "evaluate" / "comparison.json").read_text())
     assert champion["arch"] == comparison["winner"]
+
+
+def expected_answers(project: Path, arch: str, tiles: list[Path]) -> tuple[np.ndarray, list[dict[str, object]]]:
+    """What the registered model must answer, computed without its bundle's metadata.
+
+    The weights are the refit's (``weights.pt``); the views come from params.yaml, the stain target is refitted
+    on the training tiles as register fits it, the temperature and the referral rule are evaluate's outputs.
+    """
+    config = load_config(project / "params.yaml").for_arch(arch)
+    network = build_model(arch, len(CLASSES), config.train.dropout)
+    network.load_state_dict(torch.load(project / "outputs/register/bundle/weights.pt", weights_only=True))
+    model = with_views(network.eval(), TestTimeViews.from_config(config.preprocess))
+    policy = load_policy(project / "outputs/augment/policy.json")
+    stain = full_training_set(config, project / "outputs/balance", project / "outputs/ingest", policy, 0).stain
+    assert stain is not None
+    assert stain.method == "reinhard"
+    transform = build_eval_transform(config.preprocess, stain=stain)
+    rule_file = project / "outputs/evaluate/referral" / f"{arch}.json"
+    rule = ReferralPolicy.from_dict(json.loads(rule_file.read_text()), source=str(rule_file))
+    # Dropping the referral rule anywhere must show: its temperature has to change the probabilities.
+    assert abs(rule.temperature - 1.0) > 0.05, rule.temperature
+    with torch.no_grad():
+        logits = model(torch.stack([transform(decode_image(tile)) for tile in tiles])).double().numpy()
+    scaled = logits / rule.temperature
+    probs = np.exp(scaled - scaled.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    _, refer, reasons = rule.decide_batch(probs)
+    return probs, [{"refer": bool(r), "reason": reason} for r, reason in zip(refer, reasons, strict=True)]
+
+
+def test_the_served_champion_answers_exactly_what_evaluate_and_register_fitted(project: Path) -> None:
+    """Evaluate -> register -> bundle -> real `bentoml serve` of @champion: the same calibrated answers."""
+    from bento_server import BentoServer
+
+    champion = json.loads((project / "outputs" / "register" / "champion.json").read_text())
+    assert champion["alias"] == "champion"  # the fixture's params make sure of it
+    tiles = [t for t in sorted((project / "data/sample/images").rglob("*.jpg")) if "P9-B6-5195-29864" not in t.name]
+    tiles = tiles[::5]  # 6 tiles of the 3 classes, all with enough tissue
+    probs, referrals = expected_answers(project, champion["arch"], tiles)
+    (project / "tmp").mkdir(exist_ok=True)
+    server = BentoServer.start(project, champion["version"])
+    try:
+        info = requests.get(f"{server.url}/model_info", timeout=30).json()
+        assert info["version"] == champion["version"]
+        assert info["runtime"]["engine"] == "onnx-fp32"
+        assert info["stain_normalization"] == "reinhard"
+        for tile, expected, referral in zip(tiles, probs, referrals, strict=True):
+            answer = requests.post(f"{server.url}/predict", files={"image": (tile.name, tile.read_bytes())}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            served = answer.json()
+            assert served["model"]["version"] == champion["version"]
+            assert served["model"]["run_id"] == champion["run_id"]
+            got = np.array([served["probabilities"][c] for c in CLASSES])
+            np.testing.assert_allclose(got, expected, atol=2e-4, err_msg=tile.name)
+            assert served["label"] == CLASSES[int(expected.argmax())]
+            assert served["referral"] == referral, tile.name
+    finally:
+        server.stop()
 
 
 def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:

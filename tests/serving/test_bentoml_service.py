@@ -1,157 +1,211 @@
-"""The BentoML service as a real `bentoml serve` subprocess answering HTTP."""
+"""The BentoML service as a real `bentoml serve` subprocess answering HTTP (fixture ``served``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import subprocess
-import time
-from collections.abc import Iterator
+import base64
+import hashlib
+import io
+from datetime import datetime
+from pathlib import Path
 
-import mlflow
 import pytest
 import requests
-import torch
-import yaml
-from conftest import CLASSES, REPO, SAMPLE, bundle_metadata, free_port, venv_env
+from bento_server import REFER_BELOW, BentoServer
+from conftest import CLASSES, SAMPLE
+from PIL import Image
 
-from bonetumor.config import TrackingConfig
-from bonetumor.evaluation.calibration import ReferralPolicy
-from bonetumor.registry.model_registry import log_and_register
-from bonetumor.registry.tracking import setup_mlflow
-from bonetumor.serving.predictor import ModelMetadata, save_bundle
-from bonetumor.training.models import build_model
-from bonetumor.transforms.stain import fit_from_files
+from bonetumor.serving.audit import read_prediction_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-#: A referral rule that refers every tile below 0.99 confidence: an untrained model is never that sure.
-REFER_BELOW = 0.99
-
-
-def served_metadata() -> ModelMetadata:
-    """The test model's metadata with a Reinhard stain target and a referral rule, as the pipeline writes them."""
-    stain = fit_from_files("reinhard", sorted((SAMPLE / "images").rglob("*.jpg"))[:8])
-    referral = ReferralPolicy(
-        classes=CLASSES,
-        temperature=1.5,
-        confidence_threshold=REFER_BELOW,
-        target_class="Viable-Tumor",
-        target_recall=0.95,
-        safe_class="Non-Tumor",
-        max_target_prob_when_safe=0.2,
-        n_tiles=30,
-        coverage=0.1,
-        accepted_accuracy=1.0,
-        accepted_target_recall=1.0,
-        target_met=True,
-    )
-    return dataclasses.replace(
-        bundle_metadata(),
-        stain=None if stain is None else stain.to_dict(),
-        referral=referral.to_dict(),
-        provenance={"data_version": "abc", "init": "scratch (no ImageNet weights available)"},
-    )
+TILE = SAMPLE / "images" / "Viable-Tumor" / "Case-48-P5-C20-15162-19423.jpg"
+NEAR_BLANK = SAMPLE / "images" / "Non-Tumor" / "P9-B6-5195-29864.jpg"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """Register an (untrained, 40 px tiles, 32 px views) model in a fresh sqlite registry and serve it."""
-    root = tmp_path_factory.mktemp("serving")
-    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "sqlite:///mlflow.db"}}))
-    setup_mlflow(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db"), root)
-    torch.manual_seed(0)
-    served = served_metadata()
-    bundle = save_bundle(build_model("resnet50", 3).eval(), served, root / "bundle")
-    with mlflow.start_run():
-        version = log_and_register(bundle, served, "bone-tumor-classifier", "champion", {})
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-
-    port = free_port()
-    log = (root / "bentoml.log").open("w")
-    process = subprocess.Popen(
-        ["bentoml", "serve", "service:BoneTumorClassifier", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO / "serving",
-        env=venv_env(BONETUMOR_PROJECT_DIR=str(root), BENTOML_HOME=str(root / "bentoml-home")),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve did not become ready:\n{(root / 'bentoml.log').read_text()[-5000:]}")
-            time.sleep(1)
-        yield url, str(version.version)
-    finally:
-        import os
-        import signal
-
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-        log.close()
+def post(url: str, name: str, data: bytes, field: str = "image", path: str = "/predict") -> requests.Response:
+    return requests.post(f"{url}{path}", files={field: (name, data, "application/octet-stream")}, timeout=60)
 
 
-def post(url: str, name: str, data: bytes, content_type: str = "application/octet-stream") -> requests.Response:
-    return requests.post(f"{url}/predict", files={"image": (name, data, content_type)}, timeout=60)
+def png(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 120, 170)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def test_a_real_tile_gets_a_label_probabilities_and_the_model_version(server: tuple[str, str]) -> None:
-    url, version = server
-    tile = SAMPLE / "images" / "Viable-Tumor" / "Case-48-P5-C20-15162-19423.jpg"
-    response = post(url, tile.name, tile.read_bytes(), "image/jpeg")
+def test_a_real_tile_gets_a_calibrated_answer_with_its_audit_fields(served: BentoServer) -> None:
+    response = post(served.url, TILE.name, TILE.read_bytes())
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["label"] in CLASSES
     assert set(answer["probabilities"]) == set(CLASSES)
     assert abs(sum(answer["probabilities"].values()) - 1.0) < 1e-5
     assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
-    assert answer["model"] == {"name": "bone-tumor-classifier", "version": version}
-    # Calibrated confidence, and the model's referral rule applied: below 0.99 the tile goes to a pathologist.
+    # Calibrated confidence and the model's referral rule: below 0.99 the tile goes to a pathologist.
     assert answer["confidence"] == pytest.approx(max(answer["probabilities"].values()))
     assert answer["referral"]["refer"] is True
     assert f"does not exceed the referral threshold {REFER_BELOW:.2f}" in answer["referral"]["reason"]
+    # Audit fields: who answered what, when.
+    assert len(answer["request_id"]) == 32
+    assert datetime.fromisoformat(answer["timestamp"]).tzinfo is not None
+    assert answer["input_sha256"] == hashlib.sha256(TILE.read_bytes()).hexdigest()
+    assert answer["model"]["name"] == "bone-tumor-classifier"
+    assert answer["model"]["version"] == served.version
+    assert len(answer["model"]["run_id"]) == 32
+    assert answer["model"]["runtime"] == "onnx-fp32"  # no out-of-fold INT8 score in the test bundle
+    assert 0.5 < answer["tissue_fraction"] <= 1.0
+    second = post(served.url, TILE.name, TILE.read_bytes()).json()
+    assert second["request_id"] != answer["request_id"]
+    assert second["probabilities"] == answer["probabilities"]
 
 
-@pytest.mark.parametrize(
-    ("name", "data", "message"),
-    [
-        ("notes.txt", b"this is not an image", "not a recognised image file"),
-        ("empty.jpg", b"", "empty file"),
-        (
-            "cut.jpg",
-            (SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg").read_bytes()[:1500],
-            "corrupt or truncated",
+def _multipart_without_image(url: str) -> requests.Response:
+    return requests.post(f"{url}/predict", files={"target": (None, "Viable-Tumor")}, timeout=30)
+
+
+BAD_REQUESTS = {
+    "text file": (lambda url: post(url, "notes.txt", b"this is not an image"), 400, "not a recognised image file"),
+    "empty file": (lambda url: post(url, "empty.jpg", b""), 400, "empty file"),
+    "truncated JPEG": (lambda url: post(url, "cut.jpg", TILE.read_bytes()[:1500]), 400, "corrupt or truncated"),
+    "1x1 PNG": (lambda url: post(url, "dot.png", png(1)), 400, "1x1 px; expected a tile of at least 128x128"),
+    "100 px PNG": (lambda url: post(url, "small.png", png(100)), 400, "expected a tile of at least 128x128"),
+    "field 'file'": (
+        lambda url: post(url, TILE.name, TILE.read_bytes(), field="file"),
+        400,
+        "unexpected form field(s) ['file']; expected the file in field 'image'",
+    ),
+    "no file field": (_multipart_without_image, 400, "unexpected form field(s) ['target']"),
+    "image as text": (
+        lambda url: requests.post(f"{url}/predict", files={"image": (None, "abc")}, timeout=30),
+        400,
+        "holds text, not a file",
+    ),
+    "JSON body": (lambda url: requests.post(f"{url}/predict", json={"image": "x"}, timeout=30), 415, "multipart"),
+    "raw bytes": (
+        lambda url: requests.post(f"{url}/predict", data=TILE.read_bytes(), timeout=30),
+        415,
+        "expected multipart/form-data",
+    ),
+    "GET /predict": (lambda url: requests.get(f"{url}/predict", timeout=30), 405, "POST /predict as multipart"),
+    "two files to /predict": (
+        lambda url: requests.post(
+            f"{url}/predict",
+            files=[("image", ("a.jpg", TILE.read_bytes())), ("image", ("b.jpg", TILE.read_bytes()))],
+            timeout=30,
         ),
-    ],
-)
-def test_bad_uploads_get_400_with_the_reason_and_the_service_keeps_serving(
-    server: tuple[str, str], name: str, data: bytes, message: str
-) -> None:
-    url, _ = server
-    response = post(url, name, data)
-    assert response.status_code == 400
-    assert message in response.text
-    tile = SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg"
-    assert post(url, tile.name, tile.read_bytes(), "image/jpeg").status_code == 200
+        400,
+        "takes one",
+    ),
+    "over the size limit": (lambda url: post(url, "big.jpg", b"\xff" * 2_100_000), 413, "the limit is 2000000 bytes"),
+}
 
 
-def test_model_info_names_the_served_version_and_its_preprocessing(server: tuple[str, str]) -> None:
-    url, version = server
-    info = requests.post(f"{url}/model_info", json={}, timeout=30).json()
-    assert info["version"] == version
+@pytest.mark.parametrize("kind", list(BAD_REQUESTS))
+def test_every_malformed_request_gets_a_4xx_that_says_what_was_expected(served: BentoServer, kind: str) -> None:
+    send, status, message = BAD_REQUESTS[kind]
+    response = send(served.url)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    # The service keeps serving, and logs the refusal as one line, not as an ERROR traceback.
+    assert post(served.url, TILE.name, TILE.read_bytes()).status_code == 200
+    log = served.log()
+    assert "Traceback" not in log
+    assert "[ERROR]" not in log
+
+
+def test_a_tile_with_too_little_tissue_is_referred_with_the_reason(served: BentoServer) -> None:
+    answer = post(served.url, NEAR_BLANK.name, NEAR_BLANK.read_bytes()).json()
+    assert answer["tissue_fraction"] < 0.25
+    assert answer["referral"]["refer"] is True
+    assert answer["referral"]["reason"].startswith("not enough tissue: 21% of the tile is tissue, below the 25%")
+
+
+def test_the_batch_endpoint_answers_each_file_and_names_the_bad_one(served: BentoServer) -> None:
+    other = SAMPLE / "images" / "Non-Tumor" / "P9-B12-15791-34183.jpg"
+    files = [
+        ("images", (TILE.name, TILE.read_bytes())),
+        ("images", ("notes.txt", b"hello")),
+        ("images", (other.name, other.read_bytes())),
+    ]
+    response = requests.post(f"{served.url}/predict_batch", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [TILE.name, "notes.txt", other.name]
+    assert "not a recognised image file" in results[1]["error"]
+    assert "label" not in results[1]
+    for result, tile in ((results[0], TILE), (results[2], other)):
+        single = post(served.url, tile.name, tile.read_bytes()).json()
+        assert result["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+        assert result["model"]["version"] == served.version
+
+
+def test_explain_returns_the_overlay_and_the_raw_heatmap_for_the_named_class(served: BentoServer) -> None:
+    response = requests.post(
+        f"{served.url}/explain",
+        files={"image": (TILE.name, TILE.read_bytes()), "target": (None, "Non-Tumor")},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["target"] == "Non-Tumor"
+    assert answer["heatmap_size"] == [40, 40]  # the tile size: every test-time view put back where it came from
+    assert len(answer["heatmap"]) == 40
+    values = [v for row in answer["heatmap"] for v in row]
+    assert min(values) >= 0.0
+    assert max(values) <= 1.0  # each heatmap is scaled to its own max (all 0 when no region supports the class)
+    for key in ("overlay_png", "heatmap_png"):
+        image = Image.open(io.BytesIO(base64.b64decode(answer[key])))
+        assert (image.format, image.size) == ("PNG", (256, 256))
+    predicted = post(served.url, TILE.name, TILE.read_bytes(), path="/explain").json()
+    assert predicted["target"] == predicted["label"]
+    assert predicted["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-9)
+    files = {"image": (TILE.name, TILE.read_bytes()), "target": (None, "X")}
+    bad = requests.post(f"{served.url}/explain", files=files, timeout=60)
+    assert bad.status_code == 400
+    assert "expected one of ['Non-Tumor', 'Non-Viable-Tumor', 'Viable-Tumor']" in bad.json()["error"]
+
+
+def test_model_info_answers_get_with_the_runtime_and_why(served: BentoServer) -> None:
+    info = requests.get(f"{served.url}/model_info", timeout=30).json()
+    assert info == requests.post(f"{served.url}/model_info", json={}, timeout=30).json() | {
+        "alias_check": info["alias_check"]
+    }
+    assert info["version"] == served.version
+    assert info["trained_at"] == "2026-12-01T10:00:00+00:00"
+    assert info["runtime"]["engine"] == "onnx-fp32"
+    assert "INT8 was not scored out of fold" in info["runtime"]["reason"]
+    assert info["input_checks"]["min_size"] == 128
     assert info["classes"] == list(CLASSES)
-    assert (info["tile_size"], info["input_size"]) == (40, 32)
     assert info["test_time_views"] == {"tile_size": 40, "input_size": 32, "crops": 5, "flips": True, "count": 10}
-    assert info["init"] == "scratch (no ImageNet weights available)"
-    assert info["provenance"]["data_version"] == "abc"
     assert info["stain_normalization"] == "reinhard"
-    assert info["referral"]["confidence_threshold"] == REFER_BELOW
     assert info["referral"]["temperature"] == 1.5
+
+
+def test_every_answer_is_in_the_prediction_log_and_no_upload_stays_on_disk(served: BentoServer) -> None:
+    answers = [post(served.url, TILE.name, TILE.read_bytes()).json() for _ in range(3)]
+    records = {r["request_id"]: r for r in read_prediction_log(served.root / "predictions.jsonl")}
+    for answer in answers:
+        record = records[answer["request_id"]]
+        assert record["input_sha256"] == answer["input_sha256"]
+        assert record["label"] == answer["label"]
+        assert record["referral"] == answer["referral"]
+        assert record["model"]["version"] == served.version
+        assert record["endpoint"] == "/predict"
+    assert all(len(line) < 2000 for line in (served.root / "predictions.jsonl").read_text().splitlines())
+    digest = hashlib.sha256(TILE.read_bytes()).hexdigest()
+    spooled = [p for p in Path(served.root / "tmp").rglob("*") if p.is_file()]
+    assert not [p for p in spooled if hashlib.sha256(p.read_bytes()).hexdigest() == digest]
+
+
+def test_health_metrics_and_the_page_are_served(served: BentoServer) -> None:
+    assert requests.get(f"{served.url}/livez", timeout=10).status_code == 200
+    assert requests.get(f"{served.url}/readyz", timeout=10).status_code == 200
+    post(served.url, TILE.name, TILE.read_bytes())
+    post(served.url, "notes.txt", b"not an image")
+    metrics = requests.get(f"{served.url}/metrics", timeout=10).text
+    counted = [line for line in metrics.splitlines() if line.startswith("bonetumor_answers_total{")]
+    assert counted
+    assert any(f'version="{served.version}"' in line and 'referred="true"' in line for line in counted)
+    assert any(line.startswith("bonetumor_rejected_uploads_total{") for line in metrics.splitlines())
+    page = requests.get(f"{served.url}/ui/", timeout=10)
+    assert page.status_code == 200
+    assert "not a diagnosis" in page.text
