@@ -17,7 +17,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # every stage process recompiled torch, MLflow and GX from source, 13 of the 21 s a `bonetumor balance` took.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install run pipeline serve test test-fast lint compile clean
+.PHONY: install run pipeline serve bento bench-serving test test-fast lint compile clean
 
 # --no-compile: byte-compiling all of torch's and MLflow's modules at install took 1 min 40 s of a 3 min 44 s
 # install on 2 cores; Python compiles the modules it imports on first use instead.
@@ -36,9 +36,17 @@ pipeline: install ## Everything up to the registered champion (dvc repro)
 	@$(BIN)/python -c 'import json; c=json.load(open("outputs/register/champion.json")); print("registered:", c["model_uri"], "version", c["version"], "(" + c["arch"] + ")"); print("champion gate:", c["gate"]["reason"])'
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
-serve: install ## Serve models:/bone-tumor-classifier@champion with BentoML on http://$(HOST):$(PORT)
-	@echo "Serving the champion on http://$(HOST):$(PORT) (POST /predict, form field 'image'); Ctrl-C stops."
+serve: install ## Serve models:/bone-tumor-classifier@champion with BentoML on http://$(HOST):$(PORT) (page: /ui/)
+	@echo "Serving the champion on http://$(HOST):$(PORT): the page at http://$(HOST):$(PORT)/ui/, POST /predict (form field 'image'); Ctrl-C stops."
+	@echo "A promoted model (bonetumor promote) is picked up within serving.reload_seconds, without a restart."
 	cd serving && BONETUMOR_PROJECT_DIR=$(CURDIR) bentoml serve service:BoneTumorClassifier --host $(HOST) --port $(PORT)
+
+bento: install ## Build the service into a Bento (offline): the project wheel, then bentoml build
+	rm -rf dist && $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	bentoml build .
+
+bench-serving: install ## Load benchmark of the served champion (after make pipeline): README "Serving" figures
+	$(BIN)/python -m benchmarks.serving_load
 
 test: install ## Lint, type-check and run the test suite
 	$(BIN)/ruff check .

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 from bonetumor.config import ServingConfig, ValidateConfig
 from bonetumor.errors import ConfigError, InvalidImageError
-from bonetumor.evaluation.gradcam import gradcam_heatmaps, overlay
 from bonetumor.serving.audit import audit_fields
 from bonetumor.serving.engines import Engine, choose_engine
 from bonetumor.serving.predictor import Predictor
@@ -217,6 +215,10 @@ class ServedModel:
             InvalidImageError: The upload is not a usable image.
             ConfigError: ``target`` is not one of the model's classes.
         """
+        # Imported on first use: grad-cam pulls in scikit-learn and matplotlib, seconds of start-up that
+        # /predict never needs.
+        from bonetumor.evaluation.gradcam import gradcam_heatmaps, overlay
+
         classes = self.predictor.metadata.classes
         if target is not None and target not in classes:
             raise ConfigError(f"target {target!r} is not a class of this model; expected one of {list(classes)}")
@@ -272,6 +274,8 @@ class ServedModel:
 
 def _jet(heatmap: np.ndarray, side: int) -> np.ndarray:
     """The heatmap in jet colours, ``side`` px square, RGBA uint8 (alpha opaque: the page sets the opacity)."""
+    from matplotlib import colormaps
+
     resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F").resize(
         (side, side), Image.Resampling.BILINEAR
     )
