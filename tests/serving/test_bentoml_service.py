@@ -141,7 +141,7 @@ def test_the_batch_endpoint_answers_each_file_and_names_the_bad_one(served: Bent
 def test_explain_returns_the_overlay_and_the_raw_heatmap_for_the_named_class(served: BentoServer) -> None:
     response = requests.post(
         f"{served.url}/explain",
-        files={"image": (TILE.name, TILE.read_bytes()), "target": (None, "Non-Tumor")},
+        files={"image": (TILE.name, TILE.read_bytes()), "target": (None, b"Non-Tumor")},
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -158,7 +158,7 @@ def test_explain_returns_the_overlay_and_the_raw_heatmap_for_the_named_class(ser
     predicted = post(served.url, TILE.name, TILE.read_bytes(), path="/explain").json()
     assert predicted["target"] == predicted["label"]
     assert predicted["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-9)
-    files = {"image": (TILE.name, TILE.read_bytes()), "target": (None, "X")}
+    files = {"image": (TILE.name, TILE.read_bytes()), "target": (None, b"X")}
     bad = requests.post(f"{served.url}/explain", files=files, timeout=60)
     assert bad.status_code == 400
     assert "expected one of ['Non-Tumor', 'Non-Viable-Tumor', 'Viable-Tumor']" in bad.json()["error"]

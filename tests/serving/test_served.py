@@ -80,8 +80,8 @@ def served(bundle: Path, **serving: object) -> ServedModel:
         bundle,
         Predictor.from_bundle(bundle),
         IDENTITY,
-        ServingConfig(**serving),
-        ValidateConfig(),  # type: ignore[arg-type]
+        ServingConfig(**serving),  # type: ignore[arg-type]
+        ValidateConfig(),
     )
 
 

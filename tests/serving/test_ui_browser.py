@@ -129,6 +129,7 @@ def check_result(card: Locator) -> str:
 
 def test_header_names_the_served_model_and_says_it_is_not_a_diagnosis(page: Page, served: Served) -> None:
     expect(page.locator("#model-version")).to_have_text(served.version)
+    expect(page.locator("#model-gate")).to_be_hidden()  # the champion: no "not the champion" banner
     for field in ("#model-name", "#model-arch", "#model-trained", "#model-runtime"):
         expect(page.locator(field)).not_to_have_text("…")
     expect(page.locator("body")).to_contain_text("Decision support, not a diagnosis. A pathologist makes the call.")

@@ -251,8 +251,14 @@ def load_predictor(model_name: str, alias_or_version: str) -> Predictor:
     return _load_version(model_name, resolve_version(model_name, alias_or_version))[0]
 
 
-def load_served_version(config: Config, version: ModelVersion) -> ServedModel:
-    """Load a resolved model version as a :class:`ServedModel` (fast engine, Grad-CAM model, identity)."""
+def load_served_version(config: Config, version: ModelVersion, served_as: str = "") -> ServedModel:
+    """Load a resolved model version as a :class:`ServedModel` (fast engine, Grad-CAM model, identity).
+
+    Args:
+        config: The project's config (``register.model_name``, ``serving``, ``validate``).
+        version: The registered version.
+        served_as: The alias or version number the service was asked for (shown by ``/model_info``).
+    """
     name = config.register.model_name
     predictor, bundle_dir = _load_version(name, version)
     created = datetime.fromtimestamp((version.creation_timestamp or 0) / 1000, UTC).isoformat(timespec="seconds")
@@ -262,6 +268,10 @@ def load_served_version(config: Config, version: ModelVersion) -> ServedModel:
         "run_id": version.run_id or "",
         # Registered before 0.4 bundles recorded it: the version's creation time is when its refit finished.
         "trained_at": str(predictor.metadata.provenance.get("trained_at") or created),
+        "served_as": served_as or str(version.version),
+        "aliases": ",".join(getattr(version, "aliases", None) or []),
+        "gate_decision": version.tags.get(f"{GATE_PREFIX}decision", ""),
+        "gate_reason": version.tags.get(f"{GATE_PREFIX}reason", ""),
     }
     return ServedModel.create(bundle_dir, predictor, identity, config.serving, config.validate)
 
@@ -285,12 +295,12 @@ def open_served_model(params_path: str | Path, alias_or_version: str | None = No
     configure_tracking(config.tracking, params_path.resolve().parent)
     name = config.register.model_name
     ref = alias_or_version or config.register.alias
-    initial = load_served_version(config, resolve_version(name, ref))
+    initial = load_served_version(config, resolve_version(name, ref), ref)
     return (
         ModelHolder(
             initial,
             resolve=lambda: str(resolve_version(name, ref).version),
-            load=lambda version: load_served_version(config, resolve_version(name, version)),
+            load=lambda version: load_served_version(config, resolve_version(name, version), ref),
             reload_seconds=0.0 if ref.isdigit() else config.serving.reload_seconds,
         ),
         config,

@@ -84,6 +84,7 @@ class ServedModel:
     engine_reason: str
     checks: InputChecks
     bundle_dir: Path
+    registry: dict[str, str] = field(default_factory=dict)
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -100,7 +101,9 @@ class ServedModel:
         Args:
             bundle_dir: The bundle folder (its ``onnx/`` files).
             predictor: The eager torch predictor of the same bundle.
-            identity: ``name``, ``version``, ``run_id`` and ``trained_at`` of the registered version.
+            identity: ``name``, ``version``, ``run_id`` and ``trained_at`` of the registered version; optionally
+                ``served_as`` (the alias asked for), ``aliases`` (comma-separated), ``gate_decision`` and
+                ``gate_reason`` (the champion gate's record on the version).
             serving: The ``serving`` section (runtime, ORT threads, size floor).
             validate: The project's ``validate`` section, for bundles that do not record their input checks.
 
@@ -121,6 +124,9 @@ class ServedModel:
             engine_reason=reason,
             checks=InputChecks.resolve(meta.input_checks, validate, serving),
             bundle_dir=Path(bundle_dir),
+            registry={
+                k: identity[k] for k in ("served_as", "aliases", "gate_decision", "gate_reason") if k in identity
+            },
         )
 
     @property
@@ -251,6 +257,12 @@ class ServedModel:
             "version": self.version,
             "run_id": self.run_id,
             "trained_at": self.trained_at,
+            "served_as": self.registry.get("served_as", self.version),
+            "aliases": [a for a in self.registry.get("aliases", "").split(",") if a],
+            "gate": {
+                "decision": self.registry.get("gate_decision", ""),
+                "reason": self.registry.get("gate_reason", ""),
+            },
             "arch": meta.arch,
             "classes": list(meta.classes),
             "runtime": {**(meta.runtime or {}), "engine": self.engine_name, "reason": self.engine_reason},

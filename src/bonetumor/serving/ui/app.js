@@ -87,6 +87,18 @@ async function loadModelInfo() {
     const runtimeNode = document.getElementById("model-runtime");
     runtimeNode.textContent = RUNTIMES[engine] || engine || "unknown";
     if (runtime.reason) runtimeNode.title = runtime.reason;
+    // A version the champion gate kept back (served by asking for @challenger or a version number) must not
+    // look like the approved model.
+    const gate = document.getElementById("model-gate");
+    const aliases = Array.isArray(info.aliases) ? info.aliases : [];
+    if (aliases.includes("champion")) {
+      gate.hidden = true;
+    } else {
+      const reason = info.gate && info.gate.reason ? ` The gate said: ${info.gate.reason}` : "";
+      gate.textContent = `This is not the champion model: it was served as "${info.served_as}".${reason}`;
+      gate.hidden = false;
+    }
+    document.getElementById("model-info-error").hidden = true;
   } catch (err) {
     const box = document.getElementById("model-info-error");
     box.textContent = `Model information unavailable: ${err.message}`;
@@ -272,6 +284,8 @@ function setUp() {
   });
 
   loadModelInfo();
+  // The service follows the registry's alias: refresh the header so a promoted version shows without a reload.
+  setInterval(loadModelInfo, 30000);
 }
 
 document.addEventListener("DOMContentLoaded", setUp);
