@@ -435,9 +435,10 @@ def predict_tiles(
 ) -> Iterator[dict[str, Any]]:
     """Classify tile files with the registered model that params.yaml names, one answer per tile, as they come.
 
-    The model is loaded before the first answer. A tile that cannot be read or decoded gets the answer
-    ``{"file": ..., "error": ...}``; the others ``{"file": ..., **the predictor's answer}`` (which has no
-    ``error`` key).
+    The model is loaded before the first answer, and answers exactly as the service's ``/predict`` does (the
+    runtime the bundle names, the input checks, the tissue referral, the audit fields). A tile that cannot be
+    read, decoded or accepted gets the answer ``{"file": ..., "error": ...}``; the others ``{"file": ...,
+    **the answer}`` (which has no ``error`` key).
 
     Args:
         params_path: The project's params.yaml (``register.model_name``, ``register.alias``, ``tracking``).
@@ -451,13 +452,17 @@ def predict_tiles(
         ConfigError: params.yaml is invalid.
         ModelNotFoundError: No such registered model, alias or version.
     """
-    from bonetumor.registry.model_registry import load_configured_predictor
-    from bonetumor.transforms.decode import decode_image
+    from bonetumor.registry.model_registry import open_served_model
 
-    predictor = load_configured_predictor(params_path, alias_or_version)
+    # The service's own object: the same engine, input checks, tissue referral and audit fields as /predict.
+    holder, _ = open_served_model(params_path, alias_or_version)
+    model = holder.current
     for tile in tiles:
         try:
-            answer = predictor.predict_image(decode_image(tile))
+            answer = model.answer(Path(tile).read_bytes(), source=str(tile))
+        except OSError as exc:
+            yield {"file": str(tile), "error": f"{tile}: cannot read file ({exc.strerror or exc})"}
+            continue
         except InvalidImageError as exc:
             yield {"file": str(tile), "error": str(exc)}
             continue

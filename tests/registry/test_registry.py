@@ -73,7 +73,9 @@ def test_register_load_and_predict_through_a_real_sqlite_registry(tmp_path: Path
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert "not a recognised image" in lines[0]["error"]
     assert lines[1]["label"] == expected["2"]["label"]
-    assert lines[1]["model"] == {"name": "m", "version": "2"}
+    assert (lines[1]["model"]["name"], lines[1]["model"]["version"]) == ("m", "2")
+    assert lines[1]["probabilities"] == pytest.approx(expected["2"]["probabilities"], abs=1e-6)
+    assert lines[1]["referral"]["reason"].startswith("not enough tissue")  # the near-blank tile, as /predict says
 
     # Any MLflow client can use the same registered model as a pyfunc on a dataframe of encoded images.
     out = mlflow.pyfunc.load_model("models:/m@champion").predict(pd.DataFrame({"image": [tile]}))
