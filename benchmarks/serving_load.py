@@ -74,6 +74,8 @@ REPO = Path(__file__).resolve().parent.parent
 TELEMETRY_OFF = {"BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 #: Error messages kept per level.
 KEPT_ERRORS = 5
+#: What BentoML logs when the service's ``__init__`` raised; it then respawns the worker forever, so stop waiting.
+STARTUP_FAILED = "Application startup failed"
 
 Tile = tuple[str, bytes]
 Files = list[tuple[str, tuple[str, bytes, str]]]
@@ -328,7 +330,8 @@ class Server:
         """Poll ``/readyz`` until it answers 200 and return the seconds since the process started.
 
         Raises:
-            SystemExit: The server exited or was not ready within ``timeout`` seconds (with its log).
+            SystemExit: The server exited, its service failed to start, or it was not ready within ``timeout``
+                seconds (with its log).
         """
         while True:
             try:
@@ -336,10 +339,12 @@ class Server:
                     return time.perf_counter() - self.started
             except requests.RequestException:
                 pass
-            if self.process.poll() is not None or time.perf_counter() - self.started > timeout:
+            failed = STARTUP_FAILED in self.log_path.read_text(errors="replace")
+            if failed or self.process.poll() is not None or time.perf_counter() - self.started > timeout:
                 self.stop()
-                raise SystemExit(f"bentoml serve did not become ready within {timeout:g} s:\n{self.log_tail()}")
-            time.sleep(0.1)
+                why = "its service failed to start" if failed else f"it was not ready within {timeout:g} s"
+                raise SystemExit(f"bentoml serve did not become ready: {why}:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it after 30 s."""
@@ -453,11 +458,12 @@ def in_process(project: Path, alias: str | None, tiles: Sequence[Tile], args: ar
     print(f"in process: version {model.version}, {model.engine_name} ({model.engine_reason}); loaded in {load_s:.1f} s")
     images = [decode_image(data, source=name) for name, data in tiles]
     batch = [tiles[k % len(tiles)] for k in range(args.batch_size)]
+    # Torch first: once ONNX Runtime has run in this thread, its spinning pool can slow torch's next calls.
     steps: dict[str, Callable[[int], object]] = {
-        "answer": lambda i: model.answer(tiles[i % len(tiles)][1], tiles[i % len(tiles)][0]),
-        "engine": lambda i: model.engine.predict_images([images[i % len(images)]]),
         "eager": lambda i: model.predictor.predict_images([images[i % len(images)]]),
         "explain": lambda i: model.explain(tiles[i % len(tiles)][1], tiles[i % len(tiles)][0]),
+        "answer": lambda i: model.answer(tiles[i % len(tiles)][1], tiles[i % len(tiles)][0]),
+        "engine": lambda i: model.engine.predict_images([images[i % len(images)]]),
         "answer_many": lambda _: model.answer_many(batch),
     }
     figures: dict[str, Any] = {}
