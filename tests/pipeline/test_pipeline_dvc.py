@@ -327,7 +327,7 @@ def test_the_served_champion_answers_exactly_what_evaluate_and_register_fitted(p
             assert served["model"]["version"] == champion["version"]
             assert served["model"]["run_id"] == champion["run_id"]
             got = np.array([served["probabilities"][c] for c in CLASSES])
-            np.testing.assert_allclose(got, expected, atol=2e-4, err_msg=tile.name)
+            np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=tile.name)  # FP32 ONNX: ~1e-8 here
             assert served["label"] == CLASSES[int(expected.argmax())]
             assert served["referral"] == referral, tile.name
     finally:

@@ -99,12 +99,20 @@ class OnnxPredictor:
         metadata: Its metadata (classes, preprocessing, stain target, referral rule).
         engine: ``onnx-int8`` or ``onnx-fp32``.
         threads: ONNX Runtime intra-op threads (None or 0: one per core).
+        spin: Let idle ONNX Runtime threads busy-wait (off in the service: README "Serving").
 
     Raises:
         ArtifactError: The file is missing or does not load.
     """
 
-    def __init__(self, bundle_dir: str | Path, metadata: ModelMetadata, engine: str, threads: int | None = None):
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        metadata: ModelMetadata,
+        engine: str,
+        threads: int | None = None,
+        spin: bool = False,
+    ) -> None:
         if engine not in ONNX_FILES:
             raise ConfigError(f"ONNX engine {engine!r}; expected one of {sorted(ONNX_FILES)}")
         path = Path(bundle_dir) / ONNX_DIR / ONNX_FILES[engine]
@@ -114,7 +122,9 @@ class OnnxPredictor:
         self.engine = engine
         self.path = path
         self.referral = referral_rule(metadata)
-        self.classifier = OnnxClassifier(path, metadata.classes, serving_transform(metadata), threads=threads or None)
+        self.classifier = OnnxClassifier(
+            path, metadata.classes, serving_transform(metadata), threads=threads or None, spin=spin
+        )
 
     def predict_images(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         """Classify RGB images: the same answers as the torch predictor, from ONNX Runtime's logits."""

@@ -70,11 +70,15 @@ _QUANTIZATION_ERRORS: tuple[type[BaseException], ...] = (
 _STATIC_FALLBACK_ERRORS: tuple[type[BaseException], ...] = (*_QUANTIZATION_ERRORS, ArtifactError)
 
 
-def _session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+def _session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        # Idle intra-op threads otherwise busy-wait for the next call, taking the cores from torch (Grad-CAM) and
+        # from the other requests of a server.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidArgument, InvalidGraph, OrtNotImplemented, RuntimeException) as exc:
@@ -314,6 +318,8 @@ class OnnxClassifier:
         transform: The tile-to-tensor transform, built by the caller with
             :func:`bonetumor.transforms.preprocess.build_eval_transform` from the model's metadata.
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, one per core).
+        spin: Whether idle intra-op threads busy-wait for the next call (lowest latency for one caller; a
+            server sharing the cores with torch and other requests turns it off).
 
     Raises:
         ArtifactError: The file does not load, or its output size is not ``len(classes)``.
@@ -325,11 +331,12 @@ class OnnxClassifier:
         classes: Sequence[str],
         transform: Callable[[Image.Image], Any],
         threads: int | None = None,
+        spin: bool = True,
     ) -> None:
         self.path = Path(path)
         self.classes = tuple(classes)
         self.transform = transform
-        self.session = _session(self.path, threads)
+        self.session = _session(self.path, threads, spin)
         outputs = self.session.get_outputs()[0].shape
         if len(outputs) != 2 or outputs[1] != len(self.classes):
             raise ArtifactError(
