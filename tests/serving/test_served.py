@@ -41,8 +41,11 @@ def test_int8_serves_only_when_its_out_of_fold_loss_is_within_the_allowed_drop()
     scores = {"resnet50": {"f1_macro": 0.80}, "resnet50_int8": {"f1_macro": 0.795}}
     within = decide_runtime("resnet50", scores, 0.01, exported=True)
     assert within["engine"] == "onnx-int8"
-    assert "within 0.01 of FP32's 0.8000" in within["reason"]
+    assert "is within 0.01 of FP32's 0.8000 (FP32 - INT8 = +0.0050" in within["reason"]
     assert within["files"] == {"onnx-fp32": "onnx/model.fp32.onnx", "onnx-int8": "onnx/model.int8.onnx"}
+    better = decide_runtime("resnet50", {**scores, "resnet50_int8": {"f1_macro": 0.85}}, 0.01, exported=True)
+    assert better["engine"] == "onnx-int8"
+    assert "is at least as good as FP32's" in better["reason"]
     worse = decide_runtime("resnet50", {**scores, "resnet50_int8": {"f1_macro": 0.78}}, 0.01, exported=True)
     assert worse["engine"] == "onnx-fp32"
     assert "loses 0.0200" in worse["reason"]

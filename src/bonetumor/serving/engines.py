@@ -79,9 +79,10 @@ def decide_runtime(
         }
     drop = float(fp32) - float(int8)
     if drop <= max_int8_drop:
+        comparison = "at least as good as" if drop <= 0 else f"within {max_int8_drop} of"
         reason = (
-            f"INT8 out-of-fold macro-F1 {float(int8):.4f} is within {max_int8_drop} of FP32's {float(fp32):.4f} "
-            f"(drop {drop:+.4f})"
+            f"INT8 out-of-fold macro-F1 {float(int8):.4f} is {comparison} FP32's {float(fp32):.4f} "
+            f"(FP32 - INT8 = {drop:+.4f}; serving.max_int8_drop {max_int8_drop})"
         )
         return decision | {"engine": "onnx-int8", "reason": reason}
     reason = (
