@@ -19,21 +19,24 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import bentoml
+import yaml
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 import bonetumor.serving
-from bonetumor.config import ServingConfig, load_config
+from bonetumor.config import ServingConfig
 from bonetumor.errors import ConfigError, InvalidImageError
-from bonetumor.registry.model_registry import open_served_model
 from bonetumor.serving.audit import PredictionLog
 from bonetumor.serving.http import UploadEndpoint, UploadGuard
-from bonetumor.serving.served import ServedModel
+
+if TYPE_CHECKING:
+    from bonetumor.serving.served import ServedModel
 
 log = logging.getLogger("bonetumor.service")
 
@@ -47,8 +50,14 @@ UPLOADS = {
 
 
 def _serving_config() -> ServingConfig:
-    # Read when the service is defined, for the upload limit the guard enforces; a bad params.yaml fails here.
-    return load_config(PROJECT_DIR / "params.yaml").serving
+    # Read when the service is defined, for the upload limit the guard enforces. Only the serving section, so
+    # that `bentoml serve`'s supervising process does not import torch; the worker validates the whole file.
+    path = PROJECT_DIR / "params.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return ServingConfig(**(raw.get("serving") or {}))
+    except (TypeError, ValidationError) as exc:
+        raise ConfigError(f"{path}: serving: {exc}") from exc
 
 
 def _take(upload: Path) -> bytes:
@@ -76,11 +85,15 @@ ui = Starlette(routes=[Mount("/", StaticFiles(directory=UI_DIR, html=True), name
 
 
 @bentoml.asgi_app(ui, path="/ui")
-@bentoml.service(name="bone-tumor-classifier", traffic={"timeout": 60}, threads=2)
+@bentoml.service(name="bone-tumor-classifier", traffic={"timeout": 60}, threads=_serving_config().api_threads)
 class BoneTumorClassifier:
     """Classifies H&E tiles into Non-Tumor, Non-Viable-Tumor or Viable-Tumor, explains them, and serves the page."""
 
     def __init__(self) -> None:
+        # Imported here, in the worker: torch, ONNX Runtime and MLflow take seconds to import, and `bentoml serve`
+        # imports this module once more in its supervising process, which never loads a model.
+        from bonetumor.registry.model_registry import open_served_model
+
         self.holder, config = open_served_model(PROJECT_DIR / "params.yaml", os.environ.get("BONETUMOR_MODEL_ALIAS"))
         self.holder.start()
         serving = config.serving

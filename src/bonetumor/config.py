@@ -554,6 +554,9 @@ class ServingConfig:
             service answer from the INT8 file. Needs ``candidates.int8`` to measure it; without the
             measurement the service answers from FP32.
         ort_threads: ONNX Runtime intra-op threads; 0 = one per CPU core.
+        ort_spinning: Whether ONNX Runtime's idle threads busy-wait for the next call: the fastest single
+            request, but spinning threads take the cores from concurrent requests and from Grad-CAM.
+        api_threads: Requests the service runs at once (BentoML's ``threads``); others wait in its queue.
         min_size: Smallest accepted upload side in pixels; 0 = the model's ``validate.min_size`` (recorded in the
             bundle), so the service refuses what validation would have refused.
         max_upload_bytes: Largest accepted upload (one tile).
@@ -569,6 +572,8 @@ class ServingConfig:
     runtime: Literal["auto", "onnx-int8", "onnx-fp32", "torch"] = "auto"
     max_int8_drop: Probability = 0.01
     ort_threads: Annotated[int, Field(ge=0)] = 0
+    ort_spinning: bool = False
+    api_threads: PositiveInt = 2
     min_size: Annotated[int, Field(ge=0)] = 0
     max_upload_bytes: PositiveInt = 50 * 1024 * 1024
     max_batch_files: PositiveInt = 64

@@ -119,17 +119,24 @@ def _explain_batch(
             )
         probs = torch.softmax(cam.outputs.detach().float(), dim=1).cpu().numpy()
         return [np.clip(g, 0.0, 1.0).astype(np.float32) for g in grayscale], probs
-    with torch.no_grad():
-        probs = torch.softmax(TestTimeAugmented(model, views)(batch), dim=1).cpu().numpy()
+    tile_probs: np.ndarray | None = None
+    if targets is None:
+        # The tile's answer must be known before its views are explained for it: one more forward pass.
+        with torch.no_grad():
+            tile_probs = torch.softmax(TestTimeAugmented(model, views)(batch), dim=1).cpu().numpy()
     # Each view is explained for the tile's answer (or the asked class), not for what that view alone would say.
-    chosen = list(probs.argmax(1)) if targets is None else targets
+    chosen = list(tile_probs.argmax(1)) if tile_probs is not None else list(targets or [])
     expanded = views.expand(batch)
     per_view = [ClassifierOutputTarget(int(chosen[i % len(batch)])) for i in range(expanded.shape[0])]
     with torch.enable_grad():
         grayscale = cam(input_tensor=expanded, targets=per_view)
+    if tile_probs is None:
+        # The views' mean probability, as TestTimeAugmented answers, from the forward pass Grad-CAM just made.
+        per_view_probs = torch.softmax(cam.outputs.detach().float(), dim=1)
+        tile_probs = torch.stack(per_view_probs.chunk(views.count, dim=0)).mean(dim=0).cpu().numpy()
     merged = views.merge_maps(np.clip(grayscale, 0.0, 1.0), len(batch))
     peaks = merged.reshape(len(batch), -1).max(axis=1)
-    return [(m / p if p > 0 else m).astype(np.float32) for m, p in zip(merged, peaks, strict=True)], probs
+    return [(m / p if p > 0 else m).astype(np.float32) for m, p in zip(merged, peaks, strict=True)], tile_probs
 
 
 def gradcam_heatmaps(

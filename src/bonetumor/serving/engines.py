@@ -136,7 +136,12 @@ class OnnxPredictor:
 
 
 def choose_engine(
-    requested: str, metadata: ModelMetadata, bundle_dir: str | Path, predictor: Predictor, threads: int = 0
+    requested: str,
+    metadata: ModelMetadata,
+    bundle_dir: str | Path,
+    predictor: Predictor,
+    threads: int = 0,
+    spin: bool = False,
 ) -> tuple[Engine, str, str]:
     """Build the engine ``serving.runtime`` asks for.
 
@@ -146,6 +151,7 @@ def choose_engine(
         bundle_dir: The bundle folder.
         predictor: The eager torch predictor (kept for Grad-CAM; it answers when ``torch`` is chosen).
         threads: ONNX Runtime intra-op threads (0: one per core).
+        spin: Let idle ONNX Runtime threads busy-wait (``serving.ort_spinning``).
 
     Returns:
         The engine, its name and why it was chosen.
@@ -168,4 +174,4 @@ def choose_engine(
         raise ArtifactError(f"the bundle's runtime engine {engine!r} is unknown; expected one of {list(ENGINES)}")
     if engine == "torch":
         return predictor, engine, reason
-    return OnnxPredictor(bundle_dir, metadata, engine, threads), engine, reason
+    return OnnxPredictor(bundle_dir, metadata, engine, threads, spin), engine, reason

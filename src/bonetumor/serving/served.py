@@ -111,7 +111,9 @@ class ServedModel:
             ArtifactError: The runtime's ONNX file is missing or does not load.
         """
         meta = predictor.metadata
-        engine, engine_name, reason = choose_engine(serving.runtime, meta, bundle_dir, predictor, serving.ort_threads)
+        engine, engine_name, reason = choose_engine(
+            serving.runtime, meta, bundle_dir, predictor, serving.ort_threads, serving.ort_spinning
+        )
         log.info("%s version %s answers from %s: %s", identity["name"], identity["version"], engine_name, reason)
         return cls(
             name=identity["name"],
@@ -297,5 +299,6 @@ def _jet(heatmap: np.ndarray, side: int) -> np.ndarray:
 
 def _png_base64(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    # Fast zlib level: the heatmap PNGs travel once over the network; level 6 took 8 ms each of an /explain.
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
