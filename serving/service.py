@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import bentoml
 import yaml
+from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -81,6 +82,22 @@ def _rejected(status: int, message: str, path: str) -> Any:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class _ClientErrorsInOneLine(logging.Filter):
+    """BentoML logs every refused request (a pydantic error, a 4xx) at ERROR with a traceback: make it one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        client_error = isinstance(exc, ValidationError) or (
+            isinstance(exc, BentoMLException) and int(exc.error_code) < 500
+        )
+        if client_error:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            record.msg, record.args = f"{record.getMessage()}: client error: {first_line}", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 ui = Starlette(routes=[Mount("/", StaticFiles(directory=UI_DIR, html=True), name="ui")])
 
 
@@ -93,6 +110,8 @@ class BoneTumorClassifier:
         # Imported here, in the worker: torch, ONNX Runtime and MLflow take seconds to import, and `bentoml serve`
         # imports this module once more in its supervising process, which never loads a model.
         from bonetumor.registry.model_registry import open_served_model
+
+        logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsInOneLine())
 
         self.holder, config = open_served_model(PROJECT_DIR / "params.yaml", os.environ.get("BONETUMOR_MODEL_ALIAS"))
         self.holder.start()

@@ -85,6 +85,13 @@ BAD_REQUESTS = {
         415,
         "expected multipart/form-data",
     ),
+    "garbage JSON to /model_info": (
+        lambda url: requests.post(
+            f"{url}/model_info", data=b"garbage", headers={"Content-Type": "application/json"}, timeout=30
+        ),
+        400,
+        "validation error",
+    ),
     "GET /predict": (lambda url: requests.get(f"{url}/predict", timeout=30), 405, "POST /predict as multipart"),
     "two files to /predict": (
         lambda url: requests.post(
