@@ -78,6 +78,18 @@ def test_a_promoted_version_is_served_next_without_a_restart_or_a_dropped_reques
         assert predict(server.url).json()["model"]["version"] == second
         info = requests.get(f"{server.url}/model_info", timeout=30).json()
         assert "'pending', not 'ready'" in info["alias_check"]["error"]
+
+        # Nor is one whose logged model cannot be loaded (here its MLmodel file is gone).
+        fourth = register_model(tmp_path, seed=3, alias="challenger")
+        setup_mlflow(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), tmp_path)
+        source = client.get_model_version(MODEL_NAME, fourth).source  # models:/m-<logged model id>
+        logged = client.get_logged_model(source.removeprefix("models:/"))
+        (Path(logged.artifact_location.removeprefix("file://")) / "MLmodel").unlink()
+        client.set_registered_model_alias(MODEL_NAME, "champion", fourth)
+        time.sleep(4)
+        assert predict(server.url).json()["model"]["version"] == second
+        info = requests.get(f"{server.url}/model_info", timeout=30).json()
+        assert f"version {fourth} does not load from the registry" in info["alias_check"]["error"]
     finally:
         stop.set()
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]

@@ -232,7 +232,12 @@ def _load_version(model_name: str, version: ModelVersion) -> tuple[Predictor, Pa
     status = version.tags.get(STATUS_TAG, "ready")
     if status != "ready":
         raise ArtifactError(f"{model_name} version {version.version} is {status!r}, not 'ready': it is not served")
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
+    try:
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
+    except MlflowException as exc:
+        # An artifact store that is down or a damaged logged model: the caller (the alias watcher) keeps serving
+        # the version it has, and says why.
+        raise ArtifactError(f"{model_name} version {version.version} does not load from the registry ({exc})") from exc
     wrapper = pyfunc.unwrap_python_model()
     if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None or wrapper.bundle_dir is None:
         raise ModelNotFoundError(
