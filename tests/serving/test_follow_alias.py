@@ -82,9 +82,9 @@ def test_a_promoted_version_is_served_next_without_a_restart_or_a_dropped_reques
         # Nor is one whose logged model cannot be loaded (here its MLmodel file is gone).
         fourth = register_model(tmp_path, seed=3, alias="challenger")
         setup_mlflow(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), tmp_path)
-        source = client.get_model_version(MODEL_NAME, fourth).source  # models:/m-<logged model id>
+        source = str(client.get_model_version(MODEL_NAME, fourth).source)  # models:/m-<logged model id>
         logged = client.get_logged_model(source.removeprefix("models:/"))
-        (Path(logged.artifact_location.removeprefix("file://")) / "MLmodel").unlink()
+        (Path(str(logged.artifact_location).removeprefix("file://")) / "MLmodel").unlink()
         client.set_registered_model_alias(MODEL_NAME, "champion", fourth)
         time.sleep(4)
         assert predict(server.url).json()["model"]["version"] == second

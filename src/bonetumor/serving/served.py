@@ -150,11 +150,13 @@ class ServedModel:
     def _finish(self, answer: dict[str, Any], tissue: float, audit: dict[str, str]) -> dict[str, Any]:
         """Add the tissue referral, the audit fields and the model block to an engine's answer."""
         if tissue < self.checks.min_tissue_fraction:
-            # Answered (the probabilities may still help), but never accepted: the model never saw such tiles.
+            # Answered (the probabilities may still help), but never accepted: validation flags such tiles as
+            # near-blank, and the referral rule was not fitted for them.
             answer["referral"] = {
                 "refer": True,
                 "reason": f"not enough tissue: {tissue:.0%} of the tile is tissue, below the "
-                f"{self.checks.min_tissue_fraction:.0%} every training tile had (validate.min_tissue_fraction)",
+                f"{self.checks.min_tissue_fraction:.0%} that data validation requires of a tile "
+                "(validate.min_tissue_fraction)",
             }
         return {**audit, **answer, "tissue_fraction": round(tissue, 4), "model": self.model_fields}
 
