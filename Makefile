@@ -50,8 +50,8 @@ bento: install ## Build the service into a Bento (offline): the project wheel, t
 	rm -rf dist && $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
 	bentoml build .
 
-bench-serving: install ## Load benchmark of the served champion (after make pipeline): README "Serving" figures
-	$(BIN)/python -m benchmarks.serving_load
+bench-serving: install ## Load benchmark of what the pipeline registered (ALIAS= for another): README "Serving"
+	$(BIN)/python -m benchmarks.serving_load --alias $(or $(ALIAS),$$($(BIN)/python -c 'import json; print(json.load(open("outputs/register/champion.json"))["alias"])'))
 
 test: install ## Lint, type-check and run the test suite
 	$(BIN)/ruff check .
