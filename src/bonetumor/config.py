@@ -564,7 +564,8 @@ class ServingConfig:
         prediction_log: JSONL file of every answer's audit fields (no image bytes), relative to the project
             folder; empty = off.
         prediction_log_max_bytes: Size at which the log rotates.
-        prediction_log_backups: Rotated files kept (``predictions.jsonl.1`` ...).
+        prediction_log_backups: Rotated files kept (``predictions.jsonl.1`` ...); at least one is kept, so that
+            ``prediction_log_max_bytes`` bounds the current file.
         reload_seconds: Seconds between checks of where the alias points; a moved alias is loaded in the
             background and swapped in between requests. 0 = never check.
     """

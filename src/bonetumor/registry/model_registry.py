@@ -310,19 +310,3 @@ def open_served_model(params_path: str | Path, alias_or_version: str | None = No
         ),
         config,
     )
-
-
-def load_configured_predictor(params_path: str | Path, alias_or_version: str | None = None) -> Predictor:
-    """Load the registered model that params.yaml names (``register.model_name`` at ``register.alias``).
-
-    The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else params' ``tracking.uri`` resolved against the
-    params file's folder: the same database the pipeline registered into.
-
-    Args:
-        params_path: The project's params.yaml.
-        alias_or_version: Overrides ``register.alias`` (an alias or a version number).
-    """
-    params_path = Path(params_path)
-    config = load_config(params_path)
-    configure_tracking(config.tracking, params_path.resolve().parent)
-    return load_predictor(config.register.model_name, alias_or_version or config.register.alias)
