@@ -585,6 +585,56 @@ class ServingConfig:
 
 
 @dataclass(config=_STRICT)
+class AssessConfig:
+    """Whole-slide assessment (``bonetumor assess``, ``/assess``): tiling, the necrosis estimate, the limits.
+
+    Attributes:
+        tile_microns: Side in microns of the square a tile covers: what one training tile covered. TCIA tiles are
+            1024 px at 10x, about 1.0 um/px, so about 1024 um.
+        mpp: Microns per pixel of the input at full resolution; 0 = read it from the slide (OpenSlide's
+            ``openslide.mpp-x``, a TIFF's resolution tags). An input without it is refused unless this is set.
+        read_size: Side in pixels each tile is read at before the model's own preprocessing. 256 is the size of
+            the sample's training files (1024 px originals resized to 256).
+        tcia_tile_px: Side in slide pixels of one TCIA tile, for a folder or zip of tiles placed by the x and y
+            in their names.
+        min_tissue_fraction: A tile with less tissue (thumbnail mask first, then the read tile, with validation's
+            own tissue function) is glass and is skipped.
+        thumbnail_side: Longest side of the thumbnail the tissue mask and the overlay use (raised so that each
+            tile spans at least 8 of its pixels).
+        batch_size: Tiles per model call.
+        workers: Threads that read and decode tiles while the model classifies the previous batch.
+        necrotic_class: The class counted as necrotic tumour.
+        viable_class: The class counted as viable tumour.
+        good_response_percent: Necrosis at or above which the response is good (Huvos grade III/IV: 90 %).
+        bootstrap: Bootstrap resamples of the tiles for the interval (0 = none).
+        confidence_level: Level of the bootstrap interval.
+        seed: Seed of the bootstrap.
+        max_image_pixels: Largest plain (untiled) image accepted: such an image is decoded whole, so this bounds
+            the memory; a larger one must be converted to a pyramidal TIFF first.
+        max_upload_bytes: Largest upload ``/assess`` accepts (413 above).
+        results_dir: Where the service keeps each assessment's outputs, relative to the project folder.
+    """
+
+    tile_microns: Annotated[float, Field(gt=0.0)] = 1024.0
+    mpp: Annotated[float, Field(ge=0.0)] = 0.0
+    read_size: Annotated[int, Field(ge=32)] = 256
+    tcia_tile_px: PositiveInt = 1024
+    min_tissue_fraction: Probability = 0.25
+    thumbnail_side: Annotated[int, Field(ge=64)] = 2048
+    batch_size: PositiveInt = 32
+    workers: Annotated[int, Field(ge=1)] = 2
+    necrotic_class: str = "Non-Viable-Tumor"
+    viable_class: str = "Viable-Tumor"
+    good_response_percent: Annotated[float, Field(ge=0.0, le=100.0)] = 90.0
+    bootstrap: Annotated[int, Field(ge=0)] = 2000
+    confidence_level: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    seed: int = 0
+    max_image_pixels: PositiveInt = 250_000_000
+    max_upload_bytes: PositiveInt = 2 * 1024 * 1024 * 1024
+    results_dir: str = "outputs/serving/assess"
+
+
+@dataclass(config=_STRICT)
 class Config:
     """The whole of params.yaml."""
 
@@ -603,9 +653,16 @@ class Config:
     register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
+    assess: AssessConfig = dataclasses.field(default_factory=AssessConfig)
 
     def __post_init__(self) -> None:
         # Cross-section rules; ValueError becomes a ConfigError naming the field in from_dict.
+        for name in ("necrotic_class", "viable_class"):
+            value = getattr(self.assess, name)
+            if value not in self.data.classes:
+                raise ValueError(f"assess.{name}={value!r} is not a class; expected one of {list(self.data.classes)}")
+        if self.assess.necrotic_class == self.assess.viable_class:
+            raise ValueError("assess.necrotic_class and assess.viable_class must differ")
         for name in ("target_class", "safe_class"):
             value = getattr(self.referral, name)
             if value not in self.data.classes:
@@ -717,6 +774,7 @@ _SECTIONS: dict[str, type] = {
     "register": RegisterConfig,
     "tracking": TrackingConfig,
     "serving": ServingConfig,
+    "assess": AssessConfig,
 }
 
 

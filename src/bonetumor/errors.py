@@ -50,3 +50,7 @@ class ModelNotFoundError(BoneTumorError):
 
 class ArtifactError(BoneTumorError):
     """An upstream stage output is missing or malformed (for example a half-written run)."""
+
+
+class SlideError(InvalidImageError):
+    """A whole-slide input cannot be assessed: not a slide, unreadable, no tissue, unknown scale, bad tile names."""

@@ -167,6 +167,22 @@ class ServedModel:
                 return self.engine.predict_images(images)
         return self.engine.predict_images(images)
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The model's classes, in output order."""
+        return tuple(self.predictor.metadata.classes)
+
+    def classify_tiles(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """Classify decoded tiles of a slide in one engine call: the answers of :meth:`answer` without audit fields.
+
+        The whole-slide assessment reads its tiles itself (at the training scale), so there are no uploaded bytes
+        to check or hash; each answer still gets the tissue referral and the ``model`` block.
+        """
+        answers = self._predict(images)
+        return [
+            self._finish(answer, tissue_fraction(image), {}) for image, answer in zip(images, answers, strict=True)
+        ]
+
     def answer(self, data: bytes, source: str = "upload") -> dict[str, Any]:
         """Classify one uploaded tile.
 

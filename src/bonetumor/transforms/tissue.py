@@ -34,6 +34,21 @@ def tissue_fraction(image: Image.Image) -> float:
     """
     factor = max(1, min(image.size) // TISSUE_SIDE)
     small = image.reduce(factor) if factor > 1 else image
-    saturation = np.asarray(small.convert("HSV"))[..., 1]
-    intensity = np.asarray(small, dtype=np.float32).mean(axis=-1)
-    return float(((saturation >= TISSUE_MIN_SATURATION) | (intensity < TISSUE_MAX_INTENSITY)).mean())
+    return float(tissue_mask(small).mean())
+
+
+def tissue_mask(image: Image.Image) -> np.ndarray:
+    """Return which pixels of an RGB image show tissue, by the rule of :func:`tissue_fraction`, at its own size.
+
+    The whole-slide assessment applies it to a slide thumbnail, so glass is found by the same rule that flags
+    near-blank training tiles.
+
+    Args:
+        image: An RGB image.
+
+    Returns:
+        A boolean array of shape (height, width).
+    """
+    saturation = np.asarray(image.convert("HSV"))[..., 1]
+    intensity = np.asarray(image.convert("RGB"), dtype=np.float32).mean(axis=-1)
+    return np.asarray((saturation >= TISSUE_MIN_SATURATION) | (intensity < TISSUE_MAX_INTENSITY))

@@ -1,0 +1,379 @@
+"""Where the tiles of one slide come from: an OpenSlide slide, a large plain image, or a folder/zip of TCIA tiles.
+
+Every source answers the same questions in level-0 pixels (the slide's full resolution): its size, its microns
+per pixel, a thumbnail, and a square region read at a given output size. The assessment (``slide/assess.py``)
+only talks to :class:`SlideSource`, so a new format is one class here.
+
+Memory stays bounded for tiled formats: OpenSlide reads each region from the pyramid level closest to the output
+size, and a tile set decodes one tile file at a time. A plain JPEG/PNG/TIFF has no pyramid and is decoded whole,
+up to ``assess.max_image_pixels``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from bonetumor.errors import InvalidImageError, SlideError
+from bonetumor.transforms.decode import decode_image
+
+#: Files a tile set may hold (other files, such as a manifest, are ignored).
+TILE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
+#: A TCIA tile's stem: ``<slide>-<x>-<y>``, e.g. ``Case-48-P5-C20-15162-19423`` (slide ``Case-48-P5-C20``).
+TILE_NAME = re.compile(r"^(?P<slide>.+?)-(?P<x>\d+)-(?P<y>\d+)$")
+#: Microns per pixel a plain image's resolution tags may claim and still be believed: outside this, the tags
+#: are a screen default (72 or 96 dpi means 353 or 265 um/px), not a scanner's.
+PLAUSIBLE_MPP = (0.05, 20.0)
+#: What the assessment accepts, for error messages.
+EXPECTED_INPUT = (
+    "a whole-slide image OpenSlide reads (SVS, NDPI, MRXS, SCN, BIF, generic tiled or pyramidal TIFF, "
+    "a DICOM-WSI file or folder), a plain JPEG/PNG/TIFF image, or a folder or .zip of one slide's TCIA tiles "
+    "named <slide>-<x>-<y>.jpg"
+)
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """One square region of the slide, in level-0 pixels.
+
+    Attributes:
+        x: Left edge.
+        y: Top edge.
+        side: Side length.
+        key: Where a tile set reads it from (the member or file name); empty for regions of a slide.
+    """
+
+    x: int
+    y: int
+    side: int
+    key: str = ""
+
+
+class SlideSource(Protocol):
+    """What the assessment needs of an input (see the module docstring)."""
+
+    name: str
+    kind: str
+    dimensions: tuple[int, int]
+
+    def recorded_mpp(self) -> float | None:
+        """Microns per level-0 pixel recorded in the input, or None when it records none."""
+        ...
+
+    def tiles(self) -> list[TileSpec] | None:
+        """The tiles the input itself defines (a tile set), or None for a grid the assessment lays out."""
+        ...
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        """An RGB thumbnail of the whole slide, its longest side at most ``max_side`` (glass white)."""
+        ...
+
+    def read(self, tile: TileSpec, size: int) -> Image.Image:
+        """The tile as an RGB image of ``size`` x ``size`` pixels."""
+        ...
+
+    def content_hash(self) -> str:
+        """SHA-256 of the input's bytes (of each tile file, in name order, for a tile set)."""
+        ...
+
+    def close(self) -> None:
+        """Release file handles."""
+        ...
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX)
+
+
+class OpenSlideSource:
+    """A whole-slide image read through OpenSlide (``openslide-python`` with ``openslide-bin``)."""
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._openslide = openslide
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{path}: OpenSlide cannot read this slide ({exc}); the file may be truncated") from exc
+        self.path = path
+        self.name = path.name
+        vendor = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+        self.kind = f"openslide:{vendor}"
+        self.dimensions = tuple(self._slide.dimensions)  # type: ignore[assignment]
+
+    def recorded_mpp(self) -> float | None:
+        """``openslide.mpp-x`` (and ``-y``, which must agree within 1 %)."""
+        props = self._slide.properties
+        try:
+            mpp_x = float(props[self._openslide.PROPERTY_NAME_MPP_X])
+            mpp_y = float(props.get(self._openslide.PROPERTY_NAME_MPP_Y, mpp_x))
+        except (KeyError, ValueError):
+            return None
+        if mpp_x <= 0 or abs(mpp_x - mpp_y) > 0.01 * mpp_x:
+            return None
+        return mpp_x
+
+    def tiles(self) -> list[TileSpec] | None:
+        """None: the assessment lays a grid over the slide."""
+        return None
+
+    def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        try:
+            region = self._slide.read_region(location, level, size)
+        except self._openslide.OpenSlideError as exc:
+            raise SlideError(
+                f"{self.path}: OpenSlide failed to read the region at {location} (level {level}): {exc}; "
+                "the file may be truncated or corrupt"
+            ) from exc
+        # Outside the scanned area OpenSlide returns transparent pixels: show them as glass.
+        background = Image.new("RGB", region.size, (255, 255, 255))
+        background.paste(region, mask=region.getchannel("A"))
+        return background
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        """The region of the whole slide from the level nearest ``max_side``."""
+        width, height = self.dimensions
+        downsample = max(width, height) / max_side
+        level = self._slide.get_best_level_for_downsample(downsample)
+        level_w, level_h = self._slide.level_dimensions[level]
+        return _fit(self._read_region((0, 0), level, (level_w, level_h)), max_side)
+
+    def read(self, tile: TileSpec, size: int) -> Image.Image:
+        """Read from the pyramid level nearest ``tile.side / size`` (never coarser), then resize (Lanczos)."""
+        level = self._slide.get_best_level_for_downsample(tile.side / size)
+        downsample = self._slide.level_downsamples[level]
+        read_side = max(1, round(tile.side / downsample))
+        region = self._read_region((tile.x, tile.y), level, (read_side, read_side))
+        return region if read_side == size else region.resize((size, size), Image.Resampling.LANCZOS)
+
+    def content_hash(self) -> str:
+        """SHA-256 of the slide file (for MRXS and DICOM folders, of the file OpenSlide was given)."""
+        return _sha256_file(self.path)
+
+    def close(self) -> None:
+        """Close the slide."""
+        self._slide.close()
+
+
+class PlainImageSource:
+    """A large JPEG, PNG or untiled TIFF, decoded whole (bounded by ``assess.max_image_pixels``)."""
+
+    def __init__(self, path: Path, max_pixels: int) -> None:
+        try:
+            with Image.open(path) as probe:
+                width, height = probe.size
+                dpi = probe.info.get("dpi")
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise SlideError(f"{path}: not a slide or image ({exc}); expected {EXPECTED_INPUT}") from exc
+        if width * height > max_pixels:
+            raise SlideError(
+                f"{path}: a plain {width}x{height} image ({width * height / 1e6:.0f} Mpx) is above "
+                f"assess.max_image_pixels ({max_pixels / 1e6:.0f} Mpx); such an image is decoded whole. Convert it "
+                "to a pyramidal tiled TIFF (for example `vips tiffsave in.jpg out.tif --tile --pyramid "
+                "--compression jpeg`) or raise the limit"
+            )
+        previous = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            self._image = decode_image(path)
+        except InvalidImageError as exc:
+            raise SlideError(f"{exc}; expected {EXPECTED_INPUT}") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+        self.path = path
+        self.name = path.name
+        self.kind = "image"
+        self.dimensions = (width, height)
+        self._dpi = dpi
+
+    def recorded_mpp(self) -> float | None:
+        """From the dpi tags, only when they are a scanner's (see :data:`PLAUSIBLE_MPP`)."""
+        if not self._dpi:
+            return None
+        try:
+            mpp = 25400.0 / float(self._dpi[0])
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
+        return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+    def tiles(self) -> list[TileSpec] | None:
+        """None: the assessment lays a grid over the image."""
+        return None
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        """The image reduced to ``max_side``."""
+        return _fit(self._image, max_side)
+
+    def read(self, tile: TileSpec, size: int) -> Image.Image:
+        """Crop and resize (Lanczos)."""
+        crop = self._image.crop((tile.x, tile.y, tile.x + tile.side, tile.y + tile.side))
+        return crop if tile.side == size else crop.resize((size, size), Image.Resampling.LANCZOS)
+
+    def content_hash(self) -> str:
+        """SHA-256 of the image file."""
+        return _sha256_file(self.path)
+
+    def close(self) -> None:
+        """Drop the decoded image."""
+        self._image.close()
+
+
+class TileSetSource:
+    """One slide's TCIA tiles in a folder or a zip, placed on the slide by the x and y in their names."""
+
+    def __init__(self, path: Path, tile_px: int) -> None:
+        self.path = path
+        self.name = path.name
+        self._zip: zipfile.ZipFile | None = None
+        if path.is_dir():
+            members = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in TILE_SUFFIXES)
+            self.kind = "tile-folder"
+        else:
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise SlideError(f"{path}: not a readable zip archive ({exc}); expected {EXPECTED_INPUT}") from exc
+            members = sorted(
+                m.filename
+                for m in self._zip.infolist()
+                if not m.is_dir() and Path(m.filename).suffix.lower() in TILE_SUFFIXES
+                and not Path(m.filename).name.startswith("._")  # macOS resource forks
+            )
+            self.kind = "tile-zip"
+        if not members:
+            raise SlideError(f"{path}: holds no tile images (.jpg, .png, .tif); expected {EXPECTED_INPUT}")
+        self._placed = self._place(members)
+        self.slide = next(iter(self._placed))[0]
+        self._tiles = [TileSpec(x, y, tile_px, member) for (_, x, y), member in sorted(self._placed.items())]
+        self.dimensions = (max(t.x for t in self._tiles) + tile_px, max(t.y for t in self._tiles) + tile_px)
+
+    def _place(self, members: list[str]) -> dict[tuple[str, int, int], str]:
+        unnamed = [m for m in members if not TILE_NAME.match(Path(m).stem)]
+        if unnamed:
+            raise SlideError(
+                f"{self.path}: {len(unnamed)} of {len(members)} tile names carry no coordinates, e.g. "
+                f"{unnamed[:3]}; expected TCIA names <slide>-<x>-<y> such as Case-48-P5-C20-15162-19423.jpg"
+            )
+        placed: dict[tuple[str, int, int], str] = {}
+        for member in members:
+            match = TILE_NAME.match(Path(member).stem)
+            if match:  # every name matched above; this narrows the type
+                placed[(match["slide"], int(match["x"]), int(match["y"]))] = member
+        slides = Counter(slide for slide, _, _ in placed)
+        if len(slides) > 1:
+            listed = ", ".join(f"{name} ({count} tiles)" for name, count in slides.most_common())
+            raise SlideError(
+                f"{self.path}: tiles of {len(slides)} slides in one input: {listed}; expected the tiles of one "
+                "slide (assess each slide separately)"
+            )
+        return placed
+
+    def recorded_mpp(self) -> float | None:
+        """None: a tile set's scale is that of the training tiles (the assessment knows it)."""
+        return None
+
+    def tiles(self) -> list[TileSpec] | None:
+        """One tile per file, ``assess.tcia_tile_px`` slide pixels wide, at its name's x and y."""
+        return list(self._tiles)
+
+    def _bytes(self, member: str) -> bytes:
+        if self._zip is not None:
+            try:
+                return self._zip.read(member)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise SlideError(f"{self.path}: cannot read {member} from the zip ({exc})") from exc
+        try:
+            return (self.path / member).read_bytes()
+        except OSError as exc:
+            raise SlideError(f"{self.path / member}: cannot read file ({exc.strerror or exc})") from exc
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        """A mosaic of the tiles (JPEG draft decoding keeps it cheap), glass white."""
+        width, height = self.dimensions
+        scale = max_side / max(width, height)
+        canvas = Image.new("RGB", (max(1, round(width * scale)), max(1, round(height * scale))), (255, 255, 255))
+        cell = max(1, round(self._tiles[0].side * scale))
+        for tile in self._tiles:
+            try:
+                image = Image.open(io.BytesIO(self._bytes(tile.key)))
+                image.draft("RGB", (cell, cell))
+                small = image.convert("RGB").resize((cell, cell), Image.Resampling.BOX)
+            except (OSError, SyntaxError, ValueError):
+                continue  # an unreadable tile is reported when the assessment reads it
+            canvas.paste(small, (round(tile.x * scale), round(tile.y * scale)))
+        return canvas
+
+    def read(self, tile: TileSpec, size: int) -> Image.Image:
+        """Decode the tile's file with the project's decoder and resize it (Lanczos)."""
+        image = decode_image(self._bytes(tile.key), source=f"{self.path}/{tile.key}")
+        return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
+
+    def content_hash(self) -> str:
+        """SHA-256 over each tile's name and bytes, in name order."""
+        digest = hashlib.sha256()
+        for member in sorted(self._placed.values()):
+            digest.update(member.encode())
+            digest.update(hashlib.sha256(self._bytes(member)).digest())
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        """Close the zip."""
+        if self._zip is not None:
+            self._zip.close()
+
+
+def open_source(path: str | Path, max_image_pixels: int, tcia_tile_px: int) -> SlideSource:
+    """Open an input by what it is: a folder or zip of tiles, a DICOM folder, a slide OpenSlide reads, an image.
+
+    Args:
+        path: The input.
+        max_image_pixels: ``assess.max_image_pixels``.
+        tcia_tile_px: ``assess.tcia_tile_px``, the side of a tile of a tile set in slide pixels.
+
+    Returns:
+        The source.
+
+    Raises:
+        SlideError: The input does not exist or is none of :data:`EXPECTED_INPUT`.
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: no such file or folder; expected {EXPECTED_INPUT}")
+    if path.is_dir():
+        dicom = sorted(path.glob("*.dcm"))
+        if dicom:
+            return OpenSlideSource(dicom[0])
+        return TileSetSource(path, tcia_tile_px)
+    if path.stat().st_size == 0:
+        raise SlideError(f"{path}: empty file (0 bytes); expected {EXPECTED_INPUT}")
+    if zipfile.is_zipfile(path):
+        return TileSetSource(path, tcia_tile_px)
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"{path}: OpenSlide cannot read this file ({exc}); expected {EXPECTED_INPUT}") from exc
+    if vendor is not None:
+        return OpenSlideSource(path)
+    return PlainImageSource(path, max_image_pixels)
