@@ -467,3 +467,83 @@ def predict_tiles(
             yield {"file": str(tile), "error": str(exc)}
             continue
         yield {"file": str(tile), **answer}
+
+
+def assess_input(
+    params_path: str | Path,
+    input_path: str | Path,
+    out_dir: str | Path,
+    alias_or_version: str | None = None,
+    mpp: float | None = None,
+    progress: bool = True,
+) -> Any:
+    """Assess a whole slide with the registered model that params.yaml names (``bonetumor assess``).
+
+    The model answers exactly as the service does (the runtime the bundle names, the preprocessing, the test-time
+    views, the referral rule); the ``assess`` section sets the tiling and the interval. The resolved ``assess``
+    and ``serving`` sections are written beside the outputs.
+
+    Args:
+        params_path: The project's params.yaml.
+        input_path: A slide, a large image, or a folder/zip of one slide's TCIA tiles.
+        out_dir: Folder for ``assessment.json``, ``tiles.csv``, ``tiles.geojson`` and ``overlay.png``.
+        alias_or_version: Overrides ``register.alias``.
+        mpp: Overrides ``assess.mpp`` (microns per pixel of the input).
+        progress: Show a progress bar.
+
+    Returns:
+        The :class:`bonetumor.slide.assess.Assessment`.
+
+    Raises:
+        ConfigError: params.yaml is invalid, or ``mpp`` is not positive.
+        ModelNotFoundError: No such registered model, alias or version.
+        SlideError: The input cannot be assessed (the message names the file and what was expected).
+    """
+    import dataclasses
+
+    from bonetumor.config import save_resolved
+    from bonetumor.errors import ConfigError, SlideError
+    from bonetumor.registry.model_registry import open_served_model
+    from bonetumor.slide.assess import assess_slide
+    from bonetumor.slide.sources import EXPECTED_INPUT
+
+    if mpp is not None and mpp <= 0:
+        raise ConfigError(f"--mpp {mpp}: expected microns per pixel above 0 (e.g. 0.25 for a 40x scan)")
+    if not Path(input_path).exists():  # before the model loads: a typo should not cost seconds
+        raise SlideError(f"{input_path}: no such file or folder; expected {EXPECTED_INPUT}")
+    holder, config = open_served_model(params_path, alias_or_version)
+    if mpp is not None:
+        config = dataclasses.replace(config, assess=dataclasses.replace(config.assess, mpp=mpp))
+    assessment = assess_slide(input_path, holder.current, config.assess, out_dir, progress=progress)
+    save_resolved(config, out_dir, sections=("assess", "serving"))
+    return assessment
+
+
+def write_demo_slide_file(params_path: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the demo slide (``bonetumor demo-slide``): the sample's real tiles on a known layout, a pyramidal TIFF.
+
+    Returns:
+        ``path``, ``tiles_per_class`` of the layout, its ``necrosis_percent``, ``mpp`` and ``tile_px``.
+    """
+    from bonetumor.slide.demo import (
+        DEMO_LAYOUT,
+        DEMO_MPP,
+        DEMO_TILE_PX,
+        layout_counts,
+        layout_necrosis_percent,
+        sample_tile_source,
+        write_demo_slide,
+    )
+
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    source = params_path.resolve().parent / config.data.source
+    path = write_demo_slide(out, sample_tile_source(source, config.data.classes))
+    return {
+        "path": str(path),
+        "layout": list(DEMO_LAYOUT),
+        "tiles_per_class": layout_counts(DEMO_LAYOUT),
+        "necrosis_percent": round(layout_necrosis_percent(DEMO_LAYOUT), 2),
+        "mpp": DEMO_MPP,
+        "tile_px": DEMO_TILE_PX,
+    }

@@ -300,6 +300,76 @@ def predict(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def assess(
+    input_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT",
+            help="A whole-slide image (SVS, NDPI, MRXS, tiled TIFF, DICOM), a large JPEG/PNG/TIFF, or a folder or "
+            "zip of one slide's TCIA tiles named <slide>-<x>-<y>.jpg.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the answer, the map and the exports.")],
+    params: ParamsOption = Path("params.yaml"),
+    model: Annotated[str, typer.Option(help="Alias or version number of the registered model.")] = "",
+    mpp: Annotated[
+        float | None, typer.Option(help="Microns per pixel of the input, when it records none (assess.mpp).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole answer as JSON on stdout.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+) -> None:
+    """Estimate percent necrosis over a whole slide: classify every tissue tile at the training scale.
+
+    Writes assessment.json, tiles.csv, tiles.geojson (QuPath: File > Import objects from file) and overlay.png
+    into --out. The figure is an estimate for a pathologist to confirm.
+    """
+    from bonetumor.stages import assess_input
+
+    def stage() -> None:
+        result = assess_input(params, input_path, out, model or None, mpp, progress)
+        summary = result.summary
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        interval = summary["necrosis_interval"]
+        necrosis = summary["necrosis_percent"]
+        typer.echo(f"{summary['name']}: {summary['tiles']} tissue tiles {summary['tiles_per_class']}")
+        if necrosis is not None:
+            span = f" (interval {interval[0]:.1f}-{interval[1]:.1f} %)" if interval else ""
+            typer.echo(f"necrosis: {necrosis:.1f} %{span}; tumour area {summary['tumour_area_mm2']:.1f} mm2")
+        typer.echo(
+            f"referred to a pathologist: {summary['referred']['tiles']} tiles ({summary['referred']['share']:.0%})"
+        )
+        typer.echo(summary["response"]["text"])
+        for kind, path in result.files.items():
+            typer.echo(f"{kind}: {path}")
+
+    run_stage(stage)
+
+
+@app.command("demo-slide")
+def demo_slide(
+    out: Annotated[Path, typer.Argument(help="The pyramidal TIFF to write, e.g. outputs/demo/slide.tif.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Write a demo slide: the sample's real tiles on a known layout (glass, normal tissue, necrosis, tumour).
+
+    The tiles are the sample's own, so a model trained on the sample has seen them: the demo shows the tool
+    working, not how well it does on new slides.
+    """
+    from bonetumor.stages import write_demo_slide_file
+
+    def stage() -> None:
+        result = write_demo_slide_file(params, out)
+        typer.echo(
+            f"wrote {result['path']}: {result['tiles_per_class']} tiles of {result['tile_px']} px at "
+            f"{result['mpp']} um/px; the layout's necrosis is {result['necrosis_percent']} %"
+        )
+
+    run_stage(stage)
+
+
 _add_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover

@@ -211,8 +211,14 @@ def _classify_all(
         for (tile, _, tissue), answer in zip(batch, answers, strict=True):
             referral = answer.get("referral", {})
             run.rows.append(
-                TileRow(tile, answer["label"], answer["probabilities"], bool(referral.get("refer")),
-                        str(referral.get("reason", "")), tissue)
+                TileRow(
+                    tile,
+                    answer["label"],
+                    answer["probabilities"],
+                    bool(referral.get("refer")),
+                    str(referral.get("reason", "")),
+                    tissue,
+                )
             )
         batch.clear()
 

@@ -108,9 +108,7 @@ def write_geojson(rows: Sequence[TileRow], classes: Sequence[str], path: Path) -
     return path
 
 
-def class_map(
-    thumbnail: Image.Image, dimensions: tuple[int, int], rows: Sequence[TileRow]
-) -> Image.Image:
+def class_map(thumbnail: Image.Image, dimensions: tuple[int, int], rows: Sequence[TileRow]) -> Image.Image:
     """The thumbnail with each tissue tile filled in its class colour; referred tiles outlined in black."""
     scale = thumbnail.width / dimensions[0]
     base = thumbnail.convert("RGB")
@@ -161,7 +159,7 @@ def write_overlay(
         ax.set_axis_off()
     counts = summary.get("tiles_per_class", {})
     handles = [
-        Patch(facecolor=np.array(colour_of(name)) / 255, edgecolor="none", label=f"{name} ({counts.get(name, 0)})")
+        Patch(facecolor=_rgb(colour_of(name)), edgecolor="none", label=f"{name} ({counts.get(name, 0)})")
         for name in classes
     ]
     handles.append(Patch(facecolor="none", edgecolor="black", linewidth=2, label="referred to a pathologist"))
@@ -171,6 +169,10 @@ def write_overlay(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    return (colour[0] / 255, colour[1] / 255, colour[2] / 255)
 
 
 def _headline(summary: Mapping[str, Any]) -> str:

@@ -54,9 +54,7 @@ def _percent(necrotic: np.ndarray, viable: np.ndarray) -> np.ndarray:
         return np.where(tumour > 0, 100.0 * necrotic / np.where(tumour > 0, tumour, 1), np.nan)
 
 
-def _bootstrap_counts(
-    kinds: np.ndarray, resamples: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _bootstrap_counts(kinds: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per resample, the counts of tiles of kind 0 (accepted necrotic), 1 (accepted viable) and 2 (referred)."""
     rng = np.random.default_rng(seed)
     n = len(kinds)
@@ -111,9 +109,7 @@ def necrosis_summary(
     n_referred = int(referred.sum())
     low = _percent(np.array(accepted_n), np.array(accepted_v + n_referred)).item()
     high = _percent(np.array(accepted_n + n_referred), np.array(accepted_v)).item()
-    interval = _interval(
-        is_necrotic, is_viable, referred, point, (low, high), bootstrap, confidence_level, seed
-    )
+    interval = _interval(is_necrotic, is_viable, referred, point, (low, high), bootstrap, confidence_level, seed)
     tumour = int(is_necrotic.sum() + is_viable.sum())
     return {
         "tiles": len(calls),
@@ -189,9 +185,7 @@ def _interval(
     return parts | {"combined": [_rounded(combined_low), _rounded(combined_high)]}
 
 
-def _response(
-    point: float, interval: list[float | None] | None, threshold: float, tumour_tiles: int
-) -> dict[str, Any]:
+def _response(point: float, interval: list[float | None] | None, threshold: float, tumour_tiles: int) -> dict[str, Any]:
     """The Huvos-style category of the estimate, and whether its interval crosses the threshold."""
     if tumour_tiles == 0 or np.isnan(point):
         return {
@@ -206,9 +200,7 @@ def _response(
     certain = low is not None and high is not None and ((low >= threshold) if good else (high < threshold))
     category = "good responder" if good else "poor responder"
     side = f">= {threshold:g} %" if good else f"< {threshold:g} %"
-    text = (
-        f"Estimated {point:.1f} % necrosis ({side}): {category} (Huvos), an estimate for a pathologist to confirm."
-    )
+    text = f"Estimated {point:.1f} % necrosis ({side}): {category} (Huvos), an estimate for a pathologist to confirm."
     if not certain:
         text += f" The interval crosses {threshold:g} %, so the category is uncertain."
     return {"category": category, "threshold_percent": threshold, "certain": bool(certain), "text": text}

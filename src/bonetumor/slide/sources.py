@@ -119,7 +119,8 @@ class OpenSlideSource:
         self.name = path.name
         vendor = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
         self.kind = f"openslide:{vendor}"
-        self.dimensions = tuple(self._slide.dimensions)  # type: ignore[assignment]
+        width, height = self._slide.dimensions
+        self.dimensions = (int(width), int(height))
 
     def recorded_mpp(self) -> float | None:
         """``openslide.mpp-x`` (and ``-y``, which must agree within 1 %)."""
@@ -197,7 +198,11 @@ class PlainImageSource:
             Image.MAX_IMAGE_PIXELS = max_pixels
             self._image = decode_image(path)
         except InvalidImageError as exc:
-            raise SlideError(f"{exc}; expected {EXPECTED_INPUT}") from exc
+            reason = str(exc).removeprefix(f"{path}: ").split("; expected")[0]
+            raise SlideError(
+                f"{path}: neither a slide OpenSlide recognises nor a readable image ({reason}); expected "
+                f"{EXPECTED_INPUT}"
+            ) from exc
         finally:
             Image.MAX_IMAGE_PIXELS = previous
         self.path = path
@@ -256,7 +261,8 @@ class TileSetSource:
             members = sorted(
                 m.filename
                 for m in self._zip.infolist()
-                if not m.is_dir() and Path(m.filename).suffix.lower() in TILE_SUFFIXES
+                if not m.is_dir()
+                and Path(m.filename).suffix.lower() in TILE_SUFFIXES
                 and not Path(m.filename).name.startswith("._")  # macOS resource forks
             )
             self.kind = "tile-zip"
