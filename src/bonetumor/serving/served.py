@@ -179,9 +179,7 @@ class ServedModel:
         to check or hash; each answer still gets the tissue referral and the ``model`` block.
         """
         answers = self._predict(images)
-        return [
-            self._finish(answer, tissue_fraction(image), {}) for image, answer in zip(images, answers, strict=True)
-        ]
+        return [self._finish(answer, tissue_fraction(image), {}) for image, answer in zip(images, answers, strict=True)]
 
     def answer(self, data: bytes, source: str = "upload") -> dict[str, Any]:
         """Classify one uploaded tile.
