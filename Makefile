@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # every stage process recompiled torch, MLflow and GX from source, 13 of the 21 s a `bonetumor balance` took.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install run pipeline serve bento bench-serving test test-fast lint compile clean
+.PHONY: install run pipeline assess-demo serve bento bench-serving test test-fast lint compile clean
 
 # --no-compile: byte-compiling all of torch's and MLflow's modules at install took 1 min 40 s of a 3 min 44 s
 # install on 2 cores; Python compiles the modules it imports on first use instead.
@@ -40,6 +40,10 @@ pipeline: install ## Everything up to the registered champion (dvc repro)
 	dvc repro
 	@$(BIN)/python -c 'import json; c=json.load(open("outputs/register/champion.json")); print("registered:", c["model_uri"], "version", c["version"], "(" + c["arch"] + ")"); print("champion gate:", c["gate"]["reason"])'
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+
+assess-demo: install ## Percent necrosis of the demo slide (the sample's tiles on a known layout) with what the pipeline registered
+	bonetumor demo-slide outputs/demo/slide.tif
+	bonetumor assess outputs/demo/slide.tif --out outputs/demo/assess --model $$($(BIN)/python -c 'import json; print(json.load(open("outputs/register/champion.json"))["alias"])')
 
 serve: install ## Serve models:/bone-tumor-classifier@champion (ALIAS=challenger or a version for another) on http://$(HOST):$(PORT)
 	@echo "Serving @$(or $(ALIAS),champion) on http://$(HOST):$(PORT): the page at http://$(HOST):$(PORT)/ui/, POST /predict (form field 'image'); Ctrl-C stops."

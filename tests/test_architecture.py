@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "bonetumor"
-SUBPACKAGES = {"data", "transforms", "balance", "training", "evaluation", "registry", "serving", "cli"}
+SUBPACKAGES = {"data", "transforms", "balance", "training", "evaluation", "registry", "serving", "slide", "cli"}
 #: Code lines a function may have, its docstring not counted.
 MAX_FUNCTION_LINES = 80
 ADAPTERS = [REPO / "components", REPO / "pipelines", REPO / "serving", REPO / "benchmarks"]

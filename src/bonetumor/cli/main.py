@@ -336,8 +336,11 @@ def assess(
         necrosis = summary["necrosis_percent"]
         typer.echo(f"{summary['name']}: {summary['tiles']} tissue tiles {summary['tiles_per_class']}")
         if necrosis is not None:
-            span = f" (interval {interval[0]:.1f}-{interval[1]:.1f} %)" if interval else ""
-            typer.echo(f"necrosis: {necrosis:.1f} %{span}; tumour area {summary['tumour_area_mm2']:.1f} mm2")
+            span = f" (interval {interval[0]:.1f}-{interval[1]:.1f} %" if interval else " ("
+            sampling = summary["interval"]["bootstrap"]
+            if sampling:
+                span += f"; sampling alone {sampling[0]:.1f}-{sampling[1]:.1f} %"
+            typer.echo(f"necrosis: {necrosis:.1f} %{span}); tumour area {summary['tumour_area_mm2']:.1f} mm2")
         typer.echo(
             f"referred to a pathologist: {summary['referred']['tiles']} tiles ({summary['referred']['share']:.0%})"
         )

@@ -131,7 +131,7 @@ def class_map(thumbnail: Image.Image, dimensions: tuple[int, int], rows: Sequenc
     outline = ImageDraw.Draw(blended)
     for box, referred in boxes:
         if referred:
-            outline.rectangle(box, outline=(0, 0, 0), width=max(1, (box[2] - box[0]) // 8))
+            outline.rectangle(box, outline=(0, 0, 0), width=max(1, (box[2] - box[0]) // 14))
     return blended
 
 
