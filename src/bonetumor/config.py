@@ -657,10 +657,8 @@ class Config:
 
     def __post_init__(self) -> None:
         # Cross-section rules; ValueError becomes a ConfigError naming the field in from_dict.
-        for name in ("necrotic_class", "viable_class"):
-            value = getattr(self.assess, name)
-            if value not in self.data.classes:
-                raise ValueError(f"assess.{name}={value!r} is not a class; expected one of {list(self.data.classes)}")
+        # assess.necrotic_class / viable_class are checked against the model's classes when a slide is assessed:
+        # a project may train other classes and never assess a slide.
         if self.assess.necrotic_class == self.assess.viable_class:
             raise ValueError("assess.necrotic_class and assess.viable_class must differ")
         for name in ("target_class", "safe_class"):

@@ -62,6 +62,7 @@ class ColourStub:
     """Names a tile by its nearest class colour; refers tiles of :data:`REFERRED_COLOUR` (as viable tumour)."""
 
     classes = CLASSES
+
     def __init__(self) -> None:
         self.seen = 0
         self.model_fields = {"name": "stub", "version": "0", "run_id": "", "runtime": "stub"}
@@ -340,3 +341,10 @@ def test_the_demo_slide_uses_the_sample_tiles(tmp_path: Path, sample_images: Pat
     region = slide.read_region((cell * 256, 256), 0, (256, 256)).convert("RGB")
     with Image.open(first) as tile:
         assert np.array_equal(np.asarray(region), np.asarray(tile.convert("RGB")))  # lossless, at level 0
+
+
+def test_classes_the_model_lacks_are_named(tmp_path: Path) -> None:
+    from bonetumor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"assess.necrotic_class='Necrosis' is not a class of the model"):
+        assess_slide(_slide(tmp_path), ColourStub(), _config(necrotic_class="Necrosis"), tmp_path / "o", progress=False)

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bonetumor.config import AssessConfig
-from bonetumor.errors import InvalidImageError, SlideError
+from bonetumor.errors import ConfigError, InvalidImageError, SlideError
 from bonetumor.slide.exports import TileRow, write_geojson, write_overlay, write_tiles_csv
 from bonetumor.slide.necrosis import TileCall, necrosis_summary
 from bonetumor.slide.sources import SlideSource, TileSetSource, TileSpec, open_source
@@ -275,6 +275,7 @@ def assess_slide(
 
     Raises:
         SlideError: The input is not a slide, cannot be read, has no tissue, or its scale is unknown.
+        ConfigError: ``assess.necrotic_class`` or ``viable_class`` is not one of the model's classes.
     """
     started = time.perf_counter()
     source = open_source(input_path, config.max_image_pixels, config.tcia_tile_px)
@@ -295,6 +296,12 @@ def _assess(
     on_progress: ProgressCallback | None,
     started: float,
 ) -> Assessment:
+    for field_name in ("necrotic_class", "viable_class"):
+        value = getattr(config, field_name)
+        if value not in model.classes:
+            raise ConfigError(
+                f"assess.{field_name}={value!r} is not a class of the model; expected one of {list(model.classes)}"
+            )
     scale = _scale(source, config)
     given = source.tiles()
     thumb = source.thumbnail(_thumbnail_side(source.dimensions, scale.tile_side, config.thumbnail_side))
