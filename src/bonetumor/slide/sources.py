@@ -321,10 +321,10 @@ class TileSetSource:
         cell = max(1, round(self._tiles[0].side * scale))
         for tile in self._tiles:
             try:
-                image = Image.open(io.BytesIO(self._bytes(tile.key)))
-                image.draft("RGB", (cell, cell))
-                small = image.convert("RGB").resize((cell, cell), Image.Resampling.BOX)
-            except (OSError, SyntaxError, ValueError):
+                with Image.open(io.BytesIO(self._bytes(tile.key))) as image:
+                    image.draft("RGB", (cell, cell))
+                    small = image.convert("RGB").resize((cell, cell), Image.Resampling.BOX)
+            except (OSError, SyntaxError, ValueError, SlideError):
                 continue  # an unreadable tile is reported when the assessment reads it
             canvas.paste(small, (round(tile.x * scale), round(tile.y * scale)))
         return canvas
