@@ -6,7 +6,10 @@ when unset, from the project's own MLflow database. ``BONETUMOR_PROJECT_DIR`` na
 this folder's parent), ``BONETUMOR_MODEL_ALIAS`` serves another alias or pins a version number.
 
 Routes: ``POST /predict`` (field ``image``), ``POST /predict_batch`` (field ``images``, repeated),
-``POST /explain`` (field ``image``, optional ``target``), ``GET|POST /model_info``, the page at ``/ui/``, and
+``POST /explain`` (field ``image``, optional ``target``), ``GET|POST /model_info``, the whole-slide task
+``POST /assess/submit`` (field ``slide``) with ``GET /assess/status?task_id=`` and ``GET /assess/get?task_id=``,
+the pages at ``/ui/`` (tiles) and ``/ui/assess`` (slides), an assessment's progress at
+``GET /ui/assess/progress/<task_id>`` and its files at ``GET /ui/assess/results/<task_id>/<file>``, and
 BentoML's ``/livez``, ``/readyz`` (ready once the model is loaded) and ``/metrics``.
 
 All logic is in the ``bonetumor`` package (:class:`bonetumor.serving.served.ServedModel`); this file only adapts
@@ -16,25 +19,33 @@ the prediction log and counts labels and referrals for Prometheus.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import shutil
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import anyio
 import bentoml
 import yaml
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 import bonetumor.serving
-from bonetumor.config import ServingConfig
+from bonetumor.config import AssessConfig, ServingConfig
 from bonetumor.errors import ConfigError, InvalidImageError
 from bonetumor.serving.audit import PredictionLog
-from bonetumor.serving.http import UploadEndpoint, UploadGuard
+from bonetumor.serving.http import SpooledUpload, UploadEndpoint, UploadGuard, take_spooled
+from bonetumor.serving.progress import AssessProgress
 
 if TYPE_CHECKING:
     from bonetumor.serving.served import ServedModel
@@ -43,22 +54,44 @@ log = logging.getLogger("bonetumor.service")
 
 PROJECT_DIR = Path(os.environ.get("BONETUMOR_PROJECT_DIR", Path(__file__).resolve().parent.parent))
 UI_DIR = Path(bonetumor.serving.__file__).with_name("ui")
+_Section = TypeVar("_Section", ServingConfig, AssessConfig)
+
+
+def _section(name: str, cls: type[_Section]) -> _Section:
+    # Read when the service is defined, for the upload limits the guard enforces and the results folder the page
+    # serves. One section only, so that `bentoml serve`'s supervising process does not import torch; the worker
+    # validates the whole file.
+    path = PROJECT_DIR / "params.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return cls(**(raw.get(name) or {}))
+    except (TypeError, ValidationError) as exc:
+        raise ConfigError(f"{path}: {name}: {exc}") from exc
+
+
+def _serving_config() -> ServingConfig:
+    return _section("serving", ServingConfig)
+
+
+_ASSESS = _section("assess", AssessConfig)
+#: Where each assessment's files are kept, one folder per task id.
+RESULTS_DIR = PROJECT_DIR / _ASSESS.results_dir
+#: An assessment's id: its BentoML task id (uuid4 hex). Anything else in a URL is refused (no path traversal).
+ASSESS_ID = re.compile(r"[0-9a-f]{32}")
+_SLIDE = UploadEndpoint(
+    "slide",
+    example="slide.svs",
+    spool=True,
+    max_bytes=_ASSESS.max_upload_bytes,
+    limit_setting="assess.max_upload_bytes",
+)
 UPLOADS = {
     "/predict": UploadEndpoint("image"),
     "/predict_batch": UploadEndpoint("images", many=True),
     "/explain": UploadEndpoint("image", optional_fields=("target",)),
+    "/assess": _SLIDE,
+    "/assess/submit": _SLIDE,
 }
-
-
-def _serving_config() -> ServingConfig:
-    # Read when the service is defined, for the upload limit the guard enforces. Only the serving section, so
-    # that `bentoml serve`'s supervising process does not import torch; the worker validates the whole file.
-    path = PROJECT_DIR / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) or {}
-    try:
-        return ServingConfig(**(raw.get("serving") or {}))
-    except (TypeError, ValidationError) as exc:
-        raise ConfigError(f"{path}: serving: {exc}") from exc
 
 
 def _take(upload: Path) -> bytes:
@@ -74,6 +107,19 @@ def _name(upload: Path) -> str:
     # what error messages should name.
     name = upload.name
     return name[11:] if name.startswith("tmp") and len(name) > 11 else name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _without_paths(message: str, upload: SpooledUpload) -> str:
+    # The package names the file it was given: the client should read its own file name, not the server's folder.
+    return message.replace(str(upload.path), upload.filename).replace(str(upload.path.parent), "")
 
 
 def _rejected(status: int, message: str, path: str) -> Any:
@@ -98,7 +144,47 @@ class _ClientErrorsInOneLine(logging.Filter):
         return True
 
 
-ui = Starlette(routes=[Mount("/", StaticFiles(directory=UI_DIR, html=True), name="ui")])
+PROGRESS = AssessProgress()
+#: Output file name to (media type, whether it downloads rather than shows).
+RESULT_MEDIA = {
+    "overlay.png": ("image/png", False),
+    "assessment.json": ("application/json", False),
+    "tiles.geojson": ("application/geo+json", True),
+    "tiles.csv": ("text/csv", True),
+}
+
+
+async def _assess_page(request: Request) -> Response:
+    return FileResponse(UI_DIR / "assess.html", media_type="text/html")
+
+
+async def _assess_progress(request: Request) -> Response:
+    task_id = request.path_params["task_id"]
+    entry = PROGRESS.get(task_id) if ASSESS_ID.fullmatch(task_id) else None
+    if entry is None:
+        return JSONResponse({"error": f"no assessment {task_id!r} on this server; expected a task id"}, 404)
+    return JSONResponse(entry, headers={"Cache-Control": "no-store"})
+
+
+async def _assess_result(request: Request) -> Response:
+    result_id, name = request.path_params["result_id"], request.path_params["name"]
+    path = RESULTS_DIR / result_id / name
+    if not ASSESS_ID.fullmatch(result_id) or name not in RESULT_MEDIA or not path.is_file():
+        return JSONResponse({"error": "no such assessment file"}, 404)
+    media, download = RESULT_MEDIA[name]
+    if download:
+        return FileResponse(path, media_type=media, filename=f"{result_id}-{name}")
+    return FileResponse(path, media_type=media)
+
+
+ui = Starlette(
+    routes=[
+        Route("/assess", _assess_page, methods=["GET"]),
+        Route("/assess/progress/{task_id}", _assess_progress, methods=["GET"]),
+        Route("/assess/results/{result_id}/{name}", _assess_result, methods=["GET"]),
+        Mount("/", StaticFiles(directory=UI_DIR, html=True), name="ui"),
+    ]
+)
 
 
 @bentoml.asgi_app(ui, path="/ui")
@@ -124,6 +210,9 @@ class BoneTumorClassifier:
             else None
         )
         self.max_batch_files = serving.max_batch_files
+        self.assess_config = config.assess
+        # One assessment at a time, outside BentoML's request threads: a slide does not hold up /predict.
+        self._assess_turn: anyio.CapacityLimiter | None = None
         self.answers = bentoml.metrics.Counter(
             name="bonetumor_answers",
             documentation="Tiles answered, by label, referral and the model version that answered",
@@ -203,6 +292,112 @@ class BoneTumorClassifier:
             {k: v for k, v in answer.items() if not k.startswith("heatmap") and k != "overlay_png"}, "/explain", model
         )
         return answer
+
+    @bentoml.task
+    async def assess(self, upload_id: str, ctx: bentoml.Context) -> dict[str, Any]:
+        """Assess a whole slide: percent necrosis with its interval, the response category, the map and exports.
+
+        Send the slide as multipart field ``slide`` (``curl -F slide=@slide.svs http://HOST/assess/submit``):
+        a whole-slide image OpenSlide reads, a pyramidal TIFF, a plain JPEG/PNG/TIFF, or a .zip of one slide's
+        TCIA tiles named ``<slide>-<x>-<y>.jpg``, up to ``assess.max_upload_bytes``. The upload guard streams it
+        to a private temporary folder and passes this method only its ``upload_id``; the folder is deleted when
+        the assessment ends, whatever happens. Poll ``GET /assess/status?task_id=`` (and, for tiles read,
+        ``GET /ui/assess/progress/<task_id>``), then ``GET /assess/get?task_id=``.
+
+        Returns the summary of :func:`bonetumor.slide.assess.assess_slide` (``necrosis_percent``,
+        ``necrosis_interval``, ``response``, ``tiles_per_class``, ``referred``, ``tumour_area_mm2``, ``model``,
+        ``input`` with its sha256, ``request_id``, ``timestamp``...) plus ``result_id`` (the task id) and
+        ``overlay_url``, ``geojson_url``, ``csv_url``, ``json_url`` under ``/ui/assess/results/<result_id>/``.
+        An input that is not a readable slide ends the task as ``failed``, and ``/assess/get`` answers 400 with
+        ``error`` naming the file and what was expected.
+        """
+        task_id = getattr(ctx.request.state, "task_id", None)  # None on the synchronous POST /assess
+        result_id = task_id if isinstance(task_id, str) and ASSESS_ID.fullmatch(task_id) else uuid.uuid4().hex
+        try:
+            upload = take_spooled(upload_id)
+        except KeyError:
+            # A retry (POST /assess/retry) replays the upload id, but an upload is read once and deleted.
+            message = "the upload is no longer kept (each upload is assessed once, then deleted); upload it again"
+            ctx.response.status_code = 400
+            return _rejected(400, message, "/assess")
+        PROGRESS.start(result_id, upload.filename)
+        try:
+            if self._assess_turn is None:
+                self._assess_turn = anyio.CapacityLimiter(1)
+            async with self._assess_turn:
+                answer = await anyio.to_thread.run_sync(self._assess_upload, upload, result_id)
+        except InvalidImageError as exc:
+            message = _without_paths(str(exc), upload)
+            PROGRESS.update(result_id, "failed", error=message)
+            self.rejections.labels("/assess").inc()
+            ctx.response.status_code = 400
+            return _rejected(400, message, "/assess")
+        except BaseException:
+            PROGRESS.update(result_id, "failed", error="an unexpected error; see the server log")
+            raise
+        finally:
+            upload.remove()
+        PROGRESS.update(result_id, "completed")
+        return answer
+
+    def _assess_upload(self, upload: SpooledUpload, result_id: str) -> dict[str, Any]:
+        """Run one assessment in a worker thread; log it; on a bad input, log the refusal and raise."""
+        from bonetumor.slide.assess import assess_slide
+
+        model = self.holder.current  # once: an alias move mid-slide does not mix versions
+        out_dir = RESULTS_DIR / result_id
+        PROGRESS.update(result_id, "opening")
+        try:
+            assessment = assess_slide(
+                upload.path,
+                model,
+                self.assess_config,
+                out_dir,
+                name=upload.filename,
+                progress=False,
+                on_progress=lambda done, total: PROGRESS.tiles(result_id, done, total),
+            )
+        except BaseException as exc:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            if isinstance(exc, InvalidImageError) and self.prediction_log is not None:
+                self.prediction_log.write(
+                    {
+                        "request_id": uuid.uuid4().hex,
+                        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                        "input_sha256": _sha256(upload.path),
+                        "endpoint": "/assess",
+                        "filename": upload.filename,
+                        "error": _without_paths(str(exc), upload),
+                    }
+                )
+            raise
+        summary = assessment.summary
+        links = {
+            f"{kind}_url": f"/ui/assess/results/{result_id}/{path.name}" for kind, path in assessment.files.items()
+        }
+        if self.prediction_log is not None:
+            self.prediction_log.write(
+                {
+                    "request_id": summary["request_id"],
+                    "timestamp": summary["timestamp"],
+                    "input_sha256": summary["input"]["sha256"],
+                    "model": summary["model"],
+                    "endpoint": "/assess",
+                    "filename": summary["name"],
+                    "assessment": {
+                        key: summary[key]
+                        for key in (
+                            "tiles",
+                            "tiles_per_class",
+                            "necrosis_percent",
+                            "necrosis_interval",
+                            "tumour_area_mm2",
+                        )
+                    }
+                    | {"referred_share": summary["referred"]["share"], "response": summary["response"]["category"]},
+                }
+            )
+        return {**summary, "result_id": result_id, **links}
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:

@@ -174,3 +174,56 @@ def serve_session(root: Path) -> BentoServer:
     (root / "tmp").mkdir()
     write_registry_project(root)
     return BentoServer.start(root, register_model(root, seed=0))
+
+
+#: A small slide for the /assess tests: 6 x 5 tiles of 256 px at 4 um/px (1024 um each), glass around tissue.
+ASSESS_LAYOUT: tuple[str, ...] = (
+    "......",
+    ".NXXV.",
+    ".XVVN.",
+    "..NX..",
+    "......",
+)
+
+
+def tissue_tile_source(min_tissue: float = 0.6) -> Any:
+    """Sample tiles per class with at least ``min_tissue`` tissue, in turn: none is skipped as glass when read."""
+    import itertools
+
+    from PIL import Image
+
+    from bonetumor.slide.demo import CELL_CLASSES
+    from bonetumor.transforms.tissue import tissue_fraction
+
+    cycles: dict[str, Any] = {}
+    for name in CELL_CLASSES.values():
+        tiles = []
+        for path in sorted((SAMPLE / "images" / name).glob("*.jpg")):
+            with Image.open(path) as image:
+                tile = image.convert("RGB")
+            if tissue_fraction(tile) >= min_tissue:
+                tiles.append(tile)
+        assert tiles, f"no sample tile of {name} with {min_tissue:.0%} tissue"
+        cycles[name] = itertools.cycle(tiles)
+
+    def tile_for(name: str, index: int) -> Any:
+        return next(cycles[name]).copy()
+
+    return tile_for
+
+
+def write_test_slide(path: Path, layout: tuple[str, ...] = ASSESS_LAYOUT) -> Path:
+    """A pyramidal TIFF slide (OpenSlide ``generic-tiff``, mpp 4.0) of real tissue tiles on a known layout."""
+    from bonetumor.slide.demo import write_demo_slide
+
+    return write_demo_slide(path, tissue_tile_source(), layout=layout, tile_px=256, mpp=4.0)
+
+
+def serve_project(root: Path, registry: Path, version: str, params: dict[str, Any]) -> BentoServer:
+    """Serve, from a project of its own at ``root`` (``params``), the model registered in ``registry``'s MLflow."""
+    (root / "tmp").mkdir(exist_ok=True)
+    project: dict[str, Any] = {"tracking": {"uri": f"sqlite:///{registry / 'mlflow.db'}"}}
+    for section, values in params.items():
+        project.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(project))
+    return BentoServer.start(root, version)

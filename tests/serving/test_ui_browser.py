@@ -3,7 +3,8 @@
 Debian's chromium is driven by Playwright (no browser download: ``playwright install`` needs the internet). The
 page must show the served model and the disclaimer, classify and explain a real tile, show the server's message
 for a bad file and keep working, handle several tiles at once, load nothing from outside the server, and fit a
-narrow screen.
+narrow screen. The whole-slide page (/ui/assess, linked from the tile page) must upload a slide, follow the task
+to its estimate and map, and show the server's message for a file that is not a slide.
 """
 
 from __future__ import annotations
@@ -191,3 +192,80 @@ def test_the_page_fits_a_narrow_screen(page: Page) -> None:
     check_result(card)
     overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"the page is {overflow} px wider than a 375 px screen"
+
+
+#: A whole slide is tiled, classified and summarised before the answer comes: allow for a slow 2-core machine.
+ASSESS_TIMEOUT_MS = 120_000
+
+
+def test_the_assess_page_uploads_a_slide_shows_progress_and_the_estimate(
+    page: Page, served: Served, tmp_path: Path
+) -> None:
+    from bento_server import ASSESS_LAYOUT, write_test_slide
+
+    from bonetumor.slide.demo import layout_counts
+
+    slide = write_test_slide(tmp_path / "case-7.tif")
+    tissue = sum(layout_counts(ASSESS_LAYOUT).values())
+    expect(page.locator("#assess-link")).to_have_attribute("href", "assess")
+    page.locator("#assess-link").click()
+    expect(page).to_have_url(f"{served.url}/ui/assess")
+    expect(page.locator("#model-version")).to_have_text(served.version)
+    expect(page.locator("#assess-button")).to_be_disabled()
+    page.set_input_files("#slide-input", str(slide))
+    expect(page.locator("#chosen")).to_contain_text("case-7.tif")
+    page.locator("#assess-button").click()
+    expect(page.locator("#progress")).to_be_visible()
+    expect(page.locator("body")).to_have_attribute("data-state", "done", timeout=ASSESS_TIMEOUT_MS)
+
+    expect(page.locator("#result")).to_be_visible()
+    expect(page.locator("#result-name")).to_have_text("case-7.tif")
+    # The untrained test model calls no tile tumour, so the estimate is "n/a" with "no tumour found"; a real model
+    # shows a percent. Either way the figure, the interval and the category are there, marked as an estimate.
+    expect(page.locator("#necrosis-percent")).to_have_text(re.compile(r"^(\d+\.\d %|n/a)$"))
+    expect(page.locator("#necrosis-interval")).not_to_be_empty()
+    expect(page.locator("#response-category")).to_have_text(
+        re.compile("^(good responder|poor responder|no tumour found)$")
+    )
+    expect(page.locator(".response-row")).to_contain_text("an estimate for a pathologist to confirm")
+    expect(page.locator("#tiles-total")).to_have_text(str(tissue))
+    rows = page.locator("#tiles-per-class tr")
+    expect(rows).to_have_count(3)
+    assert sum(int(n) for n in rows.locator("td:nth-child(2)").all_inner_texts()) == tissue
+    expect(page.locator("#referred-share")).to_contain_text("%")
+    expect(page.locator("#tumour-area")).to_contain_text("mm²")
+    expect(page.locator("#assess-model")).to_contain_text(f"v{served.version}")
+    for link in ("#download-geojson", "#download-csv"):
+        expect(page.locator(link)).to_have_attribute("href", re.compile(r"^/ui/assess/results/[0-9a-f]{32}/tiles\."))
+    overlay = page.locator("#overlay")
+    expect(overlay).to_be_visible()
+    overlay.evaluate(
+        """img => img.complete && img.naturalWidth > 0 ? true : new Promise((ok, fail) => {
+                img.onload = () => ok(true);
+                img.onerror = () => fail('overlay not loaded');
+            })"""
+    )
+    assert overlay.evaluate("img => img.naturalWidth") > 0
+    expect(page.locator("#progress-text")).to_have_text("Done.")
+
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page.screenshot(path=str(artifacts / "ui-assess.png"), full_page=True)
+    if os.environ.get("BONETUMOR_UPDATE_SCREENSHOT") == "1":
+        (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(REPO / "docs" / "img" / "ui-assess.png"), full_page=True)
+
+    page.set_viewport_size({"width": 375, "height": 812})
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the assess page is {overflow} px wider than a 375 px screen"
+
+    # A file that is not a slide: the server's message, and the page keeps working.
+    notes = tmp_path / "notes.svs"
+    notes.write_text("Patient notes: not a slide.\n")
+    page.set_input_files("#slide-input", str(notes))
+    page.locator("#assess-button").click()
+    expect(page.locator("body")).to_have_attribute("data-state", "error", timeout=ASSESS_TIMEOUT_MS)
+    expect(page.locator("#assess-error")).to_contain_text("Could not assess notes.svs: notes.svs")
+    expect(page.locator("#assess-error")).to_contain_text("expected")
+    expect(page.locator("#result")).to_be_hidden()
+    expect(page.locator("#assess-button")).to_be_enabled()

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 #: Fields of an answer that the log keeps (besides the request's audit fields).
-LOGGED_FIELDS = ("label", "confidence", "referral", "model", "tissue_fraction", "endpoint", "filename", "error")
+LOGGED_FIELDS = (
+    "label",
+    "confidence",
+    "referral",
+    "model",
+    "tissue_fraction",
+    "endpoint",
+    "filename",
+    "error",
+    "assessment",  # /assess: tiles, tiles per class, percent necrosis and its interval, tumour area
+)
 
 
 def audit_fields(data: bytes) -> dict[str, str]:
