@@ -30,6 +30,9 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
 OTHER_COLOUR = (128, 128, 128)
 #: Opacity of the class colour over the thumbnail.
 OVERLAY_ALPHA = 0.5
+#: Longest side of each panel of the overlay figure: a 12-inch figure at 110 dpi shows about 650 px per panel,
+#: and matplotlib holds each image as float RGBA, so a 2048 px thumbnail cost about 200 MB for nothing.
+OVERLAY_PANEL_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,11 @@ def write_overlay(
     from matplotlib import pyplot as plt
     from matplotlib.patches import Patch
 
+    scale = OVERLAY_PANEL_SIDE / max(thumbnail.size)
+    if scale < 1:
+        thumbnail = thumbnail.resize(
+            (max(1, round(thumbnail.width * scale)), max(1, round(thumbnail.height * scale))), Image.Resampling.BOX
+        )
     mapped = class_map(thumbnail, dimensions, rows)
     aspect = thumbnail.height / thumbnail.width
     fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 6 * aspect) + 1.2), dpi=110)
