@@ -293,8 +293,16 @@ def test_a_truncated_tiff_is_refused_with_its_name(tmp_path: Path) -> None:
     data = path.read_bytes()
     truncated = tmp_path / "truncated.tif"
     truncated.write_bytes(data[: len(data) // 3])
-    with pytest.raises(SlideError, match=r"truncated\.tif"):
+    with pytest.raises(SlideError, match=r"truncated\.tif: neither a slide OpenSlide recognises nor a readable"):
         assess_slide(truncated, ColourStub(), _config(), tmp_path / "out", progress=False)
+    # Cut in its reduced levels only: OpenSlide no longer sees a pyramid, the full level still decodes, and the
+    # answer says how it was read.
+    partial = tmp_path / "partial.tif"
+    partial.write_bytes(data[: int(len(data) * 0.9)])
+    summary = assess_slide(partial, ColourStub(), _config(), tmp_path / "out", progress=False).summary
+    assert summary["input"]["kind"] == "image"
+    assert summary["tiles_per_class"] == layout_counts(LAYOUT)
+    assert any("OpenSlide does not recognise partial.tif" in note for note in summary["warnings"])
 
 
 def test_a_slide_of_glass_says_no_tissue(tmp_path: Path) -> None:

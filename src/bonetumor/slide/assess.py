@@ -53,6 +53,8 @@ OUTPUT_FILES = {
 MIN_THUMB_PX_PER_TILE = 8
 #: Largest thumbnail side, whatever the tile count (memory of the mask and the overlay).
 MAX_THUMBNAIL_SIDE = 16384
+#: Suffixes of slide formats: one of them read as a plain image earns a warning.
+SLIDE_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"})
 #: Most unreadable tiles of a tile set listed in the answer.
 LISTED_FAILURES = 20
 
@@ -355,13 +357,18 @@ def _assess(
             seed=config.seed,
         ),
         "model": model.model_fields,
-        "warnings": _warnings(scale, config, run),
+        "warnings": _warnings(scale, config, run, source),
     }
     return _write(summary, run, thumb, source.dimensions, classes, out_dir, started)
 
 
-def _warnings(scale: _Scale, config: AssessConfig, run: _Run) -> list[str]:
+def _warnings(scale: _Scale, config: AssessConfig, run: _Run, source: SlideSource) -> list[str]:
     notes = []
+    if source.kind == "image" and Path(source.name).suffix.lower() in SLIDE_SUFFIXES:
+        notes.append(
+            f"OpenSlide does not recognise {source.name} as a slide (an untiled TIFF, or a pyramid with missing "
+            "levels, for example a truncated file): it was read as a plain image, at full resolution only"
+        )
     if scale.tile_side < config.read_size / 2:
         notes.append(
             f"each tile spans only {scale.tile_side} px of the slide, read at {config.read_size} px: the input is "
