@@ -36,7 +36,9 @@ run: pipeline ## Run the pipeline on the sample data, then serve what it registe
 	@# and the page says it is not the champion.
 	@$(MAKE) --no-print-directory serve ALIAS=$$($(BIN)/python -c 'import json; print(json.load(open("outputs/register/champion.json"))["alias"])')
 
-pipeline: install ## Everything up to the registered champion (dvc repro)
+pipeline: install ## Everything up to the registered champion (bonetumor check, then dvc repro)
+	@# Before DVC deletes any stage output: a typo, a missing data folder or a locked store fails here, in seconds.
+	bonetumor check
 	dvc repro
 	@$(BIN)/python -c 'import json; c=json.load(open("outputs/register/champion.json")); print("registered:", c["model_uri"], "version", c["version"], "(" + c["arch"] + ")"); print("champion gate:", c["gate"]["reason"])'
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"

@@ -9,6 +9,7 @@ config is written beside every stage output with :func:`save_resolved`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -714,7 +715,8 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping of sections {sorted(_SECTIONS)}, got {type(raw).__name__}")
         unknown = sorted(set(raw) - set(_SECTIONS))
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {unknown}; expected sections {sorted(_SECTIONS)}")
+            hints = "".join(_did_you_mean(name, list(_SECTIONS)) for name in unknown)
+            raise ConfigError(f"{source}: unknown section(s) {unknown}{hints}; expected sections {sorted(_SECTIONS)}")
         renamed = [
             f"{section}.{key}: {hint}"
             for (section, key), hint in RENAMED_KEYS.items()
@@ -726,12 +728,7 @@ class Config:
             return cls(**{name: _SECTIONS[name](**(value or {})) for name, value in raw.items()})
         except ValidationError as exc:
             section = next((name for name, kind in _SECTIONS.items() if kind.__name__ == exc.title), "params")
-            problems = "; ".join(
-                f"{section}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-                if err["loc"]
-                else f"{section}: {err['msg']}"
-                for err in exc.errors()
-            )
+            problems = "; ".join(_problem(section, err) for err in exc.errors())
             raise ConfigError(f"{source}: {problems}") from exc
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
@@ -745,6 +742,29 @@ class Config:
         data = self.to_dict()
         chosen = {name: data[name] for name in (sections or tuple(data))}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing when none is close."""
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _problem(section: str, err: Any) -> str:
+    """One validation error as ``section.field: message (got value)``, with a hint for a misspelt key."""
+    if not err["loc"]:
+        return f"{section}: {err['msg']}"
+    field_path = ".".join(str(p) for p in err["loc"])
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") and len(err["loc"]) == 1:
+        key = str(err["loc"][0])
+        fields = [f.name for f in dataclasses.fields(_SECTIONS[section])] if section in _SECTIONS else []
+        renamed = {old: hint for (sec, old), hint in RENAMED_KEYS.items() if sec == section}
+        hint = _did_you_mean(key, fields + list(renamed))
+        closest = hint.split("'")[1] if hint else ""
+        if closest in renamed:
+            hint = f" (did you mean {closest!r}? That key was {renamed[closest]})"
+        return f"{section}.{key}: unknown key{hint}; expected one of {sorted(fields)}"
+    return f"{section}.{field_path}: {err['msg']} (got {err.get('input')!r})"
 
 
 #: Keys of earlier params.yaml versions and what replaced them (training is counted in steps since 0.2).

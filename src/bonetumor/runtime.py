@@ -1,6 +1,9 @@
-"""Process set-up shared by every entry point (CLI, Kubeflow components): telemetry off, readable logs.
+"""Process set-up shared by every entry point (CLI, Kubeflow components), and the preflight checks of a run.
 
-Kept free of heavy imports (no mlflow, no torch) so that calling it costs nothing.
+Telemetry off, readable logs, and the checks of the environment a run needs (weights, tracking store) that
+``bonetumor check`` makes before a pipeline. Kept free of heavy imports (no mlflow, no torch at module level) so
+that calling it costs nothing. The checks live here rather than in ``training``/``registry`` because no stage
+runs them: those folders are DVC deps, and a preflight helper must not make the trained models stale.
 """
 
 from __future__ import annotations
@@ -8,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
+
+from bonetumor.errors import ConfigError, WeightsUnavailableError
 
 #: Environment switches that keep the tools from phoning home (set only when the user has not chosen).
 TELEMETRY_OFF: dict[str, str] = {
@@ -40,3 +46,103 @@ def configure_process(verbose: bool = False) -> None:
     )
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_weights_setting(arch: str, weights: str) -> str:
+    """Check ``train.weights`` for one architecture without loading anything (the pipeline's preflight).
+
+    Returns:
+        What training will start from.
+
+    Raises:
+        ConfigError: Unknown architecture.
+        WeightsUnavailableError: ``imagenet`` without the file in TORCH_HOME, or a path that does not exist.
+    """
+    from bonetumor.training.models import ARCHITECTURES, imagenet_weights_path
+
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"train.architectures: unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}"
+        )
+    if weights == "none":
+        return f"{arch}: random initialisation (train.weights: none)"
+    if weights == "imagenet":
+        path = imagenet_weights_path(arch)
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"train.weights=imagenet: no ImageNet weights for {arch} at {path}; run `bonetumor weights fetch "
+                f"{arch}` where there is internet and copy the file there, or set train.weights: auto"
+            )
+        return f"{arch}: ImageNet weights {path}"
+    if weights != "auto":
+        path = Path(weights.replace("{arch}", arch))
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"train.weights={weights!r}: {path} does not exist; expected a state-dict file for {arch}"
+            )
+        return f"{arch}: weights from {path}"
+    path = imagenet_weights_path(arch)
+    if path.is_file():
+        return f"{arch}: ImageNet weights {path} (train.weights: auto)"
+    return f"{arch}: no ImageNet file at {path}; train.weights=auto downloads it, else trains from random init"
+
+
+def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
+    """Check, in seconds and without creating anything, that the tracking store can be used before a run starts.
+
+    * ``sqlite:///`` - the folder exists and is writable, and when the database exists no other process holds its
+      write lock (two pipelines at once would otherwise fail, or wait, halfway through a stage);
+    * ``http(s)://`` - the server answers ``/health``;
+    * anything else (``file:``, ``databricks``) is left to MLflow.
+
+    Args:
+        uri: The resolved tracking URI (:func:`resolve_tracking_uri`).
+        timeout: Seconds to wait for a lock or a server.
+
+    Returns:
+        What was checked, for the log.
+
+    Raises:
+        ConfigError: The store cannot be used; the message names the URI and what to do.
+    """
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"tracking store {uri}: folder {path.parent} is missing or not writable")
+        if not path.exists():
+            return f"tracking store {uri}: new sqlite database (created by the first stage)"
+        try:
+            connection = sqlite3.connect(path, timeout=timeout)
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+            finally:
+                connection.close()
+        except sqlite3.OperationalError as exc:
+            raise ConfigError(
+                f"tracking store {uri}: another process holds the lock on {path.name} ({exc}); another run "
+                "(make pipeline, dvc repro, mlflow ui writing) is using it. Wait for it to finish, or point "
+                "tracking.uri / MLFLOW_TRACKING_URI elsewhere"
+            ) from exc
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"tracking store {uri}: {path} is not a readable sqlite database ({exc})") from exc
+        return f"tracking store {uri}: sqlite database writable, not locked"
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked)
+                status = response.status
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(
+                f"tracking server {uri} is not reachable ({reason}); start it (mlflow server ...) or set "
+                "MLFLOW_TRACKING_URI / tracking.uri to a running one"
+            ) from exc
+        if status != 200:
+            raise ConfigError(f"tracking server {uri}: {health} answered HTTP {status}; expected 200")
+        return f"tracking server {uri}: healthy"
+    return f"tracking store {uri}: not checked (MLflow handles this scheme)"

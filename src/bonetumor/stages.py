@@ -547,3 +547,56 @@ def write_demo_slide_file(params_path: str | Path, out: str | Path) -> dict[str,
         "mpp": DEMO_MPP,
         "tile_px": DEMO_TILE_PX,
     }
+
+
+def preflight(params_path: str | Path) -> list[str]:
+    """Check params.yaml, the data source, the weights and the tracking store before a run (``bonetumor check``).
+
+    ``make pipeline`` runs it before ``dvc repro``, because DVC deletes a stage's outputs before running it: a
+    mistake found here costs nothing, the same mistake found by the stage costs that stage's last good outputs.
+
+    Args:
+        params_path: The project's params.yaml.
+
+    Returns:
+        One line per check that passed.
+
+    Raises:
+        ConfigError: Every problem found, one per line (params.yaml itself, the data source, the weights, the
+            tracking store); the first problem of params.yaml alone when it does not load.
+    """
+    from bonetumor.data.ingest import list_class_folders
+    from bonetumor.errors import BoneTumorError, ConfigError
+    from bonetumor.registry.tracking import resolve_tracking_uri
+    from bonetumor.runtime import check_tracking_store, check_weights_setting
+
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    project = params_path.resolve().parent
+    passed = [f"{params_path}: valid ({len(config.to_dict())} sections)"]
+    problems: list[str] = []
+    source = project / config.data.source
+    try:
+        folders = list_class_folders(source, config.data.classes)
+        empty = [name for name, files in folders.items() if not files]
+        if empty:
+            problems.append(f"data source {source}: no tiles in {empty}; expected image files in each class folder")
+        else:
+            passed.append(f"data source {source}: " + ", ".join(f"{k} {len(v)}" for k, v in folders.items()))
+    except BoneTumorError as exc:
+        problems.append(str(exc))
+    for arch in config.train.architectures:
+        try:
+            passed.append(check_weights_setting(arch, config.train.weights))
+        except BoneTumorError as exc:
+            problems.append(str(exc))
+    try:
+        passed.append(check_tracking_store(resolve_tracking_uri(config.tracking, project)))
+    except BoneTumorError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ConfigError(
+            f"{params_path}: {len(problems)} problem(s) found before the pipeline touched any output:\n  - "
+            + "\n  - ".join(problems)
+        )
+    return passed

@@ -351,6 +351,22 @@ def assess(
     run_stage(stage)
 
 
+@app.command()
+def check(params: ParamsOption = Path("params.yaml")) -> None:
+    """Check params.yaml, the data source, the weights setting and the tracking store, in seconds.
+
+    ``make pipeline`` runs it before ``dvc repro``: DVC deletes a stage's outputs before it runs the stage, so a
+    typo found here costs nothing.
+    """
+    from bonetumor.stages import preflight
+
+    def stage() -> None:
+        for line in preflight(params):
+            typer.echo(f"ok: {line}")
+
+    run_stage(stage)
+
+
 @app.command("demo-slide")
 def demo_slide(
     out: Annotated[Path, typer.Argument(help="The pyramidal TIFF to write, e.g. outputs/demo/slide.tif.")],
