@@ -595,7 +595,8 @@ class AssessConfig:
         mpp: Microns per pixel of the input at full resolution; 0 = read it from the slide (OpenSlide's
             ``openslide.mpp-x``, a TIFF's resolution tags). An input without it is refused unless this is set.
         read_size: Side in pixels each tile is read at before the model's own preprocessing. 256 is the size of
-            the sample's training files (1024 px originals resized to 256).
+            the sample's training files (1024 px originals resized to 256); at least 128, the smallest tile
+            ``/predict`` accepts by default (``validate.min_size``).
         tcia_tile_px: Side in slide pixels of one TCIA tile, for a folder or zip of tiles placed by the x and y
             in their names.
         min_tissue_fraction: A tile with less tissue (thumbnail mask first, then the read tile, with validation's
@@ -618,7 +619,7 @@ class AssessConfig:
 
     tile_microns: Annotated[float, Field(gt=0.0)] = 1024.0
     mpp: Annotated[float, Field(ge=0.0)] = 0.0
-    read_size: Annotated[int, Field(ge=32)] = 256
+    read_size: Annotated[int, Field(ge=128)] = 256
     tcia_tile_px: PositiveInt = 1024
     min_tissue_fraction: Probability = 0.25
     thumbnail_side: Annotated[int, Field(ge=64)] = 2048

@@ -91,7 +91,7 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
     """Check, in seconds and without creating anything, that the tracking store can be used before a run starts.
 
     * ``sqlite:///`` - the folder exists and is writable, and when the database exists no other process holds its
-      write lock (two pipelines at once would otherwise fail, or wait, halfway through a stage);
+      write lock at this moment (a second pipeline mid-write; one between writes is not seen);
     * ``http(s)://`` - the server answers ``/health``;
     * anything else (``file:``, ``databricks``) is left to MLflow.
 
@@ -123,9 +123,11 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
             finally:
                 connection.close()
         except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise ConfigError(f"tracking store {uri}: cannot write to {path} ({exc})") from exc
             raise ConfigError(
                 f"tracking store {uri}: another process holds the lock on {path.name} ({exc}); another run "
-                "(make pipeline, dvc repro, mlflow ui writing) is using it. Wait for it to finish, or point "
+                "(make pipeline, dvc repro, mlflow ui writing) is writing to it. Wait for it to finish, or point "
                 "tracking.uri / MLFLOW_TRACKING_URI elsewhere"
             ) from exc
         except sqlite3.DatabaseError as exc:
@@ -136,6 +138,11 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
         try:
             with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked)
                 status = response.status
+        except urllib.error.HTTPError as exc:  # a server answered, with an error
+            raise ConfigError(
+                f"tracking server {uri}: {health} answered HTTP {exc.code}; expected 200 (a wrong URL, or a proxy "
+                "or an authentication in front of it?)"
+            ) from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ConfigError(

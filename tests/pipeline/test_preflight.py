@@ -26,7 +26,13 @@ def _project(tmp_path: Path, sample_images: Path, **sections: dict[str, object])
     return path
 
 
-def test_the_repository_params_pass(tmp_path: Path, sample_images: Path) -> None:
+def test_the_repository_params_pass() -> None:
+    lines = preflight(REPO / "params.yaml")
+    assert any("data/sample/images: Non-Tumor 10, Non-Viable-Tumor 10, Viable-Tumor 10" in line for line in lines)
+    assert any(line.startswith("resnet50: ") for line in lines)
+
+
+def test_a_valid_project_passes_and_creates_nothing(tmp_path: Path, sample_images: Path) -> None:
     lines = preflight(_project(tmp_path, sample_images))
     assert any("Non-Tumor 10, Non-Viable-Tumor 10, Viable-Tumor 10" in line for line in lines)
     assert any("new sqlite database" in line for line in lines)

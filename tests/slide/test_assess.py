@@ -30,6 +30,7 @@ from bonetumor.slide.demo import (
     write_demo_slide,
     write_pyramidal_tiff,
 )
+from bonetumor.slide.necrosis import clopper_pearson
 from bonetumor.slide.sources import TileSpec
 
 CLASSES = ("Non-Tumor", "Non-Viable-Tumor", "Viable-Tumor")
@@ -125,7 +126,8 @@ def test_necrosis_equals_the_layout_and_referred_tiles_bound_it(tmp_path: Path) 
     summary = assess_slide(_slide(tmp_path), ColourStub(), _config(), tmp_path / "out", progress=False).summary
     expected = layout_necrosis_percent(LAYOUT)  # 6 necrotic, 6 viable
     assert summary["necrosis_percent"] == pytest.approx(expected, abs=0.01)
-    assert summary["necrosis_interval"] == [pytest.approx(expected, abs=0.01)] * 2  # nothing referred
+    # Nothing referred: the exact binomial interval of 6 necrotic out of 12 tumour tiles.
+    assert summary["necrosis_interval"] == [pytest.approx(v, abs=0.01) for v in clopper_pearson(6, 12, 0.95)]
     assert summary["tumour_area_mm2"] == pytest.approx(12 * (TILE * MPP / 1000) ** 2, abs=1e-3)
     assert summary["response"]["category"] == "poor responder"
     assert summary["response"]["certain"] is True
@@ -144,7 +146,10 @@ def test_necrosis_equals_the_layout_and_referred_tiles_bound_it(tmp_path: Path) 
     assert summary["referred"]["share"] == pytest.approx(2 / 17, abs=1e-4)
     assert summary["necrosis_percent"] == pytest.approx(50.0)  # referred tiles still count by their label
     assert summary["interval"]["referral_bounds"] == [pytest.approx(50.0), pytest.approx(66.67, abs=0.01)]
-    assert summary["necrosis_interval"] == summary["interval"]["referral_bounds"]
+    # Widened to the exact limits of the lowest (6 of 12) and highest (8 of 12) counts.
+    low, high = clopper_pearson(6, 12, 0.95)[0], clopper_pearson(8, 12, 0.95)[1]
+    assert summary["necrosis_interval"] == [pytest.approx(low, abs=0.01), pytest.approx(high, abs=0.01)]
+    assert summary["response"]["certain"] is False  # the upper end reaches 90 %
 
 
 def test_the_bootstrap_widens_the_interval_around_the_estimate_reproducibly(tmp_path: Path) -> None:
@@ -356,3 +361,147 @@ def test_classes_the_model_lacks_are_named(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"assess.necrotic_class='Necrosis' is not a class of the model"):
         assess_slide(_slide(tmp_path), ColourStub(), _config(necrotic_class="Necrosis"), tmp_path / "o", progress=False)
+
+
+def _gradient(width: int, height: int) -> np.ndarray:
+    """A smooth pattern that differs everywhere, so a region read from the wrong place or scale shows."""
+    y, x = np.mgrid[0:height, 0:width].astype(float)
+    return np.stack(
+        [128 + 100 * np.sin(x / 97), 128 + 100 * np.cos(y / 61), 128 + 60 * np.sin((x + y) / 151)], axis=-1
+    ).astype(np.uint8)
+
+
+def test_a_tile_read_from_a_reduced_level_matches_the_full_resolution_crop(tmp_path: Path) -> None:
+    from bonetumor.slide.sources import OpenSlideSource
+
+    pixels = _gradient(3072, 2048)
+    source = OpenSlideSource(write_pyramidal_tiff(pixels, tmp_path / "g.tif", mpp=1.0))
+    tile = TileSpec(1024, 1024, 1024)  # read at 256: from the level downsampled 4x
+    assert source._slide.get_best_level_for_downsample(1024 / 256) == 2
+    read = np.asarray(source.read(tile, 256), dtype=float)
+    expected = np.asarray(Image.fromarray(pixels[1024:2048, 1024:2048]).resize((256, 256), Image.Resampling.BOX))
+    error = np.abs(read - expected).mean()
+    assert error < 1.5
+    # The test can tell: the crop 16 px (4 px of that level) lower is several times further off.
+    shifted = np.asarray(Image.fromarray(pixels[1040:2064, 1024:2048]).resize((256, 256), Image.Resampling.BOX))
+    assert np.abs(read - shifted).mean() > 3 * error + 1
+    source.close()
+
+
+def test_a_slide_without_a_pyramid_gets_its_thumbnail_in_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tifffile
+
+    from bonetumor.slide import sources
+
+    pixels = _gradient(3000, 2000)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(
+        path,
+        pixels,
+        photometric="rgb",
+        tile=(256, 256),
+        compression="zlib",
+        resolution=(1e4, 1e4),
+        resolutionunit="CENTIMETER",
+    )
+    monkeypatch.setattr(sources, "THUMBNAIL_BLOCK", 512)  # several blocks, uneven at the edges
+    source = sources.OpenSlideSource(path)
+    assert source._slide.level_count == 1
+    thumb = source.thumbnail(300)
+    assert thumb.size == (300, 200)
+    expected = np.asarray(Image.fromarray(pixels).reduce(10), dtype=float)
+    assert np.abs(np.asarray(thumb, dtype=float) - expected).mean() < 4
+    source.close()
+
+
+def test_grid_tiles_reads_the_mask_at_its_own_scale() -> None:
+    # A 1000 x 600 slide, 100 px tiles, a 333 x 200 mask (scale 0.333 across, 0.333 down): tissue in one cell only.
+    mask = np.zeros((200, 333), dtype=bool)
+    mask[int(200 * 0.5) : int(200 * 0.6667), int(333 * 0.7) : int(333 * 0.8)] = True  # the cell at column 7, row 3
+    tiles, grid = grid_tiles((1000, 600), 100, mask, 0.5)
+    assert grid == (10, 6)
+    assert [(t.x, t.y) for t in tiles] == [(700, 300)]
+
+
+def test_read_ahead_is_tight_and_passes_errors_on_in_order() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    started: list[int] = []
+
+    def read(tile: TileSpec) -> int:
+        started.append(tile.x)
+        if tile.x == 7:
+            raise SlideError("tile 7 is broken")
+        return tile.x
+
+    seen: list[int] = []
+    with ThreadPoolExecutor(2) as pool:
+        for tile, future in _read_ahead(pool, read, [TileSpec(i, 0, 1) for i in range(12)], ahead=3):
+            assert len(started) <= len(seen) + 3
+            try:
+                seen.append(future.result())
+            except SlideError:
+                seen.append(-tile.x)
+    assert seen == [0, 1, 2, 3, 4, 5, 6, -7, 8, 9, 10, 11]
+
+
+def test_a_damaged_member_of_a_zip_is_left_out_and_the_rest_assessed(tmp_path: Path) -> None:
+    names = ["S-1-0-0.jpg", "S-1-1024-0.jpg", "S-1-0-1024.jpg"]
+    folder = _tile_set(tmp_path / "tiles", names)
+    archive = tmp_path / "slide.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in names:
+            zf.write(folder / name, name)
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("S-1-0-1024.jpg")
+    body = info.header_offset + 30 + len(info.filename)  # the local header is 30 bytes plus the name
+    data[body + 20 : body + 40] = bytes(20)  # corrupt the deflate stream: zlib.error or a CRC error
+    archive.write_bytes(bytes(data))
+    summary = assess_slide(archive, ColourStub(), _config(), tmp_path / "out", progress=False).summary
+    assert summary["tiles"] == 2
+    assert summary["tiling"]["unreadable_tiles"] == 1
+    assert "cannot read S-1-0-1024.jpg from the zip" in summary["tiling"]["unreadable_examples"][0]
+
+
+def test_a_damaged_zip_is_named_as_a_zip(tmp_path: Path) -> None:
+    broken = tmp_path / "tiles.zip"
+    broken.write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(SlideError, match=r"tiles\.zip: not a readable zip archive"):
+        assess_slide(broken, ColourStub(), _config(), tmp_path / "out", progress=False)
+
+
+def test_resource_forks_are_ignored_and_duplicate_positions_refused(tmp_path: Path) -> None:
+    folder = _tile_set(tmp_path / "tiles", ["S-1-0-0.jpg", "S-1-1024-0.jpg"])
+    (folder / "._S-1-0-0.jpg").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
+    summary = assess_slide(folder, ColourStub(), _config(), tmp_path / "out", progress=False).summary
+    assert summary["tiles"] == 2
+    _tile(COLOURS["Viable-Tumor"], 9).save(folder / "S-1-0-0.png")
+    with pytest.raises(SlideError, match=r"1 tile positions are given twice.*S-1-0-0\.jpg and S-1-0-0\.png"):
+        assess_slide(folder, ColourStub(), _config(), tmp_path / "out", progress=False)
+
+
+def test_an_impossible_scale_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match=r"a 1024 um tile spans 0 px; expected at least 16 px"):
+        assess_slide(_slide(tmp_path), ColourStub(), _config(mpp=5000.0), tmp_path / "out", progress=False)
+
+
+def test_a_plain_image_between_pillows_limit_and_ours_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "section.png"
+    Image.fromarray(compose_layout(LAYOUT, _colour_tiles, TILE)).save(image)  # 512 x 384 = 196,608 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # Pillow refuses above twice this
+    summary = assess_slide(
+        image, ColourStub(), _config(mpp=MPP, max_image_pixels=1_000_000), tmp_path / "out", progress=False
+    ).summary
+    assert summary["tiles"] == 17
+    assert Image.MAX_IMAGE_PIXELS == 50_000  # restored
+
+
+def test_qupath_coordinates_are_relative_to_the_scanned_area() -> None:
+    from bonetumor.slide.exports import TileRow, qupath_features
+
+    row = TileRow(TileSpec(5000, 7000, 1024), "Viable-Tumor", dict.fromkeys(CLASSES, 1 / 3), False, "", 0.9)
+    feature = qupath_features([row], CLASSES, origin=(4000, 6500))["features"][0]
+    assert feature["geometry"]["coordinates"][0][0] == [1000, 500]

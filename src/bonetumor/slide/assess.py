@@ -55,6 +55,11 @@ MIN_THUMB_PX_PER_TILE = 8
 MAX_THUMBNAIL_SIDE = 16384
 #: Suffixes of slide formats: one of them read as a plain image earns a warning.
 SLIDE_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"})
+#: Fewest slide pixels a tile may span: below this the scale is surely wrong.
+MIN_TILE_SIDE = 16
+#: The thumbnail's mask averages ~128 um per pixel, which lowers the saturation of faint tissue: it pre-selects
+#: at this share of ``assess.min_tissue_fraction``, and the read tile decides.
+THUMBNAIL_THRESHOLD_SHARE = 0.5
 #: Most unreadable tiles of a tile set listed in the answer.
 LISTED_FAILURES = 20
 
@@ -118,6 +123,11 @@ def _scale(source: SlideSource, config: AssessConfig) -> _Scale:
             )
         mpp, origin = recorded, "the slide's metadata"
     side = round(config.tile_microns / mpp)
+    if side < MIN_TILE_SIDE:
+        raise SlideError(
+            f"{source.name}: at {mpp:g} um/px ({origin}) a {config.tile_microns:g} um tile spans {side} px; expected "
+            f"at least {MIN_TILE_SIDE} px: check the scale (--mpp is microns per pixel, e.g. 0.25 for 40x)"
+        )
     width, height = source.dimensions
     if side > min(width, height):
         raise SlideError(
@@ -225,7 +235,8 @@ def _classify_all(
         batch.clear()
 
     done = 0
-    with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="slide-read") as pool:
+    pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="slide-read")
+    try:
         for tile, future in _read_ahead(pool, read, tiles, 2 * config.batch_size):
             try:
                 image, tissue, seconds = future.result()
@@ -247,6 +258,9 @@ def _classify_all(
                 on_progress(done, len(tiles))
         if batch:
             flush()
+    finally:
+        # On an error, the reads queued ahead are dropped rather than run to no purpose.
+        pool.shutdown(wait=True, cancel_futures=True)
     return run
 
 
@@ -308,7 +322,12 @@ def _assess(
     given = source.tiles()
     thumb = source.thumbnail(_thumbnail_side(source.dimensions, scale.tile_side, config.thumbnail_side))
     if given is None:
-        tiles, grid = grid_tiles(source.dimensions, scale.tile_side, tissue_mask(thumb), config.min_tissue_fraction)
+        tiles, grid = grid_tiles(
+            source.dimensions,
+            scale.tile_side,
+            tissue_mask(thumb),
+            config.min_tissue_fraction * THUMBNAIL_THRESHOLD_SHARE,
+        )
         candidates = grid[0] * grid[1]
     else:
         tiles, grid, candidates = given, None, len(given)
@@ -333,6 +352,8 @@ def _assess(
             "dimensions": list(source.dimensions),
             "mpp": round(scale.mpp, 6),
             "mpp_source": scale.source,
+            # tiles.geojson is relative to this corner (QuPath's view of a slide with OpenSlide bounds).
+            "qupath_origin": list(source.origin),
         },
         "tiling": {
             "tile_side_px": scale.tile_side,
@@ -359,7 +380,7 @@ def _assess(
         "model": model.model_fields,
         "warnings": _warnings(scale, config, run, source),
     }
-    return _write(summary, run, thumb, source.dimensions, classes, out_dir, started)
+    return _write(summary, run, thumb, source, classes, out_dir, started)
 
 
 def _warnings(scale: _Scale, config: AssessConfig, run: _Run, source: SlideSource) -> list[str]:
@@ -383,7 +404,7 @@ def _write(
     summary: dict[str, Any],
     run: _Run,
     thumb: Image.Image,
-    dimensions: tuple[int, int],
+    source: SlideSource,
     classes: Sequence[str],
     out_dir: Path,
     started: float,
@@ -391,8 +412,8 @@ def _write(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {kind: out_dir / name for kind, name in OUTPUT_FILES.items()}
     write_tiles_csv(run.rows, classes, files["csv"])
-    write_geojson(run.rows, classes, files["geojson"])
-    write_overlay(thumb, dimensions, run.rows, classes, summary, files["overlay"])
+    write_geojson(run.rows, classes, files["geojson"], source.origin)
+    write_overlay(thumb, source.dimensions, run.rows, classes, summary, files["overlay"])
     elapsed = time.perf_counter() - started
     summary["timing"] = {
         "seconds": round(elapsed, 3),

@@ -80,12 +80,23 @@ def write_tiles_csv(rows: Sequence[TileRow], classes: Sequence[str], path: Path)
     return path
 
 
-def qupath_features(rows: Sequence[TileRow], classes: Sequence[str]) -> dict[str, Any]:
-    """The tiles as a GeoJSON FeatureCollection that QuPath imports (see the module docstring)."""
+def qupath_features(
+    rows: Sequence[TileRow], classes: Sequence[str], origin: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
+    """The tiles as a GeoJSON FeatureCollection that QuPath imports (see the module docstring).
+
+    Args:
+        rows: The classified tiles.
+        classes: The model's classes (the measurement names).
+        origin: The slide's scanned-area corner (OpenSlide bounds), subtracted because QuPath places objects
+            relative to it.
+    """
     features = []
+    ox, oy = origin
     for index, row in enumerate(rows):
         t = row.tile
-        ring = [[t.x, t.y], [t.x + t.side, t.y], [t.x + t.side, t.y + t.side], [t.x, t.y + t.side], [t.x, t.y]]
+        x, y = t.x - ox, t.y - oy
+        ring = [[x, y], [x + t.side, y], [x + t.side, y + t.side], [x, y + t.side], [x, y]]
         measurements = {f"P({name})": round(row.probabilities[name], 6) for name in classes}
         measurements |= {"Tissue fraction": round(row.tissue_fraction, 4), "Referred": int(row.referred)}
         features.append(
@@ -105,9 +116,11 @@ def qupath_features(rows: Sequence[TileRow], classes: Sequence[str]) -> dict[str
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(rows: Sequence[TileRow], classes: Sequence[str], path: Path) -> Path:
+def write_geojson(
+    rows: Sequence[TileRow], classes: Sequence[str], path: Path, origin: tuple[int, int] = (0, 0)
+) -> Path:
     """Write :func:`qupath_features` to ``path``."""
-    path.write_text(json.dumps(qupath_features(rows, classes)), encoding="utf-8")
+    path.write_text(json.dumps(qupath_features(rows, classes, origin)), encoding="utf-8")
     return path
 
 

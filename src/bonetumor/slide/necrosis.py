@@ -12,9 +12,11 @@ The interval combines two uncertainties:
 - **A bootstrap over tiles**: the slide's tiles resampled with replacement, for the sampling noise of a finite
   number of tiles.
 
-The reported interval runs from the bootstrap's lower quantile of the lowest assignment to its upper quantile of
-the highest one. It is not a bound on the model's errors on accepted tiles: those are measured on the folds
-(README "Measured"), not here.
+The reported interval runs from the lowest assignment's lower limit to the highest one's upper limit, each the
+wider of the bootstrap quantile and the exact binomial (Clopper-Pearson) limit: with few tumour tiles a bootstrap
+has no spread, and one necrotic tile must not read as a certain good response. The bootstrap treats tiles as
+independent, though necrosis forms regions, so its part of the interval is optimistic. The interval is not a
+bound on the model's errors on accepted tiles: those are measured on the folds (README "Measured"), not here.
 """
 
 from __future__ import annotations
@@ -127,13 +129,25 @@ def necrosis_summary(
         "necrosis_percent_from_probabilities": _rounded(soft),
         "necrosis_interval": interval["combined"],
         "interval": interval,
-        "response": _response(point, interval["combined"], good_response_percent, tumour),
+        "response": _response(point, interval.pop("combined_raw"), good_response_percent, tumour),
         "disclaimer": DISCLAIMER,
     }
 
 
 def _rounded(value: float) -> float | None:
     return None if np.isnan(value) else round(float(value), 2)
+
+
+def clopper_pearson(successes: int, trials: int, level: float) -> tuple[float, float]:
+    """Exact two-sided binomial interval of ``successes`` out of ``trials``, in percent (NaN without trials)."""
+    from scipy.stats import beta
+
+    if trials == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - level) / 2.0
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha, successes + 1, trials - successes))
+    return 100.0 * low, 100.0 * high
 
 
 def _interval(
@@ -146,10 +160,18 @@ def _interval(
     level: float,
     seed: int,
 ) -> dict[str, Any]:
-    """The referral bounds, the bootstrap interval of the point estimate, and the two combined."""
+    """The referral bounds, the bootstrap interval of the point estimate, and the combined interval.
+
+    The combined interval never lies inside the referral bounds, and each end is widened to the exact binomial
+    (Clopper-Pearson) limit of its count: with few tumour tiles, or all of them in one class, a bootstrap has no
+    spread at all, and one necrotic tile must not make a "certain" good response. ``combined_raw`` keeps the
+    unrounded ends for the category.
+    """
     method = (
         "lowest: every referred tile counted as viable tumour; highest: every referred tile counted as necrotic; "
-        f"combined with a bootstrap over tiles ({resamples} resamples, {level:.0%} percentile interval)"
+        f"each widened by a bootstrap over tiles ({resamples} resamples, {level:.0%} percentile) and to the exact "
+        f"binomial ({level:.0%} Clopper-Pearson) limit of its count. The bootstrap resamples tiles as independent, "
+        "though necrosis forms regions, so its part is optimistic"
     )
     parts: dict[str, Any] = {
         "referral_bounds": [_rounded(bounds[0]), _rounded(bounds[1])],
@@ -158,34 +180,37 @@ def _interval(
         "resamples": resamples,
         "method": method,
     }
-    if np.isnan(point) and np.isnan(bounds[1]):
-        return parts | {"combined": None}
-    if resamples == 0:
-        return parts | {"combined": parts["referral_bounds"]}
-    alpha = (1.0 - level) / 2.0
-    # Kinds: 0 accepted necrotic, 1 accepted viable, 2 referred, 3 accepted other (Non-Tumor).
-    kinds = np.full(len(referred), 3)
-    kinds[is_necrotic & ~referred] = 0
-    kinds[is_viable & ~referred] = 1
-    kinds[referred] = 2
-    n, v, r = _bootstrap_counts(kinds, resamples, seed)
-    lows = _percent(n, v + r)
-    highs = _percent(n + r, v)
-    # The point estimate's own bootstrap: referred tiles counted by their label.
-    point_kinds = np.where(is_necrotic, 0, np.where(is_viable, 1, 3))
-    pn, pv, _ = _bootstrap_counts(point_kinds, resamples, seed)
-    points = _percent(pn, pv)
-    if not np.isnan(points).all():
-        parts["bootstrap"] = [
-            _rounded(float(np.nanquantile(points, alpha))),
-            _rounded(float(np.nanquantile(points, 1 - alpha))),
-        ]
-    combined_low = float(np.nanquantile(lows, alpha)) if not np.isnan(lows).all() else bounds[0]
-    combined_high = float(np.nanquantile(highs, 1 - alpha)) if not np.isnan(highs).all() else bounds[1]
-    return parts | {"combined": [_rounded(combined_low), _rounded(combined_high)]}
+    accepted_n = int((is_necrotic & ~referred).sum())
+    trials = accepted_n + int((is_viable & ~referred).sum()) + int(referred.sum())
+    if trials == 0 or (np.isnan(point) and np.isnan(bounds[1])):
+        return parts | {"combined": None, "combined_raw": None}
+    low = min(bounds[0], clopper_pearson(accepted_n, trials, level)[0])
+    high = max(bounds[1], clopper_pearson(accepted_n + int(referred.sum()), trials, level)[1])
+    if resamples > 0:
+        alpha = (1.0 - level) / 2.0
+        # Kinds: 0 accepted necrotic, 1 accepted viable, 2 referred, 3 accepted other (Non-Tumor).
+        kinds = np.full(len(referred), 3)
+        kinds[is_necrotic & ~referred] = 0
+        kinds[is_viable & ~referred] = 1
+        kinds[referred] = 2
+        n, v, r = _bootstrap_counts(kinds, resamples, seed)
+        lows, highs = _percent(n, v + r), _percent(n + r, v)
+        if not np.isnan(lows).all():
+            low = min(low, float(np.nanquantile(lows, alpha)))
+        if not np.isnan(highs).all():
+            high = max(high, float(np.nanquantile(highs, 1 - alpha)))
+        # The point estimate's own bootstrap: referred tiles counted by their label.
+        pn, pv, _ = _bootstrap_counts(np.where(is_necrotic, 0, np.where(is_viable, 1, 3)), resamples, seed)
+        points = _percent(pn, pv)
+        if not np.isnan(points).all():
+            parts["bootstrap"] = [
+                _rounded(float(np.nanquantile(points, alpha))),
+                _rounded(float(np.nanquantile(points, 1 - alpha))),
+            ]
+    return parts | {"combined": [_rounded(low), _rounded(high)], "combined_raw": [low, high]}
 
 
-def _response(point: float, interval: list[float | None] | None, threshold: float, tumour_tiles: int) -> dict[str, Any]:
+def _response(point: float, interval: list[float] | None, threshold: float, tumour_tiles: int) -> dict[str, Any]:
     """The Huvos-style category of the estimate, and whether its interval crosses the threshold."""
     if tumour_tiles == 0 or np.isnan(point):
         return {
@@ -195,12 +220,13 @@ def _response(point: float, interval: list[float | None] | None, threshold: floa
             "text": "No tile was called tumour (necrotic or viable), so percent necrosis is undefined; a pathologist "
             "should review the slide.",
         }
+    # Unrounded values: 89.996 % is a poor response, whatever "90.0" the display shows.
     good = point >= threshold
-    low, high = (interval or [None, None])[0], (interval or [None, None])[1]
-    certain = low is not None and high is not None and ((low >= threshold) if good else (high < threshold))
+    certain = interval is not None and ((interval[0] >= threshold) if good else (interval[1] < threshold))
     category = "good responder" if good else "poor responder"
     side = f">= {threshold:g} %" if good else f"< {threshold:g} %"
-    text = f"Estimated {point:.1f} % necrosis ({side}): {category} (Huvos), an estimate for a pathologist to confirm."
+    shown = f"{point:.3f}" if abs(point - threshold) < 0.1 else f"{point:.1f}"  # 89.996 must not read "90.0"
+    text = f"Estimated {shown} % necrosis ({side}): {category} (Huvos), an estimate for a pathologist to confirm."
     if not certain:
         text += f" The interval crosses {threshold:g} %, so the category is uncertain."
     return {"category": category, "threshold_percent": threshold, "certain": bool(certain), "text": text}

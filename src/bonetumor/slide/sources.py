@@ -15,6 +15,7 @@ import hashlib
 import io
 import re
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ TILE_NAME = re.compile(r"^(?P<slide>.+?)-(?P<x>\d+)-(?P<y>\d+)$")
 #: Microns per pixel a plain image's resolution tags may claim and still be believed: outside this, the tags
 #: are a screen default (72 or 96 dpi means 353 or 265 um/px), not a scanner's.
 PLAUSIBLE_MPP = (0.05, 20.0)
+#: Side in pixels of the blocks a thumbnail is read in when the nearest level is much larger than the thumbnail.
+THUMBNAIL_BLOCK = 4096
 #: What the assessment accepts, for error messages.
 EXPECTED_INPUT = (
     "a whole-slide image OpenSlide reads (SVS, NDPI, MRXS, SCN, BIF, generic tiled or pyramidal TIFF, "
@@ -63,6 +66,8 @@ class SlideSource(Protocol):
     name: str
     kind: str
     dimensions: tuple[int, int]
+    #: Level-0 corner of the scanned area (OpenSlide's bounds), (0, 0) when the whole image is scanned.
+    origin: tuple[int, int]
 
     def recorded_mpp(self) -> float | None:
         """Microns per level-0 pixel recorded in the input, or None when it records none."""
@@ -121,6 +126,13 @@ class OpenSlideSource:
         self.kind = f"openslide:{vendor}"
         width, height = self._slide.dimensions
         self.dimensions = (int(width), int(height))
+        props = self._slide.properties
+        # MRXS and others record the scanned area's corner; QuPath's OpenSlide server crops to it and places
+        # imported objects relative to it.
+        self.origin = (
+            int(props.get(openslide.PROPERTY_NAME_BOUNDS_X, 0)),
+            int(props.get(openslide.PROPERTY_NAME_BOUNDS_Y, 0)),
+        )
 
     def recorded_mpp(self) -> float | None:
         """``openslide.mpp-x`` (and ``-y``, which must agree within 1 %)."""
@@ -152,12 +164,28 @@ class OpenSlideSource:
         return background
 
     def thumbnail(self, max_side: int) -> Image.Image:
-        """The region of the whole slide from the level nearest ``max_side``."""
+        """The whole slide from the level nearest ``max_side``, read in blocks when that level is much larger.
+
+        A tiled TIFF without a pyramid has only level 0: reading it whole would hold the full slide in memory.
+        """
         width, height = self.dimensions
         downsample = max(width, height) / max_side
         level = self._slide.get_best_level_for_downsample(downsample)
         level_w, level_h = self._slide.level_dimensions[level]
-        return _fit(self._read_region((0, 0), level, (level_w, level_h)), max_side)
+        level_ds = self._slide.level_downsamples[level]
+        if level_ds >= downsample / 2:
+            return _fit(self._read_region((0, 0), level, (level_w, level_h)), max_side)
+        factor = level_ds / downsample  # < 0.5: each block shrinks at least twofold
+        canvas = Image.new("RGB", (max(1, round(level_w * factor)), max(1, round(level_h * factor))), (255, 255, 255))
+        for y0 in range(0, level_h, THUMBNAIL_BLOCK):
+            for x0 in range(0, level_w, THUMBNAIL_BLOCK):
+                bw, bh = min(THUMBNAIL_BLOCK, level_w - x0), min(THUMBNAIL_BLOCK, level_h - y0)
+                box = (int(x0 * factor), int(y0 * factor), int((x0 + bw) * factor), int((y0 + bh) * factor))
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    continue
+                block = self._read_region((round(x0 * level_ds), round(y0 * level_ds)), level, (bw, bh))
+                canvas.paste(block.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BOX), box[:2])
+        return canvas
 
     def read(self, tile: TileSpec, size: int) -> Image.Image:
         """Read from the pyramid level nearest ``tile.side / size`` (never coarser), then resize (Lanczos)."""
@@ -180,12 +208,17 @@ class PlainImageSource:
     """A large JPEG, PNG or untiled TIFF, decoded whole (bounded by ``assess.max_image_pixels``)."""
 
     def __init__(self, path: Path, max_pixels: int) -> None:
+        previous = Image.MAX_IMAGE_PIXELS
         try:
+            # The probe too: Pillow refuses images above twice its default limit (179 Mpx) before our check.
+            Image.MAX_IMAGE_PIXELS = max_pixels
             with Image.open(path) as probe:
                 width, height = probe.size
                 dpi = probe.info.get("dpi")
         except (OSError, Image.DecompressionBombError) as exc:
             raise SlideError(f"{path}: not a slide or image ({exc}); expected {EXPECTED_INPUT}") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
         if width * height > max_pixels:
             raise SlideError(
                 f"{path}: a plain {width}x{height} image ({width * height / 1e6:.0f} Mpx) is above "
@@ -209,6 +242,7 @@ class PlainImageSource:
         self.name = path.name
         self.kind = "image"
         self.dimensions = (width, height)
+        self.origin = (0, 0)
         self._dpi = dpi
 
     def recorded_mpp(self) -> float | None:
@@ -243,6 +277,12 @@ class PlainImageSource:
         self._image.close()
 
 
+def _is_tile_name(name: str) -> bool:
+    """A tile image, not a macOS resource fork (``._name``) or another file."""
+    base = Path(name).name
+    return Path(base).suffix.lower() in TILE_SUFFIXES and not base.startswith("._")
+
+
 class TileSetSource:
     """One slide's TCIA tiles in a folder or a zip, placed on the slide by the x and y in their names."""
 
@@ -251,27 +291,26 @@ class TileSetSource:
         self.name = path.name
         self._zip: zipfile.ZipFile | None = None
         if path.is_dir():
-            members = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in TILE_SUFFIXES)
+            members = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and _is_tile_name(p.name))
             self.kind = "tile-folder"
         else:
             try:
                 self._zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as exc:
                 raise SlideError(f"{path}: not a readable zip archive ({exc}); expected {EXPECTED_INPUT}") from exc
-            members = sorted(
-                m.filename
-                for m in self._zip.infolist()
-                if not m.is_dir()
-                and Path(m.filename).suffix.lower() in TILE_SUFFIXES
-                and not Path(m.filename).name.startswith("._")  # macOS resource forks
-            )
+            members = sorted(m.filename for m in self._zip.infolist() if not m.is_dir() and _is_tile_name(m.filename))
             self.kind = "tile-zip"
-        if not members:
-            raise SlideError(f"{path}: holds no tile images (.jpg, .png, .tif); expected {EXPECTED_INPUT}")
-        self._placed = self._place(members)
+        try:
+            if not members:
+                raise SlideError(f"{path}: holds no tile images (.jpg, .png, .tif); expected {EXPECTED_INPUT}")
+            self._placed = self._place(members)
+        except SlideError:
+            self.close()
+            raise
         self.slide = next(iter(self._placed))[0]
         self._tiles = [TileSpec(x, y, tile_px, member) for (_, x, y), member in sorted(self._placed.items())]
         self.dimensions = (max(t.x for t in self._tiles) + tile_px, max(t.y for t in self._tiles) + tile_px)
+        self.origin = (0, 0)
 
     def _place(self, members: list[str]) -> dict[tuple[str, int, int], str]:
         unnamed = [m for m in members if not TILE_NAME.match(Path(m).stem)]
@@ -281,10 +320,19 @@ class TileSetSource:
                 f"{unnamed[:3]}; expected TCIA names <slide>-<x>-<y> such as Case-48-P5-C20-15162-19423.jpg"
             )
         placed: dict[tuple[str, int, int], str] = {}
+        duplicates: list[str] = []
         for member in members:
             match = TILE_NAME.match(Path(member).stem)
             if match:  # every name matched above; this narrows the type
-                placed[(match["slide"], int(match["x"]), int(match["y"]))] = member
+                key = (match["slide"], int(match["x"]), int(match["y"]))
+                if key in placed:
+                    duplicates.append(f"{placed[key]} and {member}")
+                placed[key] = member
+        if duplicates:
+            raise SlideError(
+                f"{self.path}: {len(duplicates)} tile positions are given twice, e.g. {duplicates[:3]}; expected "
+                "one file per <slide>-<x>-<y>"
+            )
         slides = Counter(slide for slide, _, _ in placed)
         if len(slides) > 1:
             listed = ", ".join(f"{name} ({count} tiles)" for name, count in slides.most_common())
@@ -306,8 +354,13 @@ class TileSetSource:
         if self._zip is not None:
             try:
                 return self._zip.read(member)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise SlideError(f"{self.path}: cannot read {member} from the zip ({exc})") from exc
+            # zlib.error: corrupt deflate data; RuntimeError: an encrypted member; NotImplementedError: a method
+            # (Deflate64) zipfile cannot decompress.
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError, NotImplementedError) as exc:
+                raise SlideError(
+                    f"{self.path}: cannot read {member} from the zip ({exc}); expected an unencrypted, stored or "
+                    "deflated zip of JPEG/PNG/TIFF tiles"
+                ) from exc
         try:
             return (self.path / member).read_bytes()
         except OSError as exc:
@@ -339,7 +392,10 @@ class TileSetSource:
         digest = hashlib.sha256()
         for member in sorted(self._placed.values()):
             digest.update(member.encode())
-            digest.update(hashlib.sha256(self._bytes(member)).digest())
+            try:
+                digest.update(hashlib.sha256(self._bytes(member)).digest())
+            except SlideError:
+                digest.update(b"unreadable")  # reported by the assessment; it must not sink the hash
         return digest.hexdigest()
 
     def close(self) -> None:
@@ -374,7 +430,7 @@ def open_source(path: str | Path, max_image_pixels: int, tcia_tile_px: int) -> S
         return TileSetSource(path, tcia_tile_px)
     if path.stat().st_size == 0:
         raise SlideError(f"{path}: empty file (0 bytes); expected {EXPECTED_INPUT}")
-    if zipfile.is_zipfile(path):
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
         return TileSetSource(path, tcia_tile_px)
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
