@@ -321,22 +321,24 @@ class BoneTumorClassifier:
             ctx.response.status_code = 400
             return _rejected(400, message, "/assess")
         PROGRESS.start(result_id, upload.filename)
+        finished = False
         try:
             if self._assess_turn is None:
                 self._assess_turn = anyio.CapacityLimiter(1)
             async with self._assess_turn:
                 answer = await anyio.to_thread.run_sync(self._assess_upload, upload, result_id)
+            finished = True
         except InvalidImageError as exc:
             message = _without_paths(str(exc), upload)
             PROGRESS.update(result_id, "failed", error=message)
             self.rejections.labels("/assess").inc()
             ctx.response.status_code = 400
             return _rejected(400, message, "/assess")
-        except BaseException:
-            PROGRESS.update(result_id, "failed", error="an unexpected error; see the server log")
-            raise
         finally:
             upload.remove()
+            if not finished and (PROGRESS.get(result_id) or {}).get("state") != "failed":
+                # Anything else (a bug, a cancelled request) propagates; the page must not wait forever.
+                PROGRESS.update(result_id, "failed", error="an unexpected error; see the server log")
         PROGRESS.update(result_id, "completed")
         return answer
 
@@ -347,6 +349,7 @@ class BoneTumorClassifier:
         model = self.holder.current  # once: an alias move mid-slide does not mix versions
         out_dir = RESULTS_DIR / result_id
         PROGRESS.update(result_id, "opening")
+        finished = False
         try:
             assessment = assess_slide(
                 upload.path,
@@ -357,9 +360,9 @@ class BoneTumorClassifier:
                 progress=False,
                 on_progress=lambda done, total: PROGRESS.tiles(result_id, done, total),
             )
-        except BaseException as exc:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            if isinstance(exc, InvalidImageError) and self.prediction_log is not None:
+            finished = True
+        except InvalidImageError as exc:
+            if self.prediction_log is not None:
                 self.prediction_log.write(
                     {
                         "request_id": uuid.uuid4().hex,
@@ -371,6 +374,9 @@ class BoneTumorClassifier:
                     }
                 )
             raise
+        finally:
+            if not finished:  # half-written outputs of a failed assessment are never linked
+                shutil.rmtree(out_dir, ignore_errors=True)
         summary = assessment.summary
         links = {
             f"{kind}_url": f"/ui/assess/results/{result_id}/{path.name}" for kind, path in assessment.files.items()

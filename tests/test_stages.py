@@ -67,9 +67,9 @@ def test_data_stages_return_the_headline_values_they_wrote(make_dataset: Dataset
 @pytest.mark.parametrize(
     ("params", "named"),
     [
-        ({"validate": {"min_sise": 32}}, r"validate\.min_sise: Unexpected keyword argument"),
+        ({"validate": {"min_sise": 32}}, r"validate\.min_sise: unknown key \(did you mean 'min_size'\?\)"),
         ({"split": {"n_folds": "two"}}, r"split\.n_folds: Input should be a valid integer"),
-        ({"valdate": {}}, r"unknown section\(s\) \['valdate'\]"),
+        ({"valdate": {}}, r"unknown section\(s\) \['valdate'\] \(did you mean 'validate'\?\)"),
     ],
 )
 def test_a_params_typo_is_a_config_error_naming_the_field(
