@@ -19,7 +19,6 @@ the prediction log and counts labels and referrals for Prometheus.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from bonetumor.errors import ConfigError, InvalidImageError
 from bonetumor.serving.audit import PredictionLog
 from bonetumor.serving.http import SpooledUpload, UploadEndpoint, UploadGuard, take_spooled
 from bonetumor.serving.progress import AssessProgress
+from bonetumor.utils import sha256_file
 
 if TYPE_CHECKING:
     from bonetumor.serving.served import ServedModel
@@ -107,14 +107,6 @@ def _name(upload: Path) -> str:
     # what error messages should name.
     name = upload.name
     return name[11:] if name.startswith("tmp") and len(name) > 11 else name
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _without_paths(message: str, upload: SpooledUpload) -> str:
@@ -367,7 +359,7 @@ class BoneTumorClassifier:
                     {
                         "request_id": uuid.uuid4().hex,
                         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                        "input_sha256": _sha256(upload.path),
+                        "input_sha256": sha256_file(upload.path),
                         "endpoint": "/assess",
                         "filename": upload.filename,
                         "error": _without_paths(str(exc), upload),

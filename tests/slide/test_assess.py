@@ -318,7 +318,10 @@ def test_a_slide_of_glass_says_no_tissue(tmp_path: Path) -> None:
 
 def test_tile_names_without_coordinates_are_refused(tmp_path: Path) -> None:
     folder = _tile_set(tmp_path / "tiles", ["Case-48-P5-C20-0-0.jpg", "tile_a.jpg", "scan.jpg"])
-    with pytest.raises(SlideError, match=r"2 of 3 tile names carry no coordinates.*<slide>-<x>-<y>"):
+    with pytest.raises(
+        SlideError,
+        match=r"2 of 3 tile names carry no coordinates.*expected TCIA names <case>\[-<part>\]-<block>-<x>-<y>",
+    ):
         assess_slide(folder, ColourStub(), _config(), tmp_path / "out", progress=False)
 
 
@@ -334,12 +337,12 @@ def test_tiles_of_two_slides_in_one_zip_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_tile_in_a_tile_set_is_left_out_and_reported(tmp_path: Path) -> None:
-    folder = _tile_set(tmp_path / "tiles", ["S-1-0-0.jpg", "S-1-1024-0.jpg"])
-    (folder / "S-1-0-1024.jpg").write_bytes(b"\xff\xd8\xff broken jpeg")
+    folder = _tile_set(tmp_path / "tiles", ["Case-1-A1-0-0.jpg", "Case-1-A1-1024-0.jpg"])
+    (folder / "Case-1-A1-0-1024.jpg").write_bytes(b"\xff\xd8\xff broken jpeg")
     summary = assess_slide(folder, ColourStub(), _config(), tmp_path / "out", progress=False).summary
     assert summary["tiles"] == 2
     assert summary["tiling"]["unreadable_tiles"] == 1
-    assert "S-1-0-1024.jpg" in summary["tiling"]["unreadable_examples"][0]
+    assert "Case-1-A1-0-1024.jpg" in summary["tiling"]["unreadable_examples"][0]
     assert summary["warnings"]
 
 
@@ -448,7 +451,7 @@ def test_read_ahead_is_tight_and_passes_errors_on_in_order() -> None:
 
 
 def test_a_damaged_member_of_a_zip_is_left_out_and_the_rest_assessed(tmp_path: Path) -> None:
-    names = ["S-1-0-0.jpg", "S-1-1024-0.jpg", "S-1-0-1024.jpg"]
+    names = ["Case-1-A1-0-0.jpg", "Case-1-A1-1024-0.jpg", "Case-1-A1-0-1024.jpg"]
     folder = _tile_set(tmp_path / "tiles", names)
     archive = tmp_path / "slide.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -456,14 +459,14 @@ def test_a_damaged_member_of_a_zip_is_left_out_and_the_rest_assessed(tmp_path: P
             zf.write(folder / name, name)
     data = bytearray(archive.read_bytes())
     with zipfile.ZipFile(archive) as zf:
-        info = zf.getinfo("S-1-0-1024.jpg")
+        info = zf.getinfo("Case-1-A1-0-1024.jpg")
     body = info.header_offset + 30 + len(info.filename)  # the local header is 30 bytes plus the name
     data[body + 20 : body + 40] = bytes(20)  # corrupt the deflate stream: zlib.error or a CRC error
     archive.write_bytes(bytes(data))
     summary = assess_slide(archive, ColourStub(), _config(), tmp_path / "out", progress=False).summary
     assert summary["tiles"] == 2
     assert summary["tiling"]["unreadable_tiles"] == 1
-    assert "cannot read S-1-0-1024.jpg from the zip" in summary["tiling"]["unreadable_examples"][0]
+    assert "cannot read Case-1-A1-0-1024.jpg from the zip" in summary["tiling"]["unreadable_examples"][0]
 
 
 def test_a_damaged_zip_is_named_as_a_zip(tmp_path: Path) -> None:
@@ -474,12 +477,14 @@ def test_a_damaged_zip_is_named_as_a_zip(tmp_path: Path) -> None:
 
 
 def test_resource_forks_are_ignored_and_duplicate_positions_refused(tmp_path: Path) -> None:
-    folder = _tile_set(tmp_path / "tiles", ["S-1-0-0.jpg", "S-1-1024-0.jpg"])
-    (folder / "._S-1-0-0.jpg").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
+    folder = _tile_set(tmp_path / "tiles", ["Case-1-A1-0-0.jpg", "Case-1-A1-1024-0.jpg"])
+    (folder / "._Case-1-A1-0-0.jpg").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
     summary = assess_slide(folder, ColourStub(), _config(), tmp_path / "out", progress=False).summary
     assert summary["tiles"] == 2
-    _tile(COLOURS["Viable-Tumor"], 9).save(folder / "S-1-0-0.png")
-    with pytest.raises(SlideError, match=r"1 tile positions are given twice.*S-1-0-0\.jpg and S-1-0-0\.png"):
+    _tile(COLOURS["Viable-Tumor"], 9).save(folder / "Case-1-A1-0-0.png")
+    with pytest.raises(
+        SlideError, match=r"1 tile positions are given twice.*Case-1-A1-0-0\.jpg and Case-1-A1-0-0\.png"
+    ):
         assess_slide(folder, ColourStub(), _config(), tmp_path / "out", progress=False)
 
 

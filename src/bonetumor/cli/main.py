@@ -307,7 +307,7 @@ def assess(
         typer.Argument(
             metavar="INPUT",
             help="A whole-slide image (SVS, NDPI, MRXS, tiled TIFF, DICOM), a large JPEG/PNG/TIFF, or a folder or "
-            "zip of one slide's TCIA tiles named <slide>-<x>-<y>.jpg.",
+            "zip of one slide's TCIA tiles named like Case-48-P5-C20-15162-19423.jpg.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the answer, the map and the exports.")],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import zipfile
 import zlib
 from collections import Counter
@@ -23,13 +22,13 @@ from typing import Protocol
 
 from PIL import Image
 
-from bonetumor.errors import InvalidImageError, SlideError
+from bonetumor.data.ingest import TILE_NAME_PATTERN, TileName, parse_tile_name
+from bonetumor.errors import InvalidImageError, SlideError, TileNameError
 from bonetumor.transforms.decode import decode_image
+from bonetumor.utils import sha256_file
 
 #: Files a tile set may hold (other files, such as a manifest, are ignored).
 TILE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
-#: A TCIA tile's stem: ``<slide>-<x>-<y>``, e.g. ``Case-48-P5-C20-15162-19423`` (slide ``Case-48-P5-C20``).
-TILE_NAME = re.compile(r"^(?P<slide>.+?)-(?P<x>\d+)-(?P<y>\d+)$")
 #: Microns per pixel a plain image's resolution tags may claim and still be believed: outside this, the tags
 #: are a screen default (72 or 96 dpi means 353 or 265 um/px), not a scanner's.
 PLAUSIBLE_MPP = (0.05, 20.0)
@@ -39,7 +38,7 @@ THUMBNAIL_BLOCK = 4096
 EXPECTED_INPUT = (
     "a whole-slide image OpenSlide reads (SVS, NDPI, MRXS, SCN, BIF, generic tiled or pyramidal TIFF, "
     "a DICOM-WSI file or folder), a plain JPEG/PNG/TIFF image, or a folder or .zip of one slide's TCIA tiles "
-    "named <slide>-<x>-<y>.jpg"
+    "named like Case-48-P5-C20-15162-19423.jpg"
 )
 
 
@@ -92,14 +91,6 @@ class SlideSource(Protocol):
     def close(self) -> None:
         """Release file handles."""
         ...
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fit(image: Image.Image, max_side: int) -> Image.Image:
@@ -197,7 +188,7 @@ class OpenSlideSource:
 
     def content_hash(self) -> str:
         """SHA-256 of the slide file (for MRXS and DICOM folders, of the file OpenSlide was given)."""
-        return _sha256_file(self.path)
+        return sha256_file(self.path)
 
     def close(self) -> None:
         """Close the slide."""
@@ -270,7 +261,7 @@ class PlainImageSource:
 
     def content_hash(self) -> str:
         """SHA-256 of the image file."""
-        return _sha256_file(self.path)
+        return sha256_file(self.path)
 
     def close(self) -> None:
         """Drop the decoded image."""
@@ -313,21 +304,26 @@ class TileSetSource:
         self.origin = (0, 0)
 
     def _place(self, members: list[str]) -> dict[tuple[str, int, int], str]:
-        unnamed = [m for m in members if not TILE_NAME.match(Path(m).stem)]
+        # Ingest's own parser: the same slide names (and the official label file's spaced spelling) as training.
+        parsed: dict[str, TileName] = {}
+        unnamed = []
+        for member in members:
+            try:
+                parsed[member] = parse_tile_name(Path(member).name)
+            except TileNameError:
+                unnamed.append(member)
         if unnamed:
             raise SlideError(
                 f"{self.path}: {len(unnamed)} of {len(members)} tile names carry no coordinates, e.g. "
-                f"{unnamed[:3]}; expected TCIA names <slide>-<x>-<y> such as Case-48-P5-C20-15162-19423.jpg"
+                f"{unnamed[:3]}; expected TCIA names {TILE_NAME_PATTERN}"
             )
         placed: dict[tuple[str, int, int], str] = {}
         duplicates: list[str] = []
-        for member in members:
-            match = TILE_NAME.match(Path(member).stem)
-            if match:  # every name matched above; this narrows the type
-                key = (match["slide"], int(match["x"]), int(match["y"]))
-                if key in placed:
-                    duplicates.append(f"{placed[key]} and {member}")
-                placed[key] = member
+        for member, name in parsed.items():
+            key = (name.slide, name.x, name.y)
+            if key in placed:
+                duplicates.append(f"{placed[key]} and {member}")
+            placed[key] = member
         if duplicates:
             raise SlideError(
                 f"{self.path}: {len(duplicates)} tile positions are given twice, e.g. {duplicates[:3]}; expected "
