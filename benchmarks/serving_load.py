@@ -7,13 +7,21 @@ off), waits for ``/readyz``, drives it with real tiles (read into memory once; r
 stops it. The two never run at the same time, so they do not compete for the cores. ``--url`` drives a server
 that is already running instead (no start, no ready time).
 
+Which version: ``--alias`` (or ``--env BONETUMOR_MODEL_ALIAS=...``); without either, the alias the pipeline's
+register stage gave the version it registered, read from ``--project``'s ``outputs/register/champion.json``
+(``@challenger`` when the champion gate kept it back, as on the sample); without that file, params.yaml's
+``register.alias``.
+
 Usage::
 
     python -m benchmarks.serving_load [--project DIR] [--url URL] [--env KEY=VALUE ...] [--alias A]
         [--clients 1 8 16] [--seconds 30] [--soak-clients 16] [--soak-seconds 60]
         [--batch-clients 1 8] [--batch-size 8] [--explain-requests 20] [--warmup 20]
         [--ort-threads 1 2] [--inproc-calls 200] [--inproc-seconds 10] [--no-inprocess]
-        [--images DIR] [--json PATH] [--markdown PATH]
+        [--images DIR] [--json PATH] [--markdown PATH] [--fail-on-errors]
+
+For example ``python -m benchmarks.serving_load --clients 16 --seconds 60``: 16 concurrent clients on ``/predict``
+for 60 s (and the other levels at their defaults), against what the pipeline registered.
 
 Served figures (one load level = N client threads, each with its own ``requests.Session``, posting back to back
 for ``--seconds``; each client sends one untimed request first to open its connection):
@@ -35,6 +43,9 @@ In-process figures (``ServedModel`` of ``open_served_model``, the object the ser
 tile, the eager torch ``Predictor`` (one forward pass with the same test-time views), ``explain`` (Grad-CAM, what
 ``/explain`` runs), ``answer_many`` of ``--batch-size`` tiles per tile, and each ONNX file of the bundle (FP32,
 INT8) built directly with every ``--ort-threads`` count.
+
+The last lines give the errors over every level (0 expected) and the goals. ``--fail-on-errors`` exits 1 when any
+timed request failed.
 
 Goals (PASS/FAIL printed, never the exit code): served p50 at 1 client <= 1.15 x in-process ``answer`` p50;
 p50 <= 15 ms at 1 client; >= 60 req/s at 8 clients; 0 errors in the soak; in-process explain p50 <= 2.5 x eager
@@ -76,6 +87,8 @@ TELEMETRY_OFF = {"BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "tr
 KEPT_ERRORS = 5
 #: What BentoML logs when the service's ``__init__`` raised; it then respawns the worker forever, so stop waiting.
 STARTUP_FAILED = "Application startup failed"
+#: What the register stage writes, relative to the project: the version registered and the alias the gate gave it.
+CHAMPION_FILE = Path("outputs") / "register" / "champion.json"
 
 Tile = tuple[str, bytes]
 Files = list[tuple[str, tuple[str, bytes, str]]]
@@ -660,6 +673,26 @@ def read_tiles(folder: Path) -> list[Tile]:
     return tiles
 
 
+def registered_alias(project: Path) -> tuple[str, str] | None:
+    """The alias the pipeline's last register run gave its version, and a line saying so; None without a record.
+
+    Raises:
+        SystemExit: The record exists but is not JSON or names no alias.
+    """
+    path = project / CHAMPION_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: not a readable registration record ({exc}); pass --alias") from exc
+    alias = record.get("alias") if isinstance(record, dict) else None
+    if not isinstance(alias, str) or not alias:
+        raise SystemExit(f"{path}: no alias in the registration record; pass --alias")
+    version = record.get("version", "?")
+    return alias, f"serving @{alias}: the alias the pipeline gave version {version} ({path})"
+
+
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     """``KEY=VALUE`` strings as a dict."""
     env: dict[str, str] = {}
@@ -677,7 +710,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=Path, default=REPO, help="project folder: params.yaml and its registry")
     p.add_argument("--url", help="drive this running server instead of starting one (no ready time)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
-    p.add_argument("--alias", help="alias or version to serve and time (BONETUMOR_MODEL_ALIAS); default params'")
+    p.add_argument(
+        "--alias",
+        help="alias or version to serve and time (BONETUMOR_MODEL_ALIAS); default: the alias in "
+        f"--project's {CHAMPION_FILE}, else params.yaml's register.alias",
+    )
     p.add_argument("--images", type=Path, default=REPO / "data" / "sample" / "images", help="folder of .jpg tiles")
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 16], help="/predict load levels")
     p.add_argument("--seconds", type=float, default=30.0, help="seconds per load level")
@@ -696,6 +733,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process figures")
     p.add_argument("--json", type=Path, default=REPO / "outputs" / "benchmarks" / "serving_load.json")
     p.add_argument("--markdown", type=Path, default=REPO / "outputs" / "benchmarks" / "serving_load.md")
+    p.add_argument("--fail-on-errors", action="store_true", help="exit 1 when any timed request failed")
     return p
 
 
@@ -748,6 +786,11 @@ def main(argv: list[str] | None = None) -> None:
     extra_env = parse_env(args.env)
     if args.alias:
         extra_env["BONETUMOR_MODEL_ALIAS"] = args.alias
+    elif "BONETUMOR_MODEL_ALIAS" not in extra_env and (registered := registered_alias(args.project)):
+        # What the pipeline just registered, as `make bench-serving` passes it: on the sample the gate keeps the
+        # new version as @challenger, and params' @champion may name an older version or none at all.
+        extra_env["BONETUMOR_MODEL_ALIAS"], line = registered
+        print(line, flush=True)
     alias = extra_env.get("BONETUMOR_MODEL_ALIAS")
     tiles = read_tiles(args.images)
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info()}
@@ -774,6 +817,11 @@ def main(argv: list[str] | None = None) -> None:
     failed = "".join(f"\n  FAIL: {g['goal']}" for g in report["goals"] if g["status"] == "FAIL")
     print(f"goals: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP (not measured){failed}")
     print(f"wrote {args.json} and {args.markdown}")
+    levels = report["served"]["levels"]
+    errors = sum(lv["errors"] for lv in levels)
+    print(f"errors: {errors} of {sum(lv['requests'] for lv in levels)} timed requests over {len(levels)} levels")
+    if errors and args.fail_on_errors:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

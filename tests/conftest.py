@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from bonetumor.config import Config, load_config
@@ -128,6 +130,30 @@ def tiny_params(**overrides: dict[str, object]) -> dict[str, dict[str, object]]:
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     return params
+
+
+def copy_repository(root: Path, overrides: dict[str, dict[str, object]]) -> Path:
+    """Copy the repository's tracked and new files (no outputs) to ``root``, apply ``overrides`` to params.yaml
+    section by section, and commit it all in a fresh git repository: a project ``dvc repro`` can run in."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for name in listed:
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        subprocess.run(args, cwd=root, capture_output=True, check=True)
+    return root
 
 
 def plain_policy(**fields: object) -> AugmentPolicy:

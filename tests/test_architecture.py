@@ -59,8 +59,10 @@ def test_the_package_is_grouped_by_lifecycle() -> None:
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert folders >= SUBPACKAGES
     loose = sorted(p.name for p in PACKAGE.glob("*.py"))
-    # Only what every stage shares stays at the top: config, errors, utils, the process set-up, stage adapters.
-    assert loose == ["__init__.py", "config.py", "errors.py", "runtime.py", "stages.py", "utils.py"]
+    # Only what every stage shares stays at the top: config, errors, utils, the process set-up (with its locks and
+    # fault injection), stage adapters.
+    expected = ["__init__.py", "config.py", "errors.py", "faults.py", "locks.py", "runtime.py", "stages.py", "utils.py"]
+    assert loose == expected
     for name, tree in _modules().items():
         assert ast.get_docstring(tree), f"{name} has no module docstring"
 

@@ -54,3 +54,11 @@ class ArtifactError(BoneTumorError):
 
 class SlideError(InvalidImageError):
     """A whole-slide input cannot be assessed: not a slide, unreadable, no tissue, unknown scale, bad tile names."""
+
+
+class CheckpointWriteError(BoneTumorError):
+    """A training checkpoint could not be written (a full disk); the previous checkpoint is kept."""
+
+
+class StoreLockedError(ConfigError):
+    """Another run holds the pipeline's or the tracking store's lock."""

@@ -79,6 +79,20 @@ def tracking_override(uri: str | None) -> Iterator[None]:
             os.environ[TRACKING_URI_ENV] = previous
 
 
+@contextmanager
+def tracked_stage(config: Config, uri: str | None, project_dir: str | Path | None, stage: str) -> Iterator[None]:
+    """Run a stage that writes to MLflow: ``uri`` as the tracking URI, holding the store's lock.
+
+    Raises:
+        StoreLockedError: Another run holds the lock (:func:`bonetumor.locks.store_lock`).
+    """
+    from bonetumor.locks import store_lock
+    from bonetumor.registry.tracking import resolve_tracking_uri
+
+    with tracking_override(uri), store_lock(resolve_tracking_uri(config.tracking, _project(project_dir)), stage):
+        yield
+
+
 def _project(project_dir: str | Path | None) -> Path:
     return Path(project_dir) if project_dir is not None else Path.cwd()
 
@@ -257,7 +271,7 @@ def train_stage(
     from bonetumor.training.cross_validation import run_cross_validation
 
     config = config_from_params(params)
-    with tracking_override(tracking_uri):
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor train"):
         runs = run_cross_validation(
             config,
             manifest_path=_manifest(dataset_dir),
@@ -303,7 +317,7 @@ def evaluate_stage(
     from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, run_evaluation
 
     config = config_from_params(params)
-    with tracking_override(tracking_uri):
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor evaluate"):
         result = run_evaluation(config, train_dir=train_dir, out_dir=out_dir, project_dir=_project(project_dir))
     if comparison_path is not None:
         Path(comparison_path).parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +376,7 @@ def register_stage(
     from bonetumor.registry.register import run_registration
 
     config = config_from_params(params)
-    with tracking_override(tracking_uri):
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor register"):
         champion = run_registration(
             config,
             manifest_path=_manifest(dataset_dir),
@@ -567,6 +581,7 @@ def preflight(params_path: str | Path) -> list[str]:
     """
     from bonetumor.data.ingest import list_class_folders
     from bonetumor.errors import BoneTumorError, ConfigError
+    from bonetumor.locks import check_locks
     from bonetumor.registry.tracking import resolve_tracking_uri
     from bonetumor.runtime import check_tracking_store, check_weights_setting
 
@@ -590,10 +605,12 @@ def preflight(params_path: str | Path) -> list[str]:
             passed.append(check_weights_setting(arch, config.train.weights))
         except BoneTumorError as exc:
             problems.append(str(exc))
-    try:
-        passed.append(check_tracking_store(resolve_tracking_uri(config.tracking, project)))
-    except BoneTumorError as exc:
-        problems.append(str(exc))
+    uri = resolve_tracking_uri(config.tracking, project)
+    for check in (lambda: check_locks(project, uri), lambda: check_tracking_store(uri)):
+        try:
+            passed.append(check())
+        except BoneTumorError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError(
             f"{params_path}: {len(problems)} problem(s) found before the pipeline touched any output:\n  - "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import subprocess
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 from torchvision import models as tvm
 
+from bonetumor import faults
 from bonetumor.config import AugmentConfig, Config, TrackingConfig, TrainConfig
 from bonetumor.data.datasets import TileDataset
-from bonetumor.errors import ConfigError, DatasetError
+from bonetumor.errors import CheckpointWriteError, ConfigError, DatasetError
 from bonetumor.registry.tracking import log_step_metrics, setup_mlflow
 from bonetumor.training.engine import (
     FitResult,
@@ -559,3 +562,52 @@ def test_progress_bar_shows_the_name_step_and_loss(capsys: pytest.CaptureFixture
     assert "tiny fold 1/3" in err
     assert "step 2/2" in err
     assert "loss " in err
+
+
+def _fit_with_checkpoints(tiles: TileDataset, ckpt: Path, name: str) -> FitResult:
+    return fit(_tiny(), tiles, None, _config(), CPU, 4, name, arch=ARCH, checkpoint_dir=ckpt, fingerprint="d")
+
+
+def test_a_full_disk_at_a_checkpoint_fails_clearly_keeps_the_previous_one_and_resumes(
+    augmented_tiles: TileDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faults, "_reached", Counter())
+    monkeypatch.setenv(faults.FAULT_ENV, "enospc@checkpoint-write#2")  # the write after step 2 finds no space
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(CheckpointWriteError) as error:
+        _fit_with_checkpoints(augmented_tiles, ckpt, "full")
+    message = str(error.value)
+    assert f"no space left on the device of {ckpt}" in message
+    assert "after step 2" in message
+    assert f"the previous checkpoint {checkpoint_path(ckpt)} is kept" in message
+    assert torch.load(checkpoint_path(ckpt), weights_only=True)["step"] == 1
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]  # no half-written temporary file left
+    monkeypatch.delenv(faults.FAULT_ENV)
+    resumed = _fit_with_checkpoints(augmented_tiles, ckpt, "after")
+    assert resumed.resumed_from == 1
+    reference = fit(_tiny(), augmented_tiles, None, _config(), CPU, 4, "reference", arch=ARCH)
+    assert _same(resumed.model.state_dict(), reference.model.state_dict())
+
+
+def test_a_really_full_tmpfs_is_reported_as_a_full_disk(augmented_tiles: TileDataset, tmp_path: Path) -> None:
+    """The same on a real 'No space left on device': a tmpfs with room for one checkpoint, not two."""
+    probe = tmp_path / "probe"
+    _fit_with_checkpoints(augmented_tiles, probe, "probe")
+    size = checkpoint_path(probe).stat().st_size
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # Room for one checkpoint and half of the next: the write goes to a temporary file beside the previous one.
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096 + 4096}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the injected ENOSPC test covers this")
+    try:
+        with pytest.raises(CheckpointWriteError, match="no space left on the device") as error:
+            _fit_with_checkpoints(augmented_tiles, mount / "ckpt", "tmpfs")
+        assert isinstance(error.value.__cause__, RuntimeError | OSError)  # torch.save's report of ENOSPC
+        assert torch.load(checkpoint_path(mount / "ckpt"), weights_only=True)["step"] == 1
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

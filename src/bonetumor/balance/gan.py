@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, sha256_file, 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+#: Each set's grid of generated tiles, and the folder holding a copy of every set's grid (for `dvc plots`).
+SAMPLES_FILE, SAMPLES_DIR = "gan_samples.png", "gan_samples"
 
 
 class Generator(nn.Module):
@@ -262,7 +265,7 @@ def balance_training_set(
                         "synthetic": True,
                     }
                 )
-        render_samples(out_dir / "synthetic", classes, out_dir / "gan_samples.png", title=f"GAN tiles, {name}")
+        render_samples(out_dir / "synthetic", classes, out_dir / SAMPLES_FILE, title=f"GAN tiles, {name}")
     table = pd.concat([real, pd.DataFrame(rows)], ignore_index=True) if rows else real
     write_manifest(table, out_dir / TRAIN_MANIFEST)
     after = table["label"].value_counts()
@@ -327,5 +330,12 @@ def run_balance(
                 name,
                 seed_offset=1000 * offset,
             )
+        # One folder of every set's sample sheet, for `dvc plots show` (dvc.yaml's top-level plots): a folder that
+        # exists, empty when nothing was generated, because DVC warns about a listed path that is missing.
+        sheets = tmp / SAMPLES_DIR
+        sheets.mkdir()
+        for name in names:
+            if (tmp / name / SAMPLES_FILE).is_file():
+                shutil.copyfile(tmp / name / SAMPLES_FILE, sheets / f"{name}.png")
         write_json(tmp / SUMMARY_FILE, summary)
     return summary

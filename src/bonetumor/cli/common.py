@@ -26,10 +26,30 @@ def stage_config(params: Path) -> tuple[Config, Path]:
     return load_config(params), params.resolve().parent
 
 
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """The errors of an MLflow store that fails mid-stage (imported only when an error is being handled)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException,)
+
+
 def run_stage(func: Callable[[], object]) -> None:
-    """Call a stage, turning expected errors into a clean exit."""
+    """Call a stage, turning expected errors (ours, and a tracking store failing mid-stage) into a clean exit."""
     try:
         func()
     except BoneTumorError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from exc
+    except _tracking_errors() as exc:
+        import mlflow
+
+        # MLflow has already retried with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, about 4 min).
+        message = str(exc).splitlines()[0][:600]
+        typer.secho(
+            f"error: the MLflow tracking store {mlflow.get_tracking_uri()} failed during this stage: {message}\n"
+            "Nothing finished is lost: completed stages keep their outputs, and training resumes from its "
+            "checkpoints. Check the server (or MLFLOW_TRACKING_URI / tracking.uri), then rerun (make pipeline).",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise typer.Exit(code=1) from exc

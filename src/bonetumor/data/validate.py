@@ -45,6 +45,7 @@ from scipy.sparse.csgraph import connected_components
 from bonetumor.config import Config, ValidateConfig, save_resolved
 from bonetumor.data.manifest import MANIFEST_COLUMNS, read_manifest, resolve_paths, write_manifest
 from bonetumor.errors import DataValidationError, SplitError
+from bonetumor.faults import fault_point
 from bonetumor.transforms.decode import SUPPORTED_FORMATS
 from bonetumor.transforms.tissue import tissue_fraction
 from bonetumor.utils import write_json
@@ -819,6 +820,7 @@ def validate_dataset(
     start = time.perf_counter()
     table = inspect_tiles(manifest, manifest_dir, config.validate.workers)
     decoded = time.perf_counter()
+    fault_point("validate")
     report, table = check_tiles(table, config, docs_dir, report_path)
     if tiles_path is not None:
         write_manifest(table[[*MANIFEST_COLUMNS, *TILE_COLUMNS]], tiles_path)

@@ -23,6 +23,8 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 from bonetumor.config import Config, save_resolved
@@ -33,11 +35,12 @@ from bonetumor.evaluation.calibration import ReferralPolicy
 from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR
 from bonetumor.evaluation.metrics import classification_metrics
 from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document
-from bonetumor.registry.model_registry import champion_metrics, log_and_register
+from bonetumor.registry.model_registry import STATUS_TAG, champion_metrics, log_and_register
 from bonetumor.registry.tracking import (
     TAG_PREFIX,
     flatten_params,
     log_step_metrics,
+    process_tags,
     provenance_tags,
     require_run,
     setup_mlflow,
@@ -146,6 +149,7 @@ def run_registration(
     folds = read_folds(folds_path, manifest, manifest_path)
     setup_mlflow(config.tracking, project_dir)
     require_run(winner.cv["run_id"], f"{winner.name} cross-validation run")
+    abandon_unfinished_versions(config.register.model_name)
     policy = load_policy(policy_path)
     tags = provenance_tags(config, manifest_path, project_dir)
     candidate = _candidate_metrics(winner, tags, folds_path)
@@ -154,7 +158,8 @@ def run_registration(
     checkpoints = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints"
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp)
-        with mlflow.start_run(run_name=f"refit-{winner.name}", tags=_refit_tags(tags, winner, init)) as run:
+        refit_tags = _refit_tags({**tags, **process_tags()}, winner, init)
+        with mlflow.start_run(run_name=f"refit-{winner.name}", tags=refit_tags) as run:
             mlflow.log_params(
                 {
                     **flatten_params(config.for_arch(winner.name), (*TRAIN_SECTIONS, "referral", "register")),
@@ -207,6 +212,46 @@ def run_registration(
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner.name, alias)
     return champion
+
+
+def abandon_unfinished_versions(model_name: str) -> list[str]:
+    """Mark ``abandoned`` the versions whose registration was killed: ``pending``, their run no longer RUNNING.
+
+    A registration killed between ``create_model_version`` and its alias leaves a ``pending`` version; no alias
+    points at it and nothing serves or promotes it (both want ``ready``). Saying ``abandoned`` on it, with why,
+    tells an auditor browsing the registry that it is not a model that is still being registered. Its run was
+    marked FAILED by :func:`bonetumor.registry.tracking.close_interrupted_runs` first.
+
+    Returns:
+        The versions marked.
+    """
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return []  # no such model yet
+    marked = []
+    for version in versions:
+        if version.tags.get(STATUS_TAG) != "pending" or not version.run_id:
+            continue
+        try:
+            status = client.get_run(version.run_id).info.status
+        except MlflowException:
+            status = "missing"
+        if status == "RUNNING":
+            continue  # a registration in progress (or of a process on another host)
+        client.set_model_version_tag(model_name, version.version, STATUS_TAG, "abandoned")
+        client.set_model_version_tag(
+            model_name,
+            version.version,
+            f"{TAG_PREFIX}abandoned_reason",
+            f"its registration stopped before the version was ready (run {version.run_id} is {status}); "
+            f"marked at {datetime.now(UTC).isoformat(timespec='seconds')}. It is never served or promoted.",
+        )
+        marked.append(str(version.version))
+    if marked:
+        log.warning("%s: versions %s were left pending by a killed registration; marked abandoned", model_name, marked)
+    return marked
 
 
 def _read_winner(train_dir: Path, evaluate_dir: Path) -> _Winner:

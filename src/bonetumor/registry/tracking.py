@@ -8,14 +8,19 @@ can walk from a served prediction to the model version, its run, the data and th
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from bonetumor import __version__
 from bonetumor.config import Config, TrackingConfig
@@ -25,6 +30,14 @@ from bonetumor.runtime import disable_telemetry
 from bonetumor.utils import git_commit
 
 TAG_PREFIX = "bonetumor."
+#: Run tags naming the process that owns a run (see :func:`process_tags`).
+HOST_TAG, PID_TAG, PID_STARTED_TAG = f"{TAG_PREFIX}host", f"{TAG_PREFIX}pid", f"{TAG_PREFIX}pid_started"
+#: Run tag set on a run whose process was killed, when the next run marks it FAILED.
+INTERRUPTED_TAG = f"{TAG_PREFIX}interrupted"
+#: Most RUNNING runs looked at per experiment (more would mean something other than kills is wrong).
+MAX_RUNS_CHECKED = 1000
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(config: TrackingConfig, base_dir: str | Path) -> str:
@@ -71,7 +84,74 @@ def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    close_interrupted_runs(str(experiment_id))
     return str(experiment_id)
+
+
+def process_tags() -> dict[str, str]:
+    """Return the tags that name the process owning a run: host, pid and the process's start time.
+
+    :func:`close_interrupted_runs` reads them to tell a run whose process was killed from one still going.
+    """
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PID_STARTED_TAG: f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def _process_alive(pid: int, started: str) -> bool:
+    """Whether process ``pid`` exists and is the one that started at ``started`` (a reused pid is not)."""
+    try:
+        process = psutil.Process(pid)
+        created = process.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    if process.status() == psutil.STATUS_ZOMBIE:
+        return False
+    try:
+        return abs(created - float(started)) < 1.0
+    except ValueError:
+        return True  # no usable start time: a live process with that pid may be the owner, leave its run alone
+
+
+def close_interrupted_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the runs of ``experiment_id`` that a killed process left RUNNING, and say so on each.
+
+    A SIGKILL, an OOM kill or a power cut gives the process no chance to close its runs, so MLflow would show
+    them RUNNING forever. Only runs owned (:func:`process_tags`) by a process of this host that no longer exists
+    are closed: a run of a live process, of another host (a cluster pod) or without owner tags is left alone.
+
+    Returns:
+        The ids of the runs it closed.
+    """
+    client = MlflowClient()
+    host = socket.gethostname()
+    closed = []
+    try:
+        running = client.search_runs(
+            [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=MAX_RUNS_CHECKED
+        )
+    except MlflowException as exc:
+        log.warning("cannot look for interrupted runs in experiment %s: %s", experiment_id, exc)
+        return []
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or _process_alive(int(pid), tags.get(PID_STARTED_TAG, "")):
+            continue
+        when = datetime.now(UTC).isoformat(timespec="seconds")
+        client.set_tag(
+            run.info.run_id,
+            INTERRUPTED_TAG,
+            f"process {pid} on {host} ended without closing this run (killed); marked FAILED at {when} by the "
+            f"next run (process {os.getpid()}). A rerun resumes the work from its checkpoints in new runs.",
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("marked %d run(s) of killed processes FAILED: %s", len(closed), closed)
+    return closed
 
 
 def data_version(manifest_path: str | Path) -> str:

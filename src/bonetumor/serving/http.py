@@ -100,9 +100,13 @@ def multipart_boundary(content_type: str) -> bytes:
     """
     kind, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
+    if kind != b"multipart/form-data":
         raise RequestRejectedError(
             415, f"the body is {content_type or 'of no declared type'}; expected multipart/form-data"
+        )
+    if not boundary:
+        raise RequestRejectedError(
+            415, f"the body is {content_type} without a boundary; expected multipart/form-data; boundary=..."
         )
     return bytes(boundary)
 
@@ -111,12 +115,14 @@ def form_fields(body: bytes, content_type: str) -> list[tuple[str, bool]]:
     """Return the ``(name, is_file)`` of every part of a multipart body, reading part headers only.
 
     Raises:
-        RequestRejectedError: The body is not ``multipart/form-data`` with a boundary, or does not parse.
+        RequestRejectedError: The body is not ``multipart/form-data`` with a boundary, does not parse, or ends
+            before its closing boundary.
     """
     boundary = multipart_boundary(content_type)
     parts: list[tuple[str, bool]] = []
     header: dict[str, bytes] = {"field": b"", "value": b""}
     disposition: list[bytes] = []
+    ended: list[bool] = []
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header["field"] += data[start:end]
@@ -141,6 +147,7 @@ def form_fields(body: bytes, content_type: str) -> list[tuple[str, bool]]:
             "on_header_value": on_header_value,
             "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished,
+            "on_end": lambda: ended.append(True),
         },
     )
     try:
@@ -148,6 +155,9 @@ def form_fields(body: bytes, content_type: str) -> list[tuple[str, bool]]:
         parser.finalize()
     except MultipartParseError as exc:
         raise RequestRejectedError(400, f"the multipart body does not parse ({exc})") from exc
+    if parts and not ended:
+        # The form parser downstream would drop the unfinished part and report its field as missing.
+        raise RequestRejectedError(400, "the multipart body ends before its closing boundary (incomplete upload)")
     return parts
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from bonetumor.config import TrainConfig
+from bonetumor.errors import CheckpointWriteError
+from bonetumor.faults import fault_point
 from bonetumor.transforms.tta import TestTimeViews
 
 # The engine's logger, not this module's: these lines report on a fit, and the log format prints the logger name,
@@ -127,11 +130,29 @@ def write_checkpoint(path: Path, content: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
+            fault_point("checkpoint-write", tmp)
             torch.save(content, handle)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _disk_full(exc):
+            kept = f"the previous checkpoint {path} is kept" if path.exists() else f"there was no checkpoint at {path}"
+            raise CheckpointWriteError(
+                f"no space left on the device of {path.parent} while writing the checkpoint after step "
+                f"{content.get('step', '?')}; {kept}, and a rerun resumes from it. Free some space there (or set "
+                "train.checkpoint: false) and rerun"
+            ) from exc
         raise
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it arose from is ENOSPC (torch.save reports it as a RuntimeError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def read_checkpoint(path: Path, fingerprint: str, name: str) -> dict[str, Any] | None:

@@ -39,7 +39,15 @@ from bonetumor.data.datasets import load_training_table, split_tables
 from bonetumor.data.manifest import read_manifest
 from bonetumor.data.split import inner_split, read_folds
 from bonetumor.evaluation.metrics import macro_f1
-from bonetumor.registry.tracking import TAG_PREFIX, flatten_params, log_step_metrics, provenance_tags, setup_mlflow
+from bonetumor.faults import fault_point
+from bonetumor.registry.tracking import (
+    TAG_PREFIX,
+    flatten_params,
+    log_step_metrics,
+    process_tags,
+    provenance_tags,
+    setup_mlflow,
+)
 from bonetumor.training.candidates import (
     Candidate,
     CandidateUnavailableError,
@@ -126,7 +134,8 @@ def run_cross_validation(
     """
     plan = _plan(config, Path(manifest_path), Path(folds_path), Path(policy_path), Path(balance_dir), Path(out_dir))
     experiment_id = setup_mlflow(config.tracking, project_dir)
-    plan.tags = provenance_tags(config, manifest_path, project_dir)
+    # The process tags let the next run close these runs if this process is killed before it can.
+    plan.tags = {**provenance_tags(config, manifest_path, project_dir), **process_tags()}
     _log_start(plan)
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, (*TRAIN_SECTIONS, "baseline", "candidates"))
@@ -134,6 +143,7 @@ def run_cross_validation(
         tracks = [_start_track(c, plan, artifacts, validation_dir) for c in plan.candidates]
         for fold_info in plan.folds["folds"]:
             _run_fold(plan, _fold_data(plan, int(fold_info["fold"])), tracks, tmp)
+            fault_point("fold-end")
         runs = _runs_document(experiment_id, [_finish_track(t, plan, tmp) for t in tracks])
         write_json(tmp / RUNS_FILE, runs)
     shutil.rmtree(plan.checkpoints, ignore_errors=True)

@@ -64,6 +64,7 @@ from bonetumor.config import Config, TrainConfig
 from bonetumor.data.datasets import TileDataset, label_indices
 from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.evaluation.metrics import macro_f1
+from bonetumor.faults import fault_point
 from bonetumor.training.checkpoint import (
     checkpoint_path,
     fit_fingerprint,
@@ -695,6 +696,7 @@ class _Loop:
             tally, progress = _Tally(started), _Progress(bar, self.name, self.steps, self.phases, self.timer, started)
             _train_mode(model)
             for step, (x_cpu, y_cpu) in enumerate(loader, start=done + 1):
+                fault_point("fit-step")
                 if self.phases.fine_tuning_starts(step):
                     self.phases.unfreeze(model)
                     _train_mode(model)

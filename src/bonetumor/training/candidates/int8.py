@@ -20,6 +20,7 @@ from torch import nn
 from bonetumor.config import Config, PreprocessConfig
 from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.evaluation.calibration import ReferralPolicy
+from bonetumor.faults import fault_point
 from bonetumor.training.candidates.base import Candidate, FitContext, FittedModel, TrainingSet
 from bonetumor.training.candidates.network import TorchFitted
 from bonetumor.training.export import (
@@ -116,6 +117,7 @@ def int8_classifier(
     transform = build_eval_transform(preprocess_config, stain=stain)
     files = list(calibration_files)[:max_tiles] if max_tiles is not None else list(calibration_files)
     fp32 = export_onnx(_on_cpu(model), preprocess_config.tile_size, out_dir / f"{name}.fp32.onnx")
+    fault_point("onnx-export")
     arrays = [np.asarray(transform(decode_image(f)), dtype=np.float32) for f in files]
     quantized = quantize_int8(fp32, out_dir / f"{name}.int8.onnx", arrays or None)
     log.info(
