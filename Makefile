@@ -76,4 +76,4 @@ compile: install ## Recompile the Kubeflow pipeline YAML
 	$(BIN)/python -m pipelines.compile
 
 clean: ## Remove pipeline outputs and local MLflow state (keeps .venv)
-	rm -rf outputs mlflow.db mlartifacts .kfp
+	rm -rf outputs mlflow.db mlflow.db.lock mlartifacts .kfp

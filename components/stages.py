@@ -164,7 +164,8 @@ def evaluate(
         params: params.yaml content (sections may be missing).
         mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
         training: The train output.
-        evaluation: Output folder: ``comparison.json``, ``comparison.md``, ``metrics.json``, ``plots/``, ``reports/``.
+        evaluation: Output folder: ``comparison.json``, ``comparison.md``, ``metrics/`` (headline figures),
+            ``plots/``, ``reports/``.
         metrics: The winner's scalar out-of-fold metrics.
         confusion_matrix: The winner's out-of-fold confusion matrix.
         comparison: The architecture comparison table (Markdown).

@@ -40,8 +40,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 import bonetumor.serving
-from bonetumor.config import AssessConfig, ServingConfig
+from bonetumor.config import AssessConfig, ServingConfig, TrackingConfig
 from bonetumor.errors import ConfigError, InvalidImageError
+from bonetumor.runtime import absolute_tracking_uri, check_registry_store
 from bonetumor.serving.audit import PredictionLog
 from bonetumor.serving.http import SpooledUpload, UploadEndpoint, UploadGuard, take_spooled
 from bonetumor.serving.progress import AssessProgress
@@ -54,7 +55,7 @@ log = logging.getLogger("bonetumor.service")
 
 PROJECT_DIR = Path(os.environ.get("BONETUMOR_PROJECT_DIR", Path(__file__).resolve().parent.parent))
 UI_DIR = Path(bonetumor.serving.__file__).with_name("ui")
-_Section = TypeVar("_Section", ServingConfig, AssessConfig)
+_Section = TypeVar("_Section", ServingConfig, AssessConfig, TrackingConfig)
 
 
 def _section(name: str, cls: type[_Section]) -> _Section:
@@ -71,6 +72,14 @@ def _section(name: str, cls: type[_Section]) -> _Section:
 
 def _serving_config() -> ServingConfig:
     return _section("serving", ServingConfig)
+
+
+def _check_registry_reachable() -> str:
+    """The registry's quick check, without MLflow (whose import costs the supervising process seconds and a GB)."""
+    uri = absolute_tracking_uri(
+        os.environ.get("MLFLOW_TRACKING_URI") or _section("tracking", TrackingConfig).uri, PROJECT_DIR
+    )
+    return check_registry_store(uri)
 
 
 _ASSESS = _section("assess", AssessConfig)
@@ -215,6 +224,19 @@ class BoneTumorClassifier:
             documentation="Uploads refused with a 4xx by the service (not an image, too small...)",
             labelnames=["endpoint"],
         )
+
+    @bentoml.on_deployment
+    def check_registry_first() -> None:
+        """Before any worker starts (once, in ``bentoml serve``'s own process): stop when the registry is unusable.
+
+        A worker that fails to load is restarted by BentoML for ever, each time after importing torch and after
+        MLflow's minutes of retries against a dead server; this check fails ``make serve`` in seconds instead, with
+        exit status 1 and one line naming the tracking URI and what to do.
+        """
+        try:
+            log.info("%s", _check_registry_reachable())
+        except ConfigError as exc:
+            raise SystemExit(f"bonetumor service: cannot start: {exc}") from exc
 
     def __is_ready__(self) -> bool:
         """Ready once a model is loaded (``__init__`` loads it before the worker takes requests)."""

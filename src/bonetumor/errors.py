@@ -62,3 +62,7 @@ class CheckpointWriteError(BoneTumorError):
 
 class StoreLockedError(ConfigError):
     """Another run holds the pipeline's or the tracking store's lock."""
+
+
+class RegistryUnavailableError(ConfigError):
+    """The tracking store holding the registry cannot be reached or read: the model may exist, but not here."""

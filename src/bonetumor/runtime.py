@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
-from bonetumor.errors import ConfigError, WeightsUnavailableError
+from bonetumor.errors import ConfigError, RegistryUnavailableError, WeightsUnavailableError
 
 #: Environment switches that keep the tools from phoning home (set only when the user has not chosen).
 TELEMETRY_OFF: dict[str, str] = {
@@ -46,6 +47,17 @@ def configure_process(verbose: bool = False) -> None:
     )
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def absolute_tracking_uri(uri: str, base_dir: str | Path) -> str:
+    """Return ``uri`` with a relative ``sqlite:///`` path made absolute against ``base_dir`` (the project folder).
+
+    So every stage, and the service, whatever its working folder, uses the same database.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path(base_dir) / uri[len(prefix) :]).resolve())
+    return uri
 
 
 def check_weights_setting(arch: str, weights: str) -> str:
@@ -105,7 +117,6 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
     Raises:
         ConfigError: The store cannot be used; the message names the URI and what to do.
     """
-    import sqlite3
     import urllib.error
     import urllib.request
 
@@ -153,3 +164,63 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
             raise ConfigError(f"tracking server {uri}: {health} answered HTTP {status}; expected 200")
         return f"tracking server {uri}: healthy"
     return f"tracking store {uri}: not checked (MLflow handles this scheme)"
+
+
+#: What to do when there is no model to serve.
+MAKE_A_MODEL = (
+    "run `make pipeline` to train and register a model, or set MLFLOW_TRACKING_URI (or tracking.uri in "
+    "params.yaml) to the store that holds it"
+)
+
+
+def check_registry_store(uri: str, timeout: float = 5.0) -> str:
+    """Check, in seconds and without creating anything, that the registry's tracking store can be read.
+
+    Asked first, MLflow's client retries a dead server for minutes and, for a sqlite URI, creates an empty
+    database where there is none, then reports the model as missing; a service must fail at once and say why.
+
+    * ``http(s)://`` - the server answers ``/health`` (:func:`check_tracking_store`);
+    * ``sqlite:///`` - the database file exists, opens read-only and holds MLflow's registry tables (a pipeline
+      writing to it meanwhile is fine: serving only reads);
+    * anything else is left to MLflow.
+
+    Args:
+        uri: The resolved tracking URI (:func:`bonetumor.registry.tracking.resolve_tracking_uri`).
+        timeout: Seconds to wait for the server or for a lock.
+
+    Returns:
+        What was checked, for the log.
+
+    Raises:
+        RegistryUnavailableError: The store cannot be used; the message names the URI and what to do.
+    """
+    if uri.startswith(("http://", "https://")):
+        try:
+            return check_tracking_store(uri, timeout)
+        except ConfigError as exc:
+            raise RegistryUnavailableError(str(exc)) from exc
+    if not uri.startswith("sqlite:///"):
+        return f"tracking store {uri}: not checked (MLflow handles this scheme)"
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        raise RegistryUnavailableError(
+            f"tracking store {uri}: the MLflow database does not exist at {path}; {MAKE_A_MODEL}"
+        )
+    try:
+        # Read-only, so that checking never creates or changes the database.
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+        try:
+            registry = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'registered_models'"
+            ).fetchone()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:  # not a database, unreadable, or locked for longer than the timeout
+        raise RegistryUnavailableError(
+            f"tracking store {uri}: {path} cannot be read as an sqlite database ({exc}); {MAKE_A_MODEL}"
+        ) from exc
+    if registry is None:
+        raise RegistryUnavailableError(
+            f"tracking store {uri}: {path} holds no MLflow model registry (no registered_models table); {MAKE_A_MODEL}"
+        )
+    return f"tracking store {uri}: sqlite database with a model registry"

@@ -302,7 +302,8 @@ def evaluate_stage(
     Args:
         params: params.yaml content.
         train_dir: The train output folder.
-        out_dir: Output folder: ``comparison.json``, ``comparison.md``, ``metrics.json``, ``plots/``, ``reports/``.
+        out_dir: Output folder: ``comparison.json``, ``comparison.md``, ``metrics/`` (headline figures),
+            ``plots/``, ``reports/``.
         comparison_path: When given, a copy of ``comparison.md`` (the architecture comparison table) goes here.
         tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
         project_dir: Base folder of a relative tracking URI (default: the working folder).

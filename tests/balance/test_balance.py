@@ -81,6 +81,13 @@ def test_balance_stage_marks_synthetic_tiles_and_keeps_them_out_of_validation(
         assert len({counts[c] for c in present}) == 1  # balanced to the largest class
     full = pd.read_csv(tmp_path / "balance" / "full" / "train_manifest.csv")
     assert full["synthetic"].sum() == summary["sets"]["full"]["generated"]["Viable-Tumor"] > 0
+    # Every set's sample grid, also gathered in one folder for `dvc plots show`.
+    sheets = tmp_path / "balance" / "gan_samples"
+    drawn = sorted(name for name, info in summary["sets"].items() if sum(info["generated"].values()))
+    assert "full" in drawn
+    assert sorted(p.name for p in sheets.iterdir()) == [f"{name}.png" for name in drawn]
+    for name in drawn:
+        assert (sheets / f"{name}.png").read_bytes() == (tmp_path / "balance" / name / "gan_samples.png").read_bytes()
 
 
 def test_disabled_balancing_writes_real_tiles_only(make_dataset: DatasetFactory, tmp_path: Path) -> None:
@@ -91,6 +98,8 @@ def test_disabled_balancing_writes_real_tiles_only(make_dataset: DatasetFactory,
     summary = run_balance(config, manifest_path, tmp_path / "folds.json", tmp_path / "balance")
     assert all(info["gan"] is None for info in summary["sets"].values())
     assert not load_training_table(tmp_path / "balance", "full", tmp_path)["synthetic"].any()
+    # The folder dvc.yaml lists for `dvc plots show` exists, empty: DVC warns about a listed path that is missing.
+    assert list((tmp_path / "balance" / "gan_samples").iterdir()) == []
 
 
 def test_missing_training_manifest_is_a_clear_error(tmp_path: Path) -> None:

@@ -131,7 +131,8 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
         "train/resnet50_int8/oof.csv",
         "train/vgg19_int8/oof.csv",
         "train/resnet50/gradcam/fold-0.png",
-        "evaluate/metrics.json",
+        "evaluate/metrics/resnet50.json",
+        "evaluate/reports/resnet50.json",
         "evaluate/comparison.md",
         "evaluate/plots/comparison.png",
         "evaluate/plots/resnet50_gradcam_fold-0.png",
@@ -149,8 +150,9 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
     for model in models:
         for plot in ("confusion_matrix", "roc_pr", "reliability", "risk_coverage"):
             assert (out / "evaluate" / "plots" / f"{model}_{plot}.png").is_file(), (model, plot)
-    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert set(models) <= set(metrics)
+    # Every model's headline figures (the DVC metrics) and its report (every figure), one file each.
+    headline = {m: json.loads((out / "evaluate" / "metrics" / f"{m}.json").read_text()) for m in models}
+    metrics = {m: json.loads((out / "evaluate" / "reports" / f"{m}.json").read_text()) for m in models}
     scores = json.loads((out / "evaluate" / "comparison.json").read_text())["scores"]
     manifest = pd.read_csv(out / "ingest" / "manifest.csv")
     folds_doc = json.loads((out / "split" / "folds.json").read_text())
@@ -163,6 +165,7 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
             assert set(oof.loc[oof["fold"] == fold["fold"], "path"]) == set(fold["val_paths"]), (name, fold["fold"])
         reported = metrics[name]
         assert reported["accuracy"] == pytest.approx(accuracy_score(oof["label"], oof["prediction"])), name
+        assert headline[name]["accuracy"] == reported["accuracy"], name
         assert reported["f1_macro"] == pytest.approx(macro_f1(oof["label"], oof["prediction"])), name
         present = sorted(set(oof["label"]) | set(oof["prediction"]))
         weighted = f1_score(oof["label"], oof["prediction"], labels=present, average="weighted", zero_division=0)
@@ -175,6 +178,7 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
         fold_accuracy = [accuracy_score(f["label"], f["prediction"]) for f in by_fold]
         assert scores[name]["fold_f1_macro"] == pytest.approx(fold_f1), name
         assert reported["fold_f1_macro_mean"] == pytest.approx(np.mean(fold_f1)), name
+        assert headline[name]["f1_mean"] == pytest.approx(np.mean(fold_f1)), name
         assert scores[name]["fold_summary"]["accuracy"]["mean"] == pytest.approx(np.mean(fold_accuracy)), name
         # Pooled accuracy is the tile-weighted mean of the folds' accuracies.
         pooled = sum(len(f) * a for f, a in zip(by_fold, fold_accuracy, strict=True)) / len(oof)
@@ -201,6 +205,31 @@ def test_every_stage_wrote_its_outputs(project: Path) -> None:
     folds = json.loads((out / "split" / "folds.json").read_text())
     assert folds["n_folds"] == 2
     assert folds["group_by"] == "slide"
+
+
+def test_dvc_metrics_show_is_a_short_table_of_the_headline_figures(project: Path) -> None:
+    table = run(["dvc", "metrics", "show"], project).stdout.splitlines()
+    models = ("baseline", "resnet50", "vgg19", "ensemble", "vgg19_pruned", "resnet50_int8", "vgg19_int8")
+    # One row per model, its headline figures as columns, narrow enough for a terminal.
+    assert table[0].split() == [
+        "Path",
+        "accuracy",
+        "f1_lower",
+        "f1_mean",
+        "f1_upper",
+        "recall_Viable-Tumor",
+        "referral.coverage",
+    ]
+    assert sorted(row.split()[0] for row in table[1:]) == sorted(f"outputs/evaluate/metrics/{m}.json" for m in models)
+    assert max(len(line) for line in table) <= 160
+    # The reports are read as metrics too, so `dvc metrics diff --targets outputs/evaluate/reports` compares them.
+    shown = json.loads(run(["dvc", "metrics", "show", "--json", "outputs/evaluate/reports"], project).stdout)
+    (workspace,) = shown.values()
+    files = workspace["data"]
+    scores = json.loads((project / "outputs" / "evaluate" / "comparison.json").read_text())["scores"]
+    for model in models:
+        figures = files[f"outputs/evaluate/reports/{model}.json"]["data"]
+        assert figures["per_class"] == scores[model]["per_class"], model
 
 
 def test_mlflow_holds_the_cross_validation_and_the_champion(project: Path) -> None:

@@ -189,7 +189,7 @@ def train(
 def evaluate(
     params: ParamsOption = Path("params.yaml"),
     trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
-    out: Annotated[Path, typer.Option(help="Output folder (metrics.json, plots/).")] = OUT / "evaluate",
+    out: Annotated[Path, typer.Option(help="Output folder (metrics/, reports/, plots/).")] = OUT / "evaluate",
 ) -> None:
     """Score out-of-fold predictions, plot confusion matrices, rank the architectures."""
     from bonetumor.evaluation.evaluate import run_evaluation

@@ -13,6 +13,11 @@ same folds: the soft-vote ensemble of the architectures) this stage writes:
   rule (``referral`` params) and its risk-coverage curve; the rule is stored and travels with the model;
 * the Grad-CAM galleries the train stage drew with each fold's model on that fold's validation tiles.
 
+Two per-model JSON files carry the figures to DVC. ``metrics/<model>.json`` (the stage's DVC metrics) holds only
+the headline figures, so that ``dvc metrics show`` prints one short row per model; ``reports/<model>.json`` holds
+every figure (the model's entry in ``comparison.json``), which ``dvc metrics diff --targets
+outputs/evaluate/reports`` compares.
+
 The ranking uses the mean per-fold macro-F1 (each fold is one draw of held-out slides), then pooled accuracy,
 then the order of ``train.architectures``; the winner, which the register stage refits, is the best single
 architecture. The baseline is not ranked: it is the bar (``beats_baseline`` per architecture, which the champion
@@ -25,13 +30,15 @@ from __future__ import annotations
 import logging
 import shutil
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from bonetumor.config import Config, save_resolved
 from bonetumor.data.datasets import label_indices
@@ -49,6 +56,7 @@ from bonetumor.evaluation.calibration import (
 from bonetumor.evaluation.metrics import classification_metrics, macro_f1
 from bonetumor.evaluation.plots import per_class_report, plot_comparison, plot_confusion, plot_roc_pr, report_markdown
 from bonetumor.evaluation.stats import summarise_folds
+from bonetumor.faults import fault_point
 from bonetumor.registry.tracking import require_run, setup_mlflow
 from bonetumor.training.candidates.baseline import BASELINE
 from bonetumor.training.candidates.baseline import describe as describe_baseline
@@ -59,7 +67,10 @@ from bonetumor.utils import format_number as _fmt
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
+#: Folder of the headline figures, one ``<model>.json`` each: the stage's DVC metrics.
+METRICS_DIR = "metrics"
+#: Folder of every figure of a model, one ``<model>.json`` each (its entry in ``comparison.json``).
+REPORTS_DIR = "reports"
 COMPARISON_FILE = "comparison.json"
 COMPARISON_MD_FILE = "comparison.md"
 REFERRAL_DIR = "referral"
@@ -280,7 +291,36 @@ def _md_model(name: str, s: dict[str, Any], classes: Sequence[str], target_class
     return lines
 
 
-def _dvc_metrics(scores: dict[str, Any]) -> dict[str, Any]:
+def headline_metrics(scores: dict[str, Any], target_class: str) -> dict[str, Any]:
+    """Return one model's headline figures, the row ``dvc metrics show`` prints for it.
+
+    DVC prints a row per metrics file and a column per (dotted) key, sorted by name, all on one line: the keys are
+    few and short, so that the table of the demo's models fits a 160-column terminal (about 135 wide), and they
+    sort into reading order. Pooled out-of-fold accuracy; the per-fold macro-F1 mean between the bounds of its
+    interval over the folds (the figure the ranking and the baseline bar use); the out-of-fold recall of the
+    referral rule's protected class; the fraction of tiles the referral rule accepts, under the same dotted name
+    as in the report. Every other figure (accuracy of the accepted tiles included) is in the model's report.
+
+    Args:
+        scores: The model's scores (:func:`_evaluate_model`, with ``referral``).
+        target_class: The referral rule's protected class (``referral.target_class``).
+
+    Returns:
+        ``{"accuracy", "f1_lower", "f1_mean", "f1_upper", "recall_<target_class>", "referral": {"coverage"}}``.
+    """
+    summary = scores["fold_summary"]["f1_macro"]
+    return {
+        "accuracy": scores["accuracy"],
+        "f1_lower": summary["ci_low"],
+        "f1_mean": summary["mean"],
+        "f1_upper": summary["ci_high"],
+        f"recall_{target_class}": scores["per_class"][target_class]["recall"],
+        "referral": {"coverage": scores["referral"]["coverage"]},
+    }
+
+
+def _scalar_figures(scores: dict[str, Any]) -> dict[str, Any]:
+    """The overall scalar figures logged to MLflow as ``oof_<name>`` (per-class figures are added apart)."""
     keep = (
         "accuracy",
         "precision_macro",
@@ -304,7 +344,7 @@ def _dvc_metrics(scores: dict[str, Any]) -> dict[str, Any]:
     flat["cpu_ms_per_tile"] = scores.get("cpu_ms_per_tile")
     flat["referral_coverage"] = scores["referral"]["coverage"]
     flat["referral_accepted_accuracy"] = scores["referral"]["accepted_accuracy"]
-    return flat | {"per_class": scores["per_class"]}
+    return flat
 
 
 def _evaluate_model(name: str, oof: pd.DataFrame, config: Config, plots: Path, referral_dir: Path) -> dict[str, Any]:
@@ -373,9 +413,10 @@ def run_evaluation(
     Args:
         config: Uses ``data.classes``, ``train.architectures``, ``evaluate``, ``referral`` and ``tracking``.
         train_dir: The train stage's output (``runs.json``, ``<candidate>/oof.csv``, ``<arch>/gradcam/``).
-        out_dir: Output folder: ``metrics.json`` (DVC metrics), ``comparison.json``, ``comparison.md``,
-            ``plots/`` (confusion, ROC/PR, reliability, risk-coverage, Grad-CAM, comparison bars),
-            ``reports/<model>.json`` and ``referral/<model>.json`` (the calibrated referral rule).
+        out_dir: Output folder: ``metrics/<model>.json`` (the headline figures, DVC metrics),
+            ``reports/<model>.json`` (every figure), ``comparison.json``, ``comparison.md``, ``plots/``
+            (confusion, ROC/PR, reliability, risk-coverage, Grad-CAM, comparison bars) and
+            ``referral/<model>.json`` (the calibrated referral rule).
         project_dir: Base folder for a relative tracking URI.
 
     Returns:
@@ -386,7 +427,7 @@ def run_evaluation(
     setup_mlflow(config.tracking, project_dir)
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("data", "train", "evaluate", "referral", "tracking"))
-        for folder in ("plots", "reports", REFERRAL_DIR):
+        for folder in ("plots", REPORTS_DIR, METRICS_DIR, REFERRAL_DIR):
             (tmp / folder).mkdir()
         baseline = BASELINE if isinstance(runs.get("baseline"), dict) else None
         candidates = list(runs.get("candidates") or {})
@@ -408,12 +449,17 @@ def run_evaluation(
             baseline=baseline,
         )
         (tmp / COMPARISON_MD_FILE).write_text(markdown, encoding="utf-8")
-        write_json(tmp / METRICS_FILE, {name: _dvc_metrics(s) for name, s in scores.items()})
+        for name, s in scores.items():
+            write_json(tmp / METRICS_DIR / f"{name}.json", headline_metrics(s, config.referral.target_class))
+        fault_point("evaluate")
         for arch in archs:
             _log_to_run(runs["architectures"][arch]["run_id"], arch, scores[arch], ranking, tmp)
             if baseline is not None:
-                with mlflow.start_run(run_id=runs["architectures"][arch]["run_id"]):
-                    mlflow.set_tag("bonetumor.beats_baseline", str(comparison["beats_baseline"][arch]))
+                MlflowClient().set_tag(
+                    runs["architectures"][arch]["run_id"],
+                    "bonetumor.beats_baseline",
+                    str(comparison["beats_baseline"][arch]),
+                )
         if baseline is not None:
             _log_to_run(runs["baseline"]["run_id"], baseline, scores[baseline], ranking, tmp)
     log.info("winner: %s (ranking %s)", ranking[0], ranking)
@@ -444,7 +490,7 @@ def _score_model(name: str, config: Config, train_dir: Path, out: Path, latency:
         name, read_oof(train_dir / name / "oof.csv", config.data.classes), config, plots, out / REFERRAL_DIR
     )
     scores["cpu_ms_per_tile"] = latency
-    write_json(out / "reports" / f"{name}.json", scores)
+    write_json(out / REPORTS_DIR / f"{name}.json", scores)
     for gallery in sorted((train_dir / name / "gradcam").glob("*.png")):
         shutil.copy2(gallery, plots / f"{name}_gradcam_{gallery.name}")
     log.info(
@@ -507,16 +553,22 @@ def _comparison(
 
 
 def _log_to_run(run_id: str, arch: str, scores: dict[str, Any], ranking: list[str], out: Path) -> None:
+    """Add the evaluation to the finished cross-validation run ``run_id``, without reopening it.
+
+    Through the client, not ``mlflow.start_run(run_id=...)``: reopening marks the run RUNNING again, and an
+    evaluation killed meanwhile would leave a finished run looking stuck.
+    """
     require_run(run_id, f"{arch} cross-validation run")
-    with mlflow.start_run(run_id=run_id):
-        flat = {k: v for k, v in _dvc_metrics(scores).items() if k != "per_class" and v is not None}
-        for name, values in scores["per_class"].items():
-            flat.update({f"{name}_{m}": values[m] for m in ("precision", "recall", "f1")})
-        mlflow.log_metrics({f"oof_{k}": float(v) for k, v in flat.items()})
-        mlflow.set_tag("bonetumor.rank", str(ranking.index(arch) + 1) if arch in ranking else "baseline")
-        for plot in sorted((out / "plots").glob(f"{arch}_*.png")):
-            mlflow.log_artifact(str(plot), "evaluation")
-        mlflow.log_artifact(str(out / "plots" / "comparison.png"), "evaluation")
-        mlflow.log_artifact(str(out / "reports" / f"{arch}.json"), "evaluation")
-        mlflow.log_artifact(str(out / REFERRAL_DIR / f"{arch}.json"), "evaluation/referral")
-        mlflow.log_artifact(str(out / COMPARISON_MD_FILE), "evaluation")
+    client = MlflowClient()
+    flat = {k: v for k, v in _scalar_figures(scores).items() if v is not None}
+    for name, values in scores["per_class"].items():
+        flat.update({f"{name}_{m}": values[m] for m in ("precision", "recall", "f1")})
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"oof_{k}", float(v), now, 0) for k, v in flat.items()])
+    client.set_tag(run_id, "bonetumor.rank", str(ranking.index(arch) + 1) if arch in ranking else "baseline")
+    for plot in sorted((out / "plots").glob(f"{arch}_*.png")):
+        client.log_artifact(run_id, str(plot), "evaluation")
+    client.log_artifact(run_id, str(out / "plots" / "comparison.png"), "evaluation")
+    client.log_artifact(run_id, str(out / REPORTS_DIR / f"{arch}.json"), "evaluation")
+    client.log_artifact(run_id, str(out / REFERRAL_DIR / f"{arch}.json"), "evaluation/referral")
+    client.log_artifact(run_id, str(out / COMPARISON_MD_FILE), "evaluation")

@@ -29,9 +29,11 @@ from PIL import Image
 
 from bonetumor import __version__
 from bonetumor.config import Config, load_config
-from bonetumor.errors import ArtifactError, ModelNotFoundError
+from bonetumor.errors import ArtifactError, ModelNotFoundError, RegistryUnavailableError
+from bonetumor.faults import fault_point
 from bonetumor.registry.gate import GATE_PREFIX, GateMetrics
 from bonetumor.registry.tracking import configure_tracking
+from bonetumor.runtime import check_registry_store
 from bonetumor.serving.holder import ModelHolder
 from bonetumor.serving.predictor import ModelMetadata, Predictor
 from bonetumor.serving.served import ServedModel
@@ -42,6 +44,9 @@ BUNDLE_ARTIFACT = "bundle"
 #: Model-version tag: ``pending`` while a registration runs, ``ready`` once it finished (aliases only move then).
 STATUS_TAG = "bonetumor.status"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+#: MLflow error codes of a store that answered "no such registered model, version or alias" (an unknown alias is
+#: INVALID_PARAMETER_VALUE); any other code means the store itself failed (down, locked, not an MLflow server).
+NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
 class BoneTumorPyfunc(PythonModel):
@@ -139,6 +144,7 @@ def log_and_register(
         tags={**version_tags, STATUS_TAG: "pending"},
         description=description,
     )
+    fault_point("register-version")
     client.set_model_version_tag(model_name, version.version, STATUS_TAG, "ready")
     client.set_registered_model_alias(model_name, alias, version.version)
     log.info("registered %s version %s (alias %s) from %s", model_name, version.version, alias, info.model_uri)
@@ -194,7 +200,9 @@ def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:
     """Return the model version an alias (or a version number) names.
 
     Raises:
-        ModelNotFoundError: No such registered model, alias or version on the current tracking server.
+        ModelNotFoundError: The store answered: no such registered model, alias or version.
+        RegistryUnavailableError: The store did not answer (a server that is down, a database that stays locked,
+            a URL that is not an MLflow server).
     """
     client = MlflowClient()
     try:
@@ -202,8 +210,16 @@ def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:
             return client.get_model_version(model_name, alias_or_version)
         return client.get_model_version_by_alias(model_name, alias_or_version)
     except MlflowException as exc:
+        uri = mlflow.get_tracking_uri()
+        if exc.error_code not in NOT_FOUND_CODES:
+            reason = (str(exc.message).splitlines() or [exc.error_code])[0]
+            raise RegistryUnavailableError(
+                f"tracking store {uri} did not answer the lookup of {model_name}@{alias_or_version} "
+                f"({exc.error_code}: {reason}); check that it runs and is reachable from here (`mlflow server "
+                "...`, the network, its credentials), or set MLFLOW_TRACKING_URI to one that is"
+            ) from exc
         raise ModelNotFoundError(
-            f"no model version {model_name}@{alias_or_version} at {mlflow.get_tracking_uri()}; "
+            f"no model version {model_name}@{alias_or_version} at {uri}; "
             + (_gate_hint(client, model_name) or "run `make pipeline` ")
             + "(or `dvc repro -f register` when the MLflow database was removed after a run), or set "
             "MLFLOW_TRACKING_URI to the server that holds it"
@@ -238,6 +254,9 @@ def _load_version(model_name: str, version: ModelVersion) -> tuple[Predictor, Pa
         # An artifact store that is down or a damaged logged model: the caller (the alias watcher) keeps serving
         # the version it has, and says why.
         raise ArtifactError(f"{model_name} version {version.version} does not load from the registry ({exc})") from exc
+    except ArtifactError as exc:
+        # A bundle file that is damaged or fails its SHA-256: the path is a download folder, so say which version.
+        raise ArtifactError(f"{model_name} version {version.version} is refused: {exc}") from exc
     wrapper = pyfunc.unwrap_python_model()
     if not isinstance(wrapper, BoneTumorPyfunc) or wrapper.predictor is None or wrapper.bundle_dir is None:
         raise ModelNotFoundError(
@@ -278,7 +297,11 @@ def load_served_version(config: Config, version: ModelVersion, served_as: str = 
         "gate_decision": version.tags.get(f"{GATE_PREFIX}decision", ""),
         "gate_reason": version.tags.get(f"{GATE_PREFIX}reason", ""),
     }
-    return ServedModel.create(bundle_dir, predictor, identity, config.serving, config.validate)
+    try:
+        return ServedModel.create(bundle_dir, predictor, identity, config.serving, config.validate)
+    except ArtifactError as exc:
+        # An ONNX file that is damaged or fails its SHA-256, named by its download folder: say which version.
+        raise ArtifactError(f"{name} version {version.version} is refused: {exc}") from exc
 
 
 def open_served_model(params_path: str | Path, alias_or_version: str | None = None) -> tuple[ModelHolder, Config]:
@@ -292,12 +315,15 @@ def open_served_model(params_path: str | Path, alias_or_version: str | None = No
         The holder (not started: call ``start()`` to follow the alias) and the config.
 
     Raises:
+        RegistryUnavailableError: The tracking store is not reachable or holds no registry (checked in seconds,
+            before MLflow is asked).
         ModelNotFoundError: No such version, or not a bonetumor model.
-        ArtifactError: The version is not ready, or its runtime's files do not load.
+        ArtifactError: The version is not ready, or its files are damaged, fail their SHA-256 or do not load.
     """
     params_path = Path(params_path)
     config = load_config(params_path)
-    configure_tracking(config.tracking, params_path.resolve().parent)
+    uri = configure_tracking(config.tracking, params_path.resolve().parent)
+    log.info("%s", check_registry_store(uri))
     name = config.register.model_name
     ref = alias_or_version or config.register.alias
     initial = load_served_version(config, resolve_version(name, ref), ref)

@@ -26,7 +26,7 @@ from bonetumor import __version__
 from bonetumor.config import Config, TrackingConfig
 from bonetumor.data.manifest import read_manifest
 from bonetumor.errors import ArtifactError
-from bonetumor.runtime import disable_telemetry
+from bonetumor.runtime import absolute_tracking_uri, disable_telemetry
 from bonetumor.utils import git_commit
 
 TAG_PREFIX = "bonetumor."
@@ -46,11 +46,7 @@ def resolve_tracking_uri(config: TrackingConfig, base_dir: str | Path) -> str:
     A relative ``sqlite:///`` path is made absolute against ``base_dir`` (the project folder), so every stage,
     whatever its working folder, writes to the same database.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str((Path(base_dir) / uri[len(prefix) :]).resolve())
-    return uri
+    return absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or config.uri, base_dir)
 
 
 def configure_tracking(config: TrackingConfig, base_dir: str | Path) -> str:

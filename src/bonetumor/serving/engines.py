@@ -18,15 +18,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 from PIL import Image
 
 from bonetumor.errors import ArtifactError, ConfigError
 from bonetumor.serving.predictor import (
+    REREGISTER,
     ModelMetadata,
     Predictor,
     answers_from_logits,
+    recorded_file_hashes,
     referral_rule,
     serving_transform,
+    verify_bundle_file,
 )
 from bonetumor.training.export import OnnxClassifier
 
@@ -103,7 +107,8 @@ class OnnxPredictor:
         spin: Let idle ONNX Runtime threads busy-wait (off in the service: README "Serving").
 
     Raises:
-        ArtifactError: The file is missing or does not load.
+        ArtifactError: The file is missing, does not match the SHA-256 the bundle's metadata records, or does not
+            load.
     """
 
     def __init__(
@@ -116,16 +121,25 @@ class OnnxPredictor:
     ) -> None:
         if engine not in ONNX_FILES:
             raise ConfigError(f"ONNX engine {engine!r}; expected one of {sorted(ONNX_FILES)}")
-        path = Path(bundle_dir) / ONNX_DIR / ONNX_FILES[engine]
+        relative = f"{ONNX_DIR}/{ONNX_FILES[engine]}"
+        path = Path(bundle_dir) / relative
         if not path.is_file():
             raise ArtifactError(f"{path}: the bundle holds no {engine} file; expected it from register.export_onnx")
+        # Checked against the bundle's own record on disk, whatever metadata the caller passed in.
+        verify_bundle_file(bundle_dir, relative, recorded_file_hashes(bundle_dir))
         self.metadata = metadata
         self.engine = engine
         self.path = path
         self.referral = referral_rule(metadata)
-        self.classifier = OnnxClassifier(
-            path, metadata.classes, serving_transform(metadata), threads=threads or None, spin=spin
-        )
+        try:
+            self.classifier = OnnxClassifier(
+                path, metadata.classes, serving_transform(metadata), threads=threads or None, spin=spin
+            )
+        except (InvalidProtobuf, UnicodeDecodeError) as exc:
+            # What ONNX Runtime raises for a truncated or damaged file of a bundle that records no hashes.
+            raise ArtifactError(
+                f"{path}: ONNX Runtime cannot parse the file ({exc}): it is truncated or corrupt; {REREGISTER}"
+            ) from exc
 
     def predict_images(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         """Classify RGB images: the same answers as the torch predictor, from ONNX Runtime's logits."""

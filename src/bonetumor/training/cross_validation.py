@@ -33,6 +33,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.tracking import MlflowClient
 
 from bonetumor.config import Config, save_resolved
 from bonetumor.data.datasets import load_training_table, split_tables
@@ -221,6 +222,9 @@ def _start_track(
             if artifact.is_file():
                 mlflow.log_artifact(str(artifact))
         _log_validation(None if validation_dir is None else Path(validation_dir))
+    # Open until its cross-validation finishes (_finish_track): a process killed meanwhile leaves it RUNNING, and the
+    # next run marks it FAILED (close_interrupted_runs) instead of it reading as a finished cross-validation.
+    MlflowClient().update_run(run.info.run_id, status="RUNNING")
     return _Track(candidate, run.info.run_id)
 
 
@@ -320,8 +324,8 @@ def _fit_and_score(
         run = mlflow.active_run()
         record = candidate.fold_record(model, fold)
         track.folds.append({"fold": fold.fold, "run_id": run.info.run_id if run else "", **record})
-    with mlflow.start_run(run_id=track.run_id):
-        mlflow.log_metric("fold_macro_f1", track.scores[-1], step=fold.fold)
+    # Through the client: reopening the parent run would mark it FINISHED at the end of the block.
+    MlflowClient().log_metric(track.run_id, "fold_macro_f1", track.scores[-1], step=fold.fold)
     return model
 
 
