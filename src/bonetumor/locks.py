@@ -8,7 +8,8 @@ so a kill never leaves a stale lock behind. A tracking server (``http://``) seri
 lock file: pipelines sharing a server are told apart by their runs.
 
 :func:`check_locks` is what ``bonetumor check`` (the first step of ``make pipeline``) runs: it looks at this lock
-and at DVC's own repository lock (``.dvc/tmp/lock``, an ``flock`` too) without waiting, so a second ``make
+and at DVC's own locks without waiting (its repository lock ``.dvc/tmp/lock``, an ``flock`` too, and the
+``rwlock`` file where it names the process running a stage), so a second ``make
 pipeline`` stops in a second with "another run holds the lock" instead of queueing behind, or racing, the first.
 """
 
@@ -24,10 +25,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from bonetumor.errors import StoreLockedError
 
-#: DVC's repository lock, relative to the project.
+#: DVC's repository lock, and the file where it locks the paths of the stage it runs, relative to the project.
 DVC_LOCK = Path(".dvc") / "tmp" / "lock"
+DVC_RWLOCK = Path(".dvc") / "tmp" / "rwlock"
 
 
 def store_lock_path(uri: str) -> Path | None:
@@ -116,6 +120,32 @@ def _probe(path: Path) -> bool:
         os.close(fd)
 
 
+def _dvc_stage_holders(rwlock: Path) -> list[str]:
+    """Return the live processes DVC's rwlock file names (pid and command).
+
+    DVC releases its repository lock while a stage's command runs, and keeps that stage's outputs and dependencies
+    locked in this file instead.
+    """
+    try:
+        content = json.loads(rwlock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # no DVC run has locked anything, or DVC is rewriting the file: the flock probe covers that
+    entries: list[dict[str, object]] = []
+    if isinstance(content, dict):
+        for mode in ("write", "read"):
+            for value in (content.get(mode) or {}).values():
+                entries += value if isinstance(value, list) else [value]
+    holders = []
+    for entry in entries:
+        pid = entry.get("pid") if isinstance(entry, dict) else None
+        # A pid that no longer exists is a killed DVC's leftover, which DVC itself ignores and cleans up.
+        if isinstance(pid, int) and psutil.pid_exists(pid):
+            holder = f"pid {pid}, `{entry.get('cmd', 'dvc')}`"
+            if holder not in holders:
+                holders.append(holder)
+    return holders
+
+
 def check_locks(project_dir: str | Path, uri: str) -> str:
     """Check, without waiting, that no other run holds DVC's repository lock or the tracking store's lock.
 
@@ -130,11 +160,13 @@ def check_locks(project_dir: str | Path, uri: str) -> str:
         StoreLockedError: A lock is held; the message names the holder and what to do.
     """
     dvc_lock = Path(project_dir) / DVC_LOCK
-    if not _probe(dvc_lock):
+    holders = [] if _probe(dvc_lock) else [_holder(dvc_lock)]
+    holders += _dvc_stage_holders(Path(project_dir) / DVC_RWLOCK)
+    if holders:
         raise StoreLockedError(
-            f"another run holds the lock: DVC is running in {Path(project_dir).resolve()} ({_holder(dvc_lock)}; "
-            f"lock file {dvc_lock}), probably a `make pipeline` or `dvc repro` started earlier. Wait for it to "
-            "finish; two pipelines in one project would overwrite each other's outputs"
+            f"another run holds the lock: DVC is running in {Path(project_dir).resolve()} ({'; '.join(holders)}; "
+            f"lock files in {dvc_lock.parent}), probably a `make pipeline` or `dvc repro` started earlier. Wait "
+            "for it to finish; two pipelines in one project would overwrite each other's outputs"
         )
     store = store_lock_path(uri)
     if store is not None and not _probe(store):

@@ -38,4 +38,7 @@ def test_predict_without_a_registered_model_explains(tmp_path: Path) -> None:
     params.write_text(yaml.safe_dump({"tracking": {"uri": "sqlite:///mlflow.db"}}))
     result = runner.invoke(app, ["predict", "--params", str(params), str(tmp_path / "x.jpg")])
     assert result.exit_code == 1
-    assert "bone-tumor-classifier@champion" in result.output
+    # Checked before MLflow is asked (which would create an empty database and then report no model).
+    assert f"the MLflow database does not exist at {tmp_path / 'mlflow.db'}" in result.output
+    assert "run `make pipeline` to train and register a model" in result.output
+    assert not (tmp_path / "mlflow.db").exists()

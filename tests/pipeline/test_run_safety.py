@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -146,3 +147,19 @@ def test_runs_of_killed_processes_are_marked_failed_and_others_left_alone(tmp_pa
         in client.get_run(ids["killed"]).data.tags[INTERRUPTED_TAG]
     )
     assert close_interrupted_runs(experiment) == []  # idempotent
+
+
+def test_check_sees_dvc_running_a_stage_in_its_rwlock(tmp_path: Path) -> None:
+    """While a stage's command runs, DVC releases its repository lock and names itself in ``.dvc/tmp/rwlock``."""
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    live = {"pid": os.getpid(), "cmd": "dvc repro"}
+    rwlock.write_text(json.dumps({"write": {str(tmp_path / "outputs/train"): live}, "read": {"a": [live]}}))
+    with pytest.raises(StoreLockedError) as error:
+        check_locks(tmp_path, uri)
+    assert str(error.value).count(f"pid {os.getpid()}, `dvc repro`") == 1  # named once, however many paths
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # A killed DVC's leftover entry is ignored, as DVC itself ignores it.
+    rwlock.write_text(json.dumps({"write": {"outputs/train": {"pid": int(dead.stdout), "cmd": "dvc repro"}}}))
+    assert "no other run holds" in check_locks(tmp_path, uri)

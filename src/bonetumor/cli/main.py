@@ -15,6 +15,7 @@ import typer
 
 from bonetumor.cli.common import FOLDS, MANIFEST, OUT, POLICY, TILES, ParamsOption, run_stage, stage_config
 from bonetumor.runtime import configure_process
+from bonetumor.stages import tracked_stage
 
 app = typer.Typer(
     name="bonetumor",
@@ -175,7 +176,8 @@ def train(
 
     def stage() -> None:
         config, project = stage_config(params)
-        runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, validation)
+        with tracked_stage(config, None, project, "bonetumor train"):
+            runs = run_cross_validation(config, manifest, folds, policy, balanced, out, project, validation)
         for arch, info in runs["architectures"].items():
             typer.echo(
                 f"{arch}: MLflow run {info['run_id']}, best steps {[f['best_step'] for f in info['folds']]}, "
@@ -196,7 +198,8 @@ def evaluate(
 
     def stage() -> None:
         config, project = stage_config(params)
-        comparison = run_evaluation(config, trained, out, project)
+        with tracked_stage(config, None, project, "bonetumor evaluate"):
+            comparison = run_evaluation(config, trained, out, project)
         for arch in comparison["ranking"]:
             s = comparison["scores"][arch]
             typer.echo(
@@ -224,7 +227,8 @@ def register(
 
     def stage() -> None:
         config, project = stage_config(params)
-        champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project, folds)
+        with tracked_stage(config, None, project, "bonetumor register"):
+            champion = run_registration(config, manifest, policy, balanced, trained, evaluated, out, project, folds)
         typer.echo(
             f"registered {champion['model_name']} version {champion['version']} "
             f"as @{champion['alias']} ({champion['arch']}): {champion['gate']['reason']}"
