@@ -43,6 +43,18 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_tracking_override_across_modules() -> Iterator[None]:
+    """Module and session fixtures (a `dvc repro`, a registered test model) see no MLFLOW_TRACKING_URI either.
+
+    ``mlflow.set_tracking_uri`` exports the variable, and the per-test isolation below restores on its way out the
+    value it found, so a module fixture that set a URI would otherwise hand it to the next module's fixtures.
+    """
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test may write to the developer's MLflow database: unset the override, reset the client URI."""

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -172,6 +173,10 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evaluated]:
         comparison = run_evaluation(config, train_dir, tmp_path / "evaluate", tmp_path)
         yield Evaluated(tmp_path / "evaluate", train_dir, uri, run_ids, comparison)
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, and each test's isolation (conftest) restores the value
+    # it found on its way out; left set, it would point the next module's and session's fixtures (a `dvc repro`,
+    # a registered test model) at this module's database.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def test_run_evaluation_writes_every_artifact_and_logs_them(evaluated: Evaluated) -> None:
