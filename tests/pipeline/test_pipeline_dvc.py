@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import CLASSES, REPO, tiny_params, venv_env
+from conftest import CLASSES, copy_repository, tiny_params, venv_env
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
@@ -45,16 +44,6 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git + DVC copy of the repository (tracked and new files, no outputs) with tiny params, reproduced once."""
-    root = tmp_path_factory.mktemp("project")
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    for name in listed:
-        source = REPO / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
     # The pruned VGG19 and the per-fold INT8 models are off in the demo: on here, so that they are covered.
     candidates: dict[str, object] = {"pruned_vgg19": True, "prune_finetune_steps": 1, "int8": True}
     # The demo trains without an early-stopping set; held out here, so that the staged run covers it too.
@@ -69,12 +58,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # answers from ONNX FP32 there, whose arithmetic matches torch's to float tolerance (INT8 does not).
     overrides["augment"]["stain_normalization"] = "reinhard"
     overrides["serving"] = {"runtime": "onnx-fp32", "prediction_log": "outputs/serving/predictions.jsonl"}
-    for section, values in overrides.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["git", "init", "-q"], ["git", "add", "-A"]):
-        run(args, root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
+    root = copy_repository(tmp_path_factory.mktemp("project"), overrides)
     result = run(["dvc", "repro"], root)
     assert stages_run(result.stdout) == [
         "ingest",
