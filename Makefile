@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # every stage process recompiled torch, MLflow and GX from source, 13 of the 21 s a `bonetumor balance` took.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install run pipeline assess-demo serve bento bench-serving test test-fast lint compile clean
+.PHONY: install run pipeline assess-demo serve bento bench-serving test test-fast lint compile lock clean
 
 # --no-compile: byte-compiling all of torch's and MLflow's modules at install took 1 min 40 s of a 3 min 44 s
 # install on 2 cores; Python compiles the modules it imports on first use instead.
@@ -74,6 +74,19 @@ lint: install ## Fix formatting and lint what can be fixed
 
 compile: install ## Recompile the Kubeflow pipeline YAML
 	$(BIN)/python -m pipelines.compile
+
+# requirements.lock: what infra/Dockerfile installs, the project's dependencies and its orchestration extra,
+# every package pinned (==), resolved for the image's platform (CPython 3.11 on x86_64 manylinux_2_28)
+# whichever machine runs this. uv keeps the versions already in the lock; UPGRADE=1 moves all to the newest.
+# Index: PyPI, as for pip here (pip's own config adds only local folders and wheels); a mirror set in
+# PIP_INDEX_URL is passed on. torch is pinned as PyPI publishes it for Linux, the CUDA build with the nvidia-*
+# runtime it pins: the image's cuda variant installs that, the cpu variant the same version's +cpu build
+# from PyTorch's CPU index without those packages (TORCH_CUDA_ONLY in infra/Dockerfile).
+# tests/infra/test_lock_and_dockerfile.py fails on a lock that misses a dependency of pyproject.toml.
+lock: install ## Re-pin requirements.lock (the image's dependencies) from pyproject.toml; UPGRADE=1 for newest
+	$(BIN)/uv pip compile pyproject.toml --extra orchestration --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 $(if $(PIP_INDEX_URL),--index-url $(PIP_INDEX_URL)) \
+		$(if $(UPGRADE),--upgrade) --custom-compile-command 'make lock' --quiet -o requirements.lock
 
 clean: ## Remove pipeline outputs and local MLflow state (keeps .venv)
 	rm -rf outputs mlflow.db mlflow.db.lock mlartifacts .kfp

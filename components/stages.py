@@ -1,4 +1,4 @@
-"""One kfp v2 lightweight Python component per pipeline stage.
+"""One kfp v2 lightweight Python component per pipeline step, built for an image chosen at compile time.
 
 Each component is a thin adapter: it calls the matching ``*_stage`` function of :mod:`bonetumor.stages` with
 the pipeline's ``params`` dict (params.yaml content; missing sections and fields take the defaults) and the paths
@@ -8,43 +8,98 @@ KFP UI. The set-up every stage shares (:func:`bonetumor.runtime.configure_proces
 module, not here. The stage functions write folders, so every folder-shaped output uses ``artifact.path`` as the
 stage's output folder.
 
-KFP serialises each function's source into the pipeline spec and runs it in :data:`BASE_IMAGE`, so every import
-is inside the function body and nothing is pip-installed at run time (``install_kfp_package=False``): the image
-already holds the package and kfp, which keeps the components working offline and under ``kfp.local``.
+The train stage of dvc.yaml is three steps here, so that a cluster trains the folds in parallel: ``cv_plan``
+(the parent runs), one ``train_fold`` per fold and group, and ``gather``. ``bonetumor train`` runs the same three
+functions in one process (:func:`bonetumor.training.cross_validation.run_cross_validation`).
 
-The project folder handed to the stages is the task's working folder: it resolves a relative ``source_dir`` or
-sqlite tracking URI, and holds ``mlartifacts/`` when MLflow uses a local sqlite store (kfp.local); on a cluster
-the tracking server stores the artifacts.
+The functions below are plain Python; :func:`build_components` turns them into components for one image (the
+``--image`` of ``bonetumor pipeline compile``). KFP serialises each function's source into the pipeline spec and
+runs it in that image, so every import is inside the function body and nothing is pip-installed at run time
+(``install_kfp_package=False``): the image already holds the package and kfp, which keeps the components
+working offline and under ``kfp.local``.
+
+The project folder handed to the stages is the task's working folder: it resolves a relative sqlite tracking
+URI, and holds ``mlartifacts/`` when MLflow uses a local sqlite store (kfp.local); on a cluster the tracking
+server stores the artifacts.
 
 Errors are not caught: a stage that raises (for example :class:`bonetumor.errors.DataValidationError`) fails
 its task, and KFP stops everything downstream of it.
 """
 
+from types import SimpleNamespace
+from typing import List, NamedTuple  # noqa: UP035  (KFP reads these annotations; it needs the typing names)
+
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-#: The project image (infra/Dockerfile): the bonetumor package, kfp, and the sample tiles under /app/data/sample.
-BASE_IMAGE = "ghcr.io/bonetumor/bonetumor:0.1.0"
+#: The project image (infra/Dockerfile) when ``--image`` is not given: the bonetumor package, kfp, the sample tiles.
+DEFAULT_IMAGE = "ghcr.io/bonetumor/bonetumor:0.1.0"
+#: The components, in pipeline order.
+STEPS = (
+    "fetch_data",
+    "ingest",
+    "validate",
+    "split",
+    "augment",
+    "cv_plan",
+    "balance",
+    "train_fold",
+    "gather",
+    "evaluate",
+    "register",
+)
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def ingest(source_dir: str, params: dict, dataset: Output[Dataset]) -> None:
-    """Scan ``source_dir`` (one sub-folder per class) and write the manifest plus a copy of every tile.
+def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """Return every step as a kfp component that runs in ``image``.
+
+    Args:
+        image: Container image (``registry/name:tag``) holding the bonetumor package and kfp.
+
+    Returns:
+        A namespace with one component per name of :data:`STEPS`.
+    """
+    functions = {name: globals()[name] for name in STEPS}
+    return SimpleNamespace(
+        **{name: dsl.component(func, base_image=image, install_kfp_package=False) for name, func in functions.items()}
+    )
+
+
+def fetch_data(data_version: str, dvc_remote: str, source_dir: str, tiles: Output[Dataset]) -> str:
+    """Bring the tiles of one data version into the pipeline: from the DVC remote, or the image's own copy.
+
+    Args:
+        data_version: DVC md5 of the tiles folder (``<md5>.dir``, from its ``.dvc`` file or ``dvc.lock``).
+        dvc_remote: The DVC remote (``s3://bucket/path``; MinIO through ``AWS_ENDPOINT_URL``); empty: copy
+            ``source_dir`` from the image.
+        source_dir: The tiles baked into the image (used when ``dvc_remote`` is empty).
+        tiles: Output folder: one sub-folder per class.
+
+    Returns:
+        The data version of the tiles written.
+    """
+    from bonetumor.data.remote import fetch_data_version
+
+    tiles.metadata.update(fetch_data_version(data_version, dvc_remote, source_dir, tiles.path))
+    return data_version
+
+
+def ingest(params: dict, tiles: Input[Dataset], dataset: Output[Dataset]) -> None:
+    """Scan the fetched tiles (one sub-folder per class) and write the manifest plus a copy of every tile.
 
     The tiles are copied into the artifact (``images/``) so the data set travels as one artifact; the manifest's
     paths are relative to the manifest's folder.
 
     Args:
-        source_dir: Folder with one sub-folder per class; overrides ``data.source`` of ``params``.
         params: params.yaml content (sections may be missing).
+        tiles: The fetch_data output.
         dataset: Output folder: ``manifest.csv``, ``images/`` and ``config.resolved.yaml``.
     """
     from bonetumor.stages import ingest_stage
 
-    dataset.metadata.update(ingest_stage(params, source_dir=source_dir, out_dir=dataset.path))
+    dataset.metadata.update(ingest_stage(params, source_dir=tiles.path, out_dir=dataset.path))
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def validate(params: dict, dataset: Input[Dataset], report: Output[Artifact]) -> None:
     """Run the data validation suite; raise (and so stop the pipeline) when an expectation fails.
 
@@ -58,7 +113,6 @@ def validate(params: dict, dataset: Input[Dataset], report: Output[Artifact]) ->
     report.metadata.update(validate_stage(params, dataset_dir=dataset.path, out_dir=report.path))
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def split(params: dict, dataset: Input[Dataset], validation_report: Input[Artifact], folds: Output[Artifact]) -> None:
     """Make grouped, stratified cross-validation folds.
 
@@ -75,7 +129,6 @@ def split(params: dict, dataset: Input[Dataset], validation_report: Input[Artifa
     folds.metadata.update({**result, "validated_by": validation_report.uri})
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def augment(
     params: dict, dataset: Input[Dataset], validation_report: Input[Artifact], policy: Output[Artifact]
 ) -> None:
@@ -93,35 +146,16 @@ def augment(
     policy.metadata.update({**result, "validated_by": validation_report.uri})
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def balance(params: dict, dataset: Input[Dataset], folds: Input[Artifact], balanced: Output[Dataset]) -> None:
-    """Balance each fold's training set (and the full set) with conditional-GAN tiles.
-
-    Args:
-        params: params.yaml content (sections may be missing).
-        dataset: The ingest output.
-        folds: The split output.
-        balanced: Output folder: one ``<set>/train_manifest.csv`` per training set and ``summary.json``.
-    """
-    from bonetumor.stages import balance_stage
-
-    balanced.metadata.update(
-        balance_stage(params, dataset_dir=dataset.path, folds_dir=folds.path, out_dir=balanced.path)
-    )
-
-
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def train(
+def cv_plan(
     params: dict,
     mlflow_tracking_uri: str,
     dataset: Input[Dataset],
     folds: Input[Artifact],
     policy: Input[Artifact],
-    balanced: Input[Dataset],
     validation_report: Input[Artifact],
-    training: Output[Artifact],
-) -> None:
-    """Cross-validate every candidate (MLflow: a parent run per candidate, a nested run per fold).
+    plan: Output[Artifact],
+) -> NamedTuple("PlanOutputs", [("folds", list), ("sets", list), ("groups", list)]):
+    """Open the cross-validation's MLflow parent runs and plan the fold tasks.
 
     Args:
         params: params.yaml content (sections may be missing).
@@ -129,26 +163,124 @@ def train(
         dataset: The ingest output.
         folds: The split output.
         policy: The augment output.
-        balanced: The balance output.
-        validation_report: The validate output (report and Data Docs, logged with the runs).
-        training: Output folder: ``runs.json``, ``<candidate>/oof.csv`` (out-of-fold predictions), Grad-CAM galleries.
-    """
-    from bonetumor.stages import train_stage
+        validation_report: The validate output (report and Data Docs, logged with the parent runs).
+        plan: Output folder: ``cv_plan.json``.
 
-    result = train_stage(
+    Returns:
+        The fold indices, the training sets to balance (one per fold) and the groups one fold task trains.
+    """
+    from collections import namedtuple
+
+    from bonetumor.stages import cv_plan_stage
+
+    result = cv_plan_stage(
+        params,
+        dataset_dir=dataset.path,
+        folds_dir=folds.path,
+        policy_dir=policy.path,
+        validation_dir=validation_report.path,
+        out_dir=plan.path,
+        tracking_uri=mlflow_tracking_uri,
+    )
+    plan.metadata.update({"experiment_id": result["experiment_id"], "units": result["units"]})
+    outputs = namedtuple("PlanOutputs", ["folds", "sets", "groups"])
+    return outputs(result["folds"], result["sets"], result["groups"])
+
+
+def balance(
+    params: dict, training_set: str, dataset: Input[Dataset], folds: Input[Artifact], balanced: Output[Dataset]
+) -> None:
+    """Balance one training set (a fold's, or ``full`` for the refit) with conditional-GAN tiles.
+
+    Args:
+        params: params.yaml content (sections may be missing).
+        training_set: ``fold-<k>`` or ``full``.
+        dataset: The ingest output.
+        folds: The split output.
+        balanced: Output folder: ``<training_set>/train_manifest.csv``, its synthetic tiles and ``summary.json``.
+    """
+    from bonetumor.stages import balance_stage
+
+    result = balance_stage(
+        params, dataset_dir=dataset.path, folds_dir=folds.path, out_dir=balanced.path, sets=[training_set]
+    )
+    balanced.metadata.update(result)
+
+
+def train_fold(
+    params: dict,
+    mlflow_tracking_uri: str,
+    fold: int,
+    group: str,
+    dataset: Input[Dataset],
+    folds: Input[Artifact],
+    policy: Input[Artifact],
+    balanced: Input[Dataset],
+    plan: Input[Artifact],
+    unit: Output[Artifact],
+) -> None:
+    """Train one group (an architecture and the models built on it) on one fold, in nested MLflow runs.
+
+    Args:
+        params: params.yaml content (sections may be missing).
+        mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
+        fold: The fold.
+        group: The group (``baseline``, an architecture).
+        dataset: The ingest output.
+        folds: The split output.
+        policy: The augment output.
+        balanced: The fold's balance output.
+        plan: The cv_plan output.
+        unit: Output folder: ``unit.json`` and per candidate the fold's out-of-fold predictions and artifacts.
+    """
+    from bonetumor.stages import cv_fold_stage
+
+    result = cv_fold_stage(
         params,
         dataset_dir=dataset.path,
         folds_dir=folds.path,
         policy_dir=policy.path,
         balance_dir=balanced.path,
-        validation_dir=validation_report.path,
+        plan_dir=plan.path,
+        fold=fold,
+        group=group,
+        out_dir=unit.path,
+        tracking_uri=mlflow_tracking_uri,
+    )
+    unit.metadata.update(result)
+
+
+def gather(
+    params: dict,
+    mlflow_tracking_uri: str,
+    dataset: Input[Dataset],
+    plan: Input[Artifact],
+    units: Input[List[Artifact]],  # noqa: UP006  (KFP reads the annotation; it needs typing.List)
+    training: Output[Artifact],
+) -> None:
+    """Gather every fold task into the train output and close the cross-validation's parent runs.
+
+    Args:
+        params: params.yaml content (sections may be missing).
+        mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
+        dataset: The ingest output.
+        plan: The cv_plan output.
+        units: Every train_fold output (``dsl.Collected``).
+        training: Output folder: ``runs.json``, ``<candidate>/oof.csv`` (out-of-fold predictions), Grad-CAM galleries.
+    """
+    from bonetumor.stages import cv_gather_stage
+
+    result = cv_gather_stage(
+        params,
+        dataset_dir=dataset.path,
+        plan_dir=plan.path,
+        unit_dirs=[unit.path for unit in units],
         out_dir=training.path,
         tracking_uri=mlflow_tracking_uri,
     )
     training.metadata.update(result)
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate(
     params: dict,
     mlflow_tracking_uri: str,
@@ -157,19 +289,24 @@ def evaluate(
     metrics: Output[Metrics],
     confusion_matrix: Output[ClassificationMetrics],
     comparison: Output[Markdown],
-) -> None:
-    """Score the out-of-fold predictions, rank the architectures and pick the winner.
+) -> NamedTuple("EvaluateOutputs", [("register", bool), ("reason", str)]):
+    """Score the out-of-fold predictions, rank the architectures, pick the winner, and say whether to register it.
 
     Args:
         params: params.yaml content (sections may be missing).
         mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
-        training: The train output.
+        training: The gather output.
         evaluation: Output folder: ``comparison.json``, ``comparison.md``, ``metrics/`` (headline figures),
             ``plots/``, ``reports/``.
         metrics: The winner's scalar out-of-fold metrics.
         confusion_matrix: The winner's out-of-fold confusion matrix.
         comparison: The architecture comparison table (Markdown).
+
+    Returns:
+        Whether the refit and registration may run (``register.min_macro_f1``), and why.
     """
+    from collections import namedtuple
+
     from bonetumor.stages import evaluate_stage
 
     result = evaluate_stage(
@@ -185,9 +322,12 @@ def evaluate(
     matrix = result["confusion_matrix"]
     confusion_matrix.log_confusion_matrix(matrix["classes"], matrix["matrix"])
     confusion_matrix.metadata["arch"] = matrix["arch"]
+    registration = result["registration"]
+    evaluation.metadata.update({"register": registration["allowed"], "register_reason": registration["reason"]})
+    outputs = namedtuple("EvaluateOutputs", ["register", "reason"])
+    return outputs(registration["allowed"], registration["reason"])
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def register(
     params: dict,
     mlflow_tracking_uri: str,
@@ -206,8 +346,8 @@ def register(
         mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
         dataset: The ingest output.
         policy: The augment output.
-        balanced: The balance output.
-        training: The train output.
+        balanced: The balance output of the ``full`` training set (the refit's).
+        training: The gather output.
         evaluation: The evaluate output.
         folds: The split output (the gate compares models on the same folds; test tiles are scored).
         model: Output folder: ``bundle/`` (weights and metadata) and ``champion.json``.

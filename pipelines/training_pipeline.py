@@ -1,97 +1,211 @@
-"""The training pipeline as a Kubeflow pipeline: the same DAG as dvc.yaml.
+"""The training pipeline as a Kubeflow pipeline: dvc.yaml's DAG, with the cross-validation fanned out.
 
 ::
 
-    ingest -> validate -+-> split ---> balance -+-> train -> evaluate -> register
-                        +-> augment ------------+
+    fetch_data -> ingest -> validate -+-> split ---+-> cv_plan -> for each fold:  balance(fold-k)
+                                      +-> augment -+                              for each group: train_fold
+                                                   |                  -> gather (dsl.Collected) -> evaluate
+                                                   +-> balance(full) ------------------+   if evaluate allows:
+                                                                                          register (refit)
 
-Train also reads the data set and the folds; register reads the data set, the augmentation policy, the
-balanced sets, the training runs and the evaluation (as in dvc.yaml's deps).
+``cv_plan`` opens the MLflow parent runs and names the folds and the groups (the baseline, and each architecture
+with the models built on it); ``dsl.ParallelFor`` runs one GAN balance per fold, and inside it one ``train_fold``
+task per group, ``kubeflow.parallelism`` at a time. ``gather`` collects them into the train stage's output (the
+ensemble is scored there, from its members' predictions). ``register`` runs only when ``evaluate`` allows it
+(``register.min_macro_f1``, :func:`bonetumor.evaluation.evaluate.registration_allowed`), under ``dsl.If``.
 
-Every component reads its sections of ``params`` (params.yaml content, see ``pipelines/submit.py``); sections
-that are missing take the defaults of :mod:`bonetumor.config`, which mirror params.yaml. The stages that log to
-MLflow (train, evaluate, register) never come from KFP's cache, for the same reason dvc.yaml keeps them out of
-DVC's run cache: a cached task would skip its MLflow runs and the model registration. Ingest is not cached
-either: KFP keys its cache on the ``source_dir`` string, not on the tiles in it.
+Built from params.yaml at compile time (:func:`build_pipeline`): the image of every task, the resource requests
+per task (``kubeflow.resources``), retries with backoff (``kubeflow.retries``), and with ``train.accelerator: gpu``
+an accelerator, node selector and tolerations on the tasks that train (``kubeflow.accelerator_*``). Credentials
+reach the pods as environment variables from Kubernetes Secrets (``kubeflow.mlflow_secret``,
+``kubeflow.s3_secret``; kfp-kubernetes), never as pipeline parameters; the S3 endpoint comes from the ConfigMap
+``bonetumor-config`` (infra/k8s).
+
+Caching: the steps that only compute from their inputs (fetch_data, ingest, validate, split, augment, balance)
+may come from KFP's cache. Their cache key holds their inputs: ``data_version`` (the DVC md5 of the tiles: the
+content, not a path) and ``params``, so a hit is the same data under the same settings. The steps that log to
+MLflow (cv_plan, train_fold, gather, evaluate, register) never do: a cached task would skip its runs and the
+registration, for the same reason dvc.yaml keeps them out of DVC's run cache.
+
+Every component reads its sections of ``params`` (params.yaml content, see ``pipelines/submit.py``); sections that
+are missing take the defaults of :mod:`bonetumor.config`.
 """
 
-from kfp import dsl
+from collections.abc import Callable
+from typing import Any
 
-from components.stages import augment, balance, evaluate, ingest, register, split, train, validate
+from kfp import dsl, kubernetes
+
+from bonetumor.config import Config
+from components.stages import DEFAULT_IMAGE, build_components
 
 PIPELINE_NAME = "bonetumor-training"
 #: Where the project image holds the sample tiles.
 DEFAULT_SOURCE_DIR = "/app/data/sample/images"
 #: The in-cluster MLflow tracking server.
 DEFAULT_MLFLOW_TRACKING_URI = "http://mlflow.mlflow.svc.cluster.local:5000"
+#: Non-secret settings of the pods (S3 endpoint), from infra/k8s.
+CONFIG_MAP = "bonetumor-config"
+#: The tasks that train a network (they get the accelerator of ``train.accelerator: gpu``).
+TRAINING_TASKS = ("train_fold", "register")
+#: The tasks that may come from KFP's cache (no MLflow side effects; inputs key their content).
+CACHED_TASKS = ("fetch_data", "ingest", "validate", "split", "augment", "balance")
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="Osteosarcoma H&E tile classification: ingest, validate, split, augment, GAN-balance, "
-    "cross-validate, evaluate and register the champion in MLflow.",
-)
-def training_pipeline(
-    source_dir: str = DEFAULT_SOURCE_DIR,
-    params: dict = {},  # noqa: B006  (a pipeline parameter default, compiled into the spec; never mutated)
-    mlflow_tracking_uri: str = DEFAULT_MLFLOW_TRACKING_URI,
-) -> None:
-    """Train, compare and register the tile classifier.
+def _configure(task: dsl.PipelineTask, name: str, config: Config) -> dsl.PipelineTask:
+    """Resources, retries, caching, secrets and (for the training tasks) the accelerator of one task."""
+    kf = config.kubeflow
+    resources = kf.task_resources(name)
+    # The limit is twice the request: a task may burst (decode, GAN) without starving its node.
+    if resources.cpu.endswith("m"):
+        cpu_limit = f"{2 * float(resources.cpu[:-1]):g}m"
+    else:
+        cpu_limit = f"{2 * float(resources.cpu):g}"
+    task.set_cpu_request(resources.cpu).set_cpu_limit(cpu_limit)
+    task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+    if kf.retries:
+        task.set_retry(num_retries=kf.retries, backoff_duration=f"{kf.retry_backoff_seconds}s", backoff_factor=2.0)
+    task.set_caching_options(enable_caching=name in CACHED_TASKS)
+    # optional=True: a cluster without MLflow auth or S3 keys (an in-cluster MinIO with IAM) still runs.
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=kf.mlflow_secret,
+        secret_key_to_env={key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
+        optional=True,
+    )
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=kf.s3_secret,
+        secret_key_to_env={key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+        optional=True,
+    )
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=CONFIG_MAP,
+        config_map_key_to_env={key: key for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")},
+        optional=True,
+    )
+    if name in TRAINING_TASKS and config.train.accelerator == "gpu":
+        task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(kf.accelerator_limit)
+        for key, value in kf.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for toleration in kf.tolerations:
+            kubernetes.add_toleration(task, **toleration)  # type: ignore[arg-type]
+    return task
+
+
+def build_pipeline(config: Config, image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
+    """Return the training pipeline for ``image``, with the cluster settings of ``config`` (``kubeflow``, ``train``).
 
     Args:
-        source_dir: Folder with one sub-folder per class (overrides ``data.source``).
-        params: params.yaml content as a dict; missing sections and fields take the package defaults.
-        mlflow_tracking_uri: MLflow tracking URI shared by train, evaluate and register.
+        config: The params.yaml the pipeline is compiled from (its ``kubeflow`` section and
+            ``train.accelerator``; the run's params are a run argument).
+        image: Container image of every task.
+
+    Returns:
+        The ``@dsl.pipeline`` function, ready for ``kfp.compiler.Compiler``.
     """
-    ingest_task = ingest(source_dir=source_dir, params=params)
-    # KFP's cache key sees the folder's path, not its content (DVC hashes the content): never reuse a cached scan.
-    ingest_task.set_caching_options(enable_caching=False)
-    dataset = ingest_task.outputs["dataset"]
+    c = build_components(image)
+    parallelism = config.kubeflow.parallelism
 
-    # Validation raises on failure, which fails the task and stops everything downstream. Split and augment
-    # take its report as an input, so nothing downstream can run on unvalidated data.
-    validate_task = validate(params=params, dataset=dataset)
-    report = validate_task.outputs["report"]
-
-    split_task = split(params=params, dataset=dataset, validation_report=report)
-    augment_task = augment(params=params, dataset=dataset, validation_report=report)
-
-    balance_task = balance(params=params, dataset=dataset, folds=split_task.outputs["folds"])
-    # One GAN per training set: CPU-bound.
-    balance_task.set_cpu_request("2").set_cpu_limit("4").set_memory_request("4Gi").set_memory_limit("8Gi")
-
-    train_task = train(
-        params=params,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        dataset=dataset,
-        folds=split_task.outputs["folds"],
-        policy=augment_task.outputs["policy"],
-        balanced=balance_task.outputs["balanced"],
-        validation_report=report,
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=f"Osteosarcoma H&E tile classification (image {image}): fetch, ingest, validate, split, augment, "
+        "GAN-balance and cross-validate per fold in parallel, evaluate, and register the champion in MLflow.",
     )
-    train_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8Gi").set_memory_limit("16Gi")
-    train_task.set_caching_options(enable_caching=False)
-    # To train on a GPU (train.device: auto picks CUDA when present), request one on this task, e.g.:
-    #   train_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    # (plus a node selector/toleration for your GPU nodes via kfp-kubernetes), and do the same on register_task.
+    def training_pipeline(
+        data_version: str = "",
+        dvc_remote: str = "",
+        source_dir: str = DEFAULT_SOURCE_DIR,
+        params: dict = {},  # noqa: B006  (a pipeline parameter default, compiled into the spec; never mutated)
+        mlflow_tracking_uri: str = DEFAULT_MLFLOW_TRACKING_URI,
+    ) -> None:
+        """Train, compare and register the tile classifier.
 
-    evaluate_task = evaluate(
-        params=params,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        training=train_task.outputs["training"],
-    )
-    evaluate_task.set_caching_options(enable_caching=False)
+        Args:
+            data_version: DVC md5 of the tiles folder (``<md5>.dir``): what the run trains on, and the cache key.
+            dvc_remote: DVC remote to pull it from (``s3://...``); empty: the tiles of ``source_dir`` in the image.
+            source_dir: Tiles folder in the image, used without a remote.
+            params: params.yaml content as a dict; missing sections and fields take the package defaults.
+            mlflow_tracking_uri: MLflow tracking URI of every task that logs.
+        """
+        fetch = _configure(
+            c.fetch_data(data_version=data_version, dvc_remote=dvc_remote, source_dir=source_dir), "fetch_data", config
+        )
+        ingest = _configure(c.ingest(params=params, tiles=fetch.outputs["tiles"]), "ingest", config)
+        dataset = ingest.outputs["dataset"]
+        # Validation raises on failure, which fails the task and stops everything downstream. Split and augment
+        # take its report as an input, so nothing downstream can run on unvalidated data.
+        validate = _configure(c.validate(params=params, dataset=dataset), "validate", config)
+        report = validate.outputs["report"]
+        split = _configure(c.split(params=params, dataset=dataset, validation_report=report), "split", config)
+        folds = split.outputs["folds"]
+        augment = _configure(c.augment(params=params, dataset=dataset, validation_report=report), "augment", config)
+        policy = augment.outputs["policy"]
+        plan = _configure(
+            c.cv_plan(
+                params=params,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                dataset=dataset,
+                folds=folds,
+                policy=policy,
+                validation_report=report,
+            ),
+            "cv_plan",
+            config,
+        )
+        with dsl.ParallelFor(plan.outputs["folds"], parallelism=parallelism) as fold:
+            balanced = _configure(
+                c.balance(params=params, training_set=f"fold-{fold}", dataset=dataset, folds=folds), "balance", config
+            )
+            with dsl.ParallelFor(plan.outputs["groups"]) as group:
+                trained = _configure(
+                    c.train_fold(
+                        params=params,
+                        mlflow_tracking_uri=mlflow_tracking_uri,
+                        fold=fold,
+                        group=group,
+                        dataset=dataset,
+                        folds=folds,
+                        policy=policy,
+                        balanced=balanced.outputs["balanced"],
+                        plan=plan.outputs["plan"],
+                    ),
+                    "train_fold",
+                    config,
+                )
+        gathered = _configure(
+            c.gather(
+                params=params,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                dataset=dataset,
+                plan=plan.outputs["plan"],
+                units=dsl.Collected(trained.outputs["unit"]),
+            ),
+            "gather",
+            config,
+        )
+        training = gathered.outputs["training"]
+        evaluate = _configure(
+            c.evaluate(params=params, mlflow_tracking_uri=mlflow_tracking_uri, training=training), "evaluate", config
+        )
+        full = _configure(
+            c.balance(params=params, training_set="full", dataset=dataset, folds=folds), "balance", config
+        )
+        with dsl.If(evaluate.outputs["register"] == True, "evaluation allows a registration"):  # noqa: E712
+            _configure(
+                c.register(
+                    params=params,
+                    mlflow_tracking_uri=mlflow_tracking_uri,
+                    dataset=dataset,
+                    policy=policy,
+                    balanced=full.outputs["balanced"],
+                    training=training,
+                    evaluation=evaluate.outputs["evaluation"],
+                    folds=folds,
+                ),
+                "register",
+                config,
+            )
 
-    register_task = register(
-        params=params,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        dataset=dataset,
-        policy=augment_task.outputs["policy"],
-        balanced=balance_task.outputs["balanced"],
-        training=train_task.outputs["training"],
-        evaluation=evaluate_task.outputs["evaluation"],
-        folds=split_task.outputs["folds"],
-    )
-    # Refits the winner on all tiles, like one fold of train.
-    register_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8Gi").set_memory_limit("16Gi")
-    register_task.set_caching_options(enable_caching=False)
+    return training_pipeline

@@ -305,6 +305,8 @@ class TrainConfig:
         checkpoint: Save a checkpoint at every evaluation; a killed run resumes from the last one.
         progress: Show progress bars (fold, step, loss, ETA) on stderr.
         seed: Seed of initialisation, batch order and augmentation.
+        accelerator: ``gpu`` asks Kubeflow for an accelerator (``kubeflow.accelerator_*``) on every task that trains
+            (the fold tasks and the refit); ``none`` runs them on CPU nodes. ``device`` still picks what torch uses.
     """
 
     architectures: tuple[str, ...] = ("resnet50", "vgg19_bn")
@@ -338,6 +340,7 @@ class TrainConfig:
     checkpoint: bool = True
     progress: bool = True
     seed: int = 42
+    accelerator: Literal["none", "gpu"] = "none"
 
     @field_validator("architectures")
     @classmethod
@@ -520,6 +523,8 @@ class RegisterConfig:
             folds) becomes the challenger, never the champion.
         export_onnx: Export the registered model to ONNX (FP32) and INT8 (static, calibrated on
             ``candidates.calibration_tiles`` of its training tiles), for small machines.
+        min_macro_f1: The evaluation allows a refit and registration only when the winner's mean per-fold
+            macro-F1 reaches this (0 = always register; the champion gate then decides the alias).
     """
 
     model_name: Annotated[str, Field(min_length=1)] = "bone-tumor-classifier"
@@ -527,6 +532,7 @@ class RegisterConfig:
     challenger_alias: Annotated[str, Field(min_length=1)] = "challenger"
     require_beats_baseline: bool = True
     export_onnx: bool = True
+    min_macro_f1: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
 @dataclass(config=_STRICT)
@@ -637,6 +643,61 @@ class AssessConfig:
 
 
 @dataclass(config=_STRICT)
+class TaskResources:
+    """CPU and memory a Kubeflow task requests (and is limited to), in Kubernetes quantities.
+
+    Attributes:
+        cpu: CPU request, e.g. ``"2"`` or ``"500m"``; the limit is twice it.
+        memory: Memory request and limit, e.g. ``"8Gi"``.
+    """
+
+    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "1"
+    memory: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")] = "2Gi"
+
+
+def _default_task_resources() -> dict[str, TaskResources]:
+    return {
+        "default": TaskResources("1", "2Gi"),
+        "balance": TaskResources("2", "4Gi"),
+        "train_fold": TaskResources("4", "8Gi"),
+        "register": TaskResources("4", "8Gi"),
+    }
+
+
+@dataclass(config=_STRICT)
+class KubeflowConfig:
+    """How the compiled Kubeflow pipeline runs on a cluster (read at compile time: ``bonetumor pipeline compile``).
+
+    Attributes:
+        parallelism: Fold tasks (and balance tasks) that run at once.
+        retries: Retries of a task that fails (a preempted node, a transient storage error), with backoff.
+        retry_backoff_seconds: Wait before the first retry; doubled for each next one.
+        resources: Task name (``balance``, ``train_fold``, ``register``...) to its requests; ``default`` for the rest.
+        accelerator_type: The accelerator of ``train.accelerator: gpu`` (``nvidia.com/gpu``).
+        accelerator_limit: Accelerators per training task.
+        node_selector: Node labels the training tasks need with ``train.accelerator: gpu``.
+        tolerations: Taints they tolerate, ``key``/``operator``/``value``/``effect`` each.
+        mlflow_secret: Kubernetes Secret with ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``.
+        s3_secret: Kubernetes Secret with ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` (artifacts, DVC remote).
+    """
+
+    parallelism: PositiveInt = 4
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    retry_backoff_seconds: PositiveInt = 60
+    resources: dict[str, TaskResources] = dataclasses.field(default_factory=_default_task_resources)
+    accelerator_type: Annotated[str, Field(min_length=1)] = "nvidia.com/gpu"
+    accelerator_limit: PositiveInt = 1
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    mlflow_secret: Annotated[str, Field(min_length=1)] = "bonetumor-mlflow-auth"  # noqa: S105  (a Secret's name, not a password)
+    s3_secret: Annotated[str, Field(min_length=1)] = "bonetumor-s3"  # noqa: S105
+
+    def task_resources(self, task: str) -> TaskResources:
+        """Return the requests of ``task`` (``default`` when it has none of its own)."""
+        return self.resources.get(task) or self.resources.get("default") or TaskResources()
+
+
+@dataclass(config=_STRICT)
 class Config:
     """The whole of params.yaml."""
 
@@ -656,6 +717,7 @@ class Config:
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     assess: AssessConfig = dataclasses.field(default_factory=AssessConfig)
+    kubeflow: KubeflowConfig = dataclasses.field(default_factory=KubeflowConfig)
 
     def __post_init__(self) -> None:
         # Cross-section rules; ValueError becomes a ConfigError naming the field in from_dict.
@@ -794,6 +856,7 @@ _SECTIONS: dict[str, type] = {
     "tracking": TrackingConfig,
     "serving": ServingConfig,
     "assess": AssessConfig,
+    "kubeflow": KubeflowConfig,
 }
 
 

@@ -66,3 +66,7 @@ class StoreLockedError(ConfigError):
 
 class RegistryUnavailableError(ConfigError):
     """The tracking store holding the registry cannot be reached or read: the model may exist, but not here."""
+
+
+class RegistrationRefusedError(BoneTumorError):
+    """The evaluation does not allow a refit and registration (``register.min_macro_f1``)."""

@@ -104,7 +104,8 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
 
     * ``sqlite:///`` - the folder exists and is writable, and when the database exists no other process holds its
       write lock at this moment (a second pipeline mid-write; one between writes is not seen);
-    * ``http(s)://`` - the server answers ``/health``;
+    * ``http(s)://`` - the server answers ``/health``, and an API call with the credentials MLflow's client would
+      send (:func:`tracking_credentials`) is not refused (``/health`` is open even on a ``basic-auth`` server);
     * anything else (``file:``, ``databricks``) is left to MLflow.
 
     Args:
@@ -115,7 +116,8 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
         What was checked, for the log.
 
     Raises:
-        ConfigError: The store cannot be used; the message names the URI and what to do.
+        ConfigError: The store cannot be used, or the server refused the credentials (one line naming the URI,
+            the HTTP status and the variables to set; never the password).
     """
     import urllib.error
     import urllib.request
@@ -162,8 +164,96 @@ def check_tracking_store(uri: str, timeout: float = 5.0) -> str:
             ) from exc
         if status != 200:
             raise ConfigError(f"tracking server {uri}: {health} answered HTTP {status}; expected 200")
-        return f"tracking server {uri}: healthy"
+        return f"tracking server {uri}: healthy, {_check_credentials(uri, timeout)}"
     return f"tracking store {uri}: not checked (MLflow handles this scheme)"
+
+
+#: The variables MLflow's client reads for a tracking server's HTTP basic authentication (``mlflow server
+#: --app-name basic-auth``); MLFLOW_TRACKING_TOKEN sends a bearer token instead.
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+#: An endpoint every authenticated user may call (basic-auth filters the answer by permission), and cheap.
+AUTH_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+#: Least seconds to wait for it: a server checks a password it has not cached by hashing it (PBKDF2), which takes
+#: seconds on a busy machine.
+AUTH_PROBE_TIMEOUT = 20.0
+
+
+def tracking_credentials() -> tuple[str | None, str | None]:
+    """The user name and password MLflow's client would send, found as it finds them.
+
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, each else from the ``[mlflow]`` section of
+    ``~/.mlflow/credentials`` (``mlflow.utils.credentials.read_mlflow_creds``, read here without importing MLflow).
+    """
+    import configparser
+
+    from_file: dict[str, str] = {}
+    path = Path("~/.mlflow/credentials").expanduser()
+    if path.is_file():
+        parser = configparser.ConfigParser()
+        parser.read(path)
+        if parser.has_section("mlflow"):
+            from_file = dict(parser["mlflow"])
+    username, password = (os.environ.get(name) or from_file.get(name.lower()) for name in CREDENTIAL_VARIABLES)
+    return username, password
+
+
+def credentials_refused(uri: str, status: int) -> str:
+    """The one-line message for a tracking server that answered HTTP ``status`` (401 or 403) to a request.
+
+    It names the user, never the password.
+    """
+    username, password = tracking_credentials()
+    if username and password:
+        sent = f"user {username!r}"
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        sent = "the token in MLFLOW_TRACKING_TOKEN"
+    else:
+        sent = "no credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD unset)"
+    if status == 403:
+        why = f"HTTP 403 Forbidden: {sent} may not do this; its admin grants the permission, or use another account"
+    else:
+        why = f"HTTP {status} Unauthorized: wrong or missing user name or password; sent {sent}"
+    return (
+        f"tracking server {uri} refused the credentials ({why}); set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to an account of that server (docs/mlflow-server.md)"
+    )
+
+
+def _check_credentials(uri: str, timeout: float) -> str:
+    """Make one authenticated request, with the credentials MLflow would send; return what was accepted.
+
+    ``/health`` is open on an authenticating server, so only a real API call shows refused credentials.
+    """
+    import base64
+    import urllib.error
+    import urllib.request
+
+    if os.environ.get("MLFLOW_TRACKING_AUTH") or os.environ.get("MLFLOW_TRACKING_AWS_SIGV4", "").lower() == "true":
+        return "credentials not checked (MLFLOW_TRACKING_AUTH / MLFLOW_TRACKING_AWS_SIGV4 plug-in)"
+    username, password = tracking_credentials()
+    headers: dict[str, str] = {}
+    accepted = "no credentials needed"
+    if username and password:
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        headers["Authorization"] = f"Basic {token}"
+        accepted = f"credentials of user {username!r} accepted"
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        accepted = "token accepted"
+    request = urllib.request.Request(uri.rstrip("/") + AUTH_PROBE, headers=headers)  # noqa: S310 (http(s) only)
+    try:
+        with urllib.request.urlopen(request, timeout=max(timeout, AUTH_PROBE_TIMEOUT)):  # noqa: S310 (http(s) only)
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ConfigError(credentials_refused(uri, exc.code)) from exc
+        raise ConfigError(
+            f"tracking server {uri}: {AUTH_PROBE} answered HTTP {exc.code}; expected 200 (an MLflow server whose "
+            "backend store fails, or not an MLflow server?)"
+        ) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(f"tracking server {uri}: {AUTH_PROBE} failed ({getattr(exc, 'reason', exc)})") from exc
+    return accepted
 
 
 #: What to do when there is no model to serve.

@@ -215,7 +215,12 @@ def augment_stage(params: dict[str, Any], *, dataset_dir: str | Path, out_dir: s
 
 
 def balance_stage(
-    params: dict[str, Any], *, dataset_dir: str | Path, folds_dir: str | Path, out_dir: str | Path
+    params: dict[str, Any],
+    *,
+    dataset_dir: str | Path,
+    folds_dir: str | Path,
+    out_dir: str | Path,
+    sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Balance each fold's training set (and the full set) with conditional-GAN tiles.
 
@@ -224,6 +229,7 @@ def balance_stage(
         dataset_dir: The ingest output folder (``manifest.csv``).
         folds_dir: The split output folder (``folds.json``).
         out_dir: Output folder: one ``<set>/train_manifest.csv`` per training set and ``summary.json``.
+        sets: Only these training sets (``fold-<k>``, ``full``); default all (a Kubeflow task balances one).
 
     Returns:
         ``generated_<set>``: the number of synthetic tiles added to each training set.
@@ -233,7 +239,7 @@ def balance_stage(
     """
     from bonetumor.balance.gan import run_balance
 
-    summary = run_balance(config_from_params(params), _manifest(dataset_dir), _folds(folds_dir), out_dir)
+    summary = run_balance(config_from_params(params), _manifest(dataset_dir), _folds(folds_dir), out_dir, sets)
     return {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
 
 
@@ -288,6 +294,159 @@ def train_stage(
     }
 
 
+def cv_plan_stage(
+    params: dict[str, Any],
+    *,
+    dataset_dir: str | Path,
+    folds_dir: str | Path,
+    policy_dir: str | Path,
+    validation_dir: str | Path,
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Open the cross-validation's parent runs and plan its fold tasks (the first of train's three steps).
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        folds_dir: The split output folder (``folds.json``).
+        policy_dir: The augment output folder (``policy.json``).
+        validation_dir: The validate output folder (report and Data Docs, logged with the parent runs).
+        out_dir: Output folder: ``cv_plan.json`` and ``config.resolved.yaml``.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
+
+    Returns:
+        ``experiment_id``, ``folds`` (fold indices), ``sets`` (the training sets to balance, one per fold),
+        ``groups`` (what one fold task trains) and ``units`` (how many fold tasks).
+
+    Raises:
+        ConfigError: The params are invalid.
+    """
+    from bonetumor.training.cross_validation import start_cross_validation
+
+    config = config_from_params(params)
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor train (plan)"):
+        plan = start_cross_validation(
+            config,
+            _manifest(dataset_dir),
+            _folds(folds_dir),
+            _policy(policy_dir),
+            out_dir,
+            _project(project_dir),
+            validation_dir,
+            owned=False,  # the task ends now; the gather closes the parent runs
+        )
+    return {
+        "experiment_id": plan["experiment_id"],
+        "folds": plan["folds"],
+        "sets": [f"fold-{fold}" for fold in plan["folds"]],
+        "groups": plan["groups"],
+        "units": len(plan["units"]),
+    }
+
+
+def cv_fold_stage(
+    params: dict[str, Any],
+    *,
+    dataset_dir: str | Path,
+    folds_dir: str | Path,
+    policy_dir: str | Path,
+    balance_dir: str | Path,
+    plan_dir: str | Path,
+    fold: int,
+    group: str,
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train one group of candidates (an architecture and the models built on it) on one fold.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        folds_dir: The split output folder (``folds.json``).
+        policy_dir: The augment output folder (``policy.json``).
+        balance_dir: A balance output holding the fold's training set (``fold-<fold>/``).
+        plan_dir: The plan step's output folder (``cv_plan.json``).
+        fold: The fold.
+        group: One of the plan's groups.
+        out_dir: Output folder: ``unit.json``, the fold's out-of-fold predictions and artifacts per candidate.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
+
+    Returns:
+        ``fold``, ``group`` and ``macro_f1_<candidate>`` for every candidate the fold scored.
+
+    Raises:
+        ConfigError: The params are invalid, or the fold or group is not in the plan.
+    """
+    from bonetumor.training.cross_validation import read_plan, run_fold_unit
+
+    config = config_from_params(params)
+    out_dir = Path(out_dir)
+    with tracked_stage(config, tracking_uri, project_dir, f"bonetumor train (fold {fold}, {group})"):
+        record = run_fold_unit(
+            config,
+            read_plan(plan_dir),
+            _manifest(dataset_dir),
+            _folds(folds_dir),
+            _policy(policy_dir),
+            balance_dir,
+            int(fold),
+            group,
+            out_dir,
+            # Beside the output, in the task's own storage: a retried task resumes its fits from them.
+            checkpoints=out_dir.parent / f".{out_dir.name}.checkpoints",
+            project_dir=_project(project_dir),
+        )
+    scores = {f"macro_f1_{name}": entry["score"] for name, entry in record["candidates"].items() if entry["score"]}
+    return {"fold": record["fold"], "group": record["group"], **scores}
+
+
+def cv_gather_stage(
+    params: dict[str, Any],
+    *,
+    dataset_dir: str | Path,
+    plan_dir: str | Path,
+    unit_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Gather the fold tasks into the train output (``runs.json``, ``<candidate>/oof.csv``) and close the runs.
+
+    Args:
+        params: params.yaml content.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        plan_dir: The plan step's output folder (``cv_plan.json``).
+        unit_dirs: Every fold task's output folder.
+        out_dir: Output folder: what the train stage writes.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
+
+    Returns:
+        ``experiment_id`` and ``run_id_<arch>`` for every architecture, as :func:`train_stage`.
+
+    Raises:
+        ConfigError: The params are invalid.
+        ArtifactError: A fold task's output is missing.
+    """
+    from bonetumor.training.cross_validation import PLAN_FILE, gather_cross_validation, read_plan
+
+    config = config_from_params(params)
+    plan = read_plan(plan_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(plan_dir) / PLAN_FILE, Path(out_dir) / PLAN_FILE)
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor train (gather)"):
+        runs = gather_cross_validation(config, plan, unit_dirs, out_dir, _manifest(dataset_dir), _project(project_dir))
+    return {
+        "experiment_id": runs["experiment_id"],
+        **{f"run_id_{arch}": info["run_id"] for arch, info in runs["architectures"].items()},
+    }
+
+
 def evaluate_stage(
     params: dict[str, Any],
     *,
@@ -309,13 +468,15 @@ def evaluate_stage(
         project_dir: Base folder of a relative tracking URI (default: the working folder).
 
     Returns:
-        One entry per output: ``evaluation`` (``winner``, ``ranking``, ``selection``), ``metrics`` (the
-        winner's scalar out-of-fold metrics as floats) and ``confusion_matrix`` (``classes``, ``matrix``, ``arch``).
+        One entry per output: ``evaluation`` (``winner``, ``ranking``, ``selection``), ``registration``
+        (``allowed``, ``reason``: whether the refit and registration may run, ``register.min_macro_f1``),
+        ``metrics`` (the winner's scalar out-of-fold metrics as floats) and ``confusion_matrix`` (``classes``,
+        ``matrix``, ``arch``).
 
     Raises:
         ConfigError: The params are invalid.
     """
-    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, run_evaluation
+    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, registration_allowed, run_evaluation
 
     config = config_from_params(params)
     with tracked_stage(config, tracking_uri, project_dir, "bonetumor evaluate"):
@@ -325,8 +486,10 @@ def evaluate_stage(
         shutil.copyfile(Path(out_dir) / COMPARISON_MD_FILE, comparison_path)
     winner = result["winner"]
     scores = result["scores"][winner]
+    allowed, reason = registration_allowed(result, config.register.min_macro_f1)
     return {
         "evaluation": {"winner": winner, "ranking": result["ranking"], "selection": result["selection"]},
+        "registration": {"allowed": allowed, "reason": reason},
         "metrics": {
             name: float(value)
             for name, value in scores.items()

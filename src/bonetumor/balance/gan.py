@@ -33,7 +33,7 @@ from bonetumor.config import BalanceConfig, Config, save_resolved
 from bonetumor.data.datasets import FULL_SET, TRAIN_MANIFEST, label_indices, split_tables, training_set_names
 from bonetumor.data.manifest import read_manifest, resolve_paths, write_manifest
 from bonetumor.data.split import development_rows, read_folds
-from bonetumor.errors import DatasetError
+from bonetumor.errors import ConfigError, DatasetError
 from bonetumor.transforms.decode import decode_image
 from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, sha256_file, write_json
 
@@ -295,7 +295,11 @@ def render_samples(synthetic_dir: Path, classes: Sequence[str], out_png: Path, t
 
 
 def run_balance(
-    config: Config, manifest_path: str | Path, folds_path: str | Path, out_dir: str | Path
+    config: Config,
+    manifest_path: str | Path,
+    folds_path: str | Path,
+    out_dir: str | Path,
+    sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The balance stage: one balanced training manifest per fold, plus ``full`` for the refit.
 
@@ -303,11 +307,26 @@ def run_balance(
 
     Writes ``<out_dir>/<set>/train_manifest.csv``, ``<out_dir>/<set>/synthetic/`` and ``<out_dir>/summary.json``.
     Each GAN sees only its own training set's tiles.
+
+    Args:
+        config: The whole config.
+        manifest_path: The data set manifest.
+        folds_path: The folds file.
+        out_dir: Output folder.
+        sets: The training sets to balance (default: every fold's and ``full``). A Kubeflow run balances each set
+            in its own task; a set's tiles and seed are the same whichever sets are balanced with it.
+
+    Raises:
+        ConfigError: ``sets`` names a training set the folds file does not have.
     """
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
     folds = read_folds(folds_path, manifest, manifest_path)
-    names = training_set_names(len(folds["folds"]))
+    every = training_set_names(len(folds["folds"]))
+    unknown = [name for name in sets or () if name not in every]
+    if unknown:
+        raise ConfigError(f"balance: unknown training set(s) {unknown}; expected some of {every} ({folds_path})")
+    names = [name for name in every if sets is None or name in sets]
     summary: dict[str, Any] = {
         "target_ratio": config.balance.target_ratio,
         "enabled": config.balance.enabled,
@@ -315,7 +334,9 @@ def run_balance(
     }
     with atomic_dir(out_dir) as tmp:
         save_resolved(config, tmp, ("data", "balance"))
-        for offset, name in enumerate(names):
+        for name in names:
+            # The seed offset is the set's place among all sets, so a set balanced alone draws the same tiles.
+            offset = every.index(name)
             rows = (
                 development_rows(manifest, folds)
                 if name == FULL_SET

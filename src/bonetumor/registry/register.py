@@ -30,9 +30,9 @@ from torch import nn
 from bonetumor.config import Config, save_resolved
 from bonetumor.data.manifest import read_manifest, resolve_paths
 from bonetumor.data.split import held_out_rows, read_folds
-from bonetumor.errors import ArtifactError
+from bonetumor.errors import ArtifactError, RegistrationRefusedError
 from bonetumor.evaluation.calibration import ReferralPolicy
-from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR
+from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR, registration_allowed
 from bonetumor.evaluation.metrics import classification_metrics
 from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document
 from bonetumor.registry.model_registry import STATUS_TAG, champion_metrics, log_and_register
@@ -144,6 +144,11 @@ def run_registration(
         architecture, scores, and the test-set figures when there is a test set.
     """
     winner = _read_winner(Path(train_dir), Path(evaluate_dir))
+    allowed, why = registration_allowed(
+        {"winner": winner.name, "scores": winner.all_scores}, config.register.min_macro_f1
+    )
+    if not allowed:
+        raise RegistrationRefusedError(f"the evaluation does not allow a registration: {why}; nothing was registered")
     manifest_path, folds_path = Path(manifest_path), Path(folds_path)
     manifest = read_manifest(manifest_path)
     folds = read_folds(folds_path, manifest, manifest_path)

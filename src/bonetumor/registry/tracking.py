@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 from bonetumor import __version__
 from bonetumor.config import Config, TrackingConfig
 from bonetumor.data.manifest import read_manifest
-from bonetumor.errors import ArtifactError
-from bonetumor.runtime import absolute_tracking_uri, disable_telemetry
+from bonetumor.errors import ArtifactError, ConfigError
+from bonetumor.runtime import absolute_tracking_uri, credentials_refused, disable_telemetry
 from bonetumor.utils import git_commit
 
 TAG_PREFIX = "bonetumor."
@@ -69,19 +69,40 @@ def setup_mlflow(config: TrackingConfig, base_dir: str | Path) -> str:
 
     Returns:
         The experiment id.
+
+    Raises:
+        ConfigError: The tracking server refused the credentials (HTTP 401 or 403), in one line.
     """
     uri = configure_tracking(config, base_dir)
-    experiment = mlflow.get_experiment_by_name(config.experiment)
-    if experiment is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        experiment_id = mlflow.create_experiment(config.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    try:
+        experiment = mlflow.get_experiment_by_name(config.experiment)
+        if experiment is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+            experiment_id = mlflow.create_experiment(config.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+    except MlflowException as exc:
+        raise_if_refused(exc, uri)
+        raise
     mlflow.set_experiment(experiment_id=experiment_id)
     close_interrupted_runs(str(experiment_id))
     return str(experiment_id)
+
+
+def raise_if_refused(exc: MlflowException, uri: str) -> None:
+    """Turn a tracking server's refusal of the credentials (HTTP 401 or 403) into a one-line error.
+
+    MLflow's own message is the endpoint and the server's HTML or text answer; this one names the URI, the
+    status and the variables to set (:func:`bonetumor.runtime.credentials_refused`), never the password.
+
+    Raises:
+        ConfigError: ``exc`` is an HTTP 401 or 403; otherwise nothing is raised.
+    """
+    status = exc.get_http_status_code()
+    if status in (401, 403):
+        raise ConfigError(credentials_refused(uri, status)) from exc
 
 
 def process_tags() -> dict[str, str]:

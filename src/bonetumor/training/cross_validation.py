@@ -36,9 +36,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bonetumor.config import Config, save_resolved
-from bonetumor.data.datasets import load_training_table, split_tables
+from bonetumor.data.datasets import label_indices, load_training_table, split_tables
 from bonetumor.data.manifest import read_manifest
 from bonetumor.data.split import inner_split, read_folds
+from bonetumor.errors import ArtifactError, ConfigError
 from bonetumor.evaluation.metrics import macro_f1
 from bonetumor.faults import fault_point
 from bonetumor.registry.tracking import (
@@ -66,8 +67,27 @@ from bonetumor.utils import EtaTimer, atomic_dir, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 RUNS_FILE = "runs.json"
+#: The plan of the fold tasks, written by :func:`start_cross_validation` into the train output.
+PLAN_FILE = "cv_plan.json"
+#: What one fold task (:func:`run_fold_unit`) writes beside its candidates' folders.
+UNIT_FILE = "unit.json"
+#: Where the one-process run keeps its fold tasks' outputs until they are gathered.
+UNITS_DIR = ".units"
 TRAIN_SECTIONS = ("data", "preprocess", "split", "augment", "balance", "train")
-__all__ = ["INIT_TAG", "RUNS_FILE", "TRAIN_SECTIONS", "early_stopping_split", "run_cross_validation"]
+__all__ = [
+    "INIT_TAG",
+    "PLAN_FILE",
+    "RUNS_FILE",
+    "TRAIN_SECTIONS",
+    "UNIT_FILE",
+    "early_stopping_split",
+    "fan_out_groups",
+    "gather_cross_validation",
+    "read_plan",
+    "run_cross_validation",
+    "run_fold_unit",
+    "start_cross_validation",
+]
 
 
 @dataclasses.dataclass
@@ -118,6 +138,9 @@ def run_cross_validation(
 ) -> dict[str, Any]:
     """Fit and score every candidate on every fold, and write their out-of-fold predictions.
 
+    The same three steps a Kubeflow run spreads over tasks, in one process: :func:`start_cross_validation`, one
+    :func:`run_fold_unit` per fold and fan-out group, then :func:`gather_cross_validation`.
+
     Args:
         config: The whole config.
         manifest_path: The data set manifest.
@@ -125,37 +148,341 @@ def run_cross_validation(
         policy_path: The augmentation policy from the augment stage.
         balance_dir: The balance stage's output (one training manifest per fold).
         out_dir: Output folder: ``<candidate>/oof.csv`` for every candidate, ``<arch>/history.json``,
-            ``<arch>/learning_curves.png``, ``<arch>/gradcam/`` and ``runs.json`` (MLflow run ids, initialisations,
-            refit lengths and latencies for the evaluate and register stages).
+            ``<arch>/learning_curves.png``, ``<arch>/gradcam/``, ``cv_plan.json`` and ``runs.json`` (MLflow run
+            ids, initialisations, refit lengths and latencies for the evaluate and register stages).
         project_dir: Base folder for relative tracking URIs and the git commit.
         validation_dir: The validate stage's output; its report and Data Docs are logged with each run.
 
     Returns:
         The content of ``runs.json``.
     """
-    plan = _plan(config, Path(manifest_path), Path(folds_path), Path(policy_path), Path(balance_dir), Path(out_dir))
-    experiment_id = setup_mlflow(config.tracking, project_dir)
-    # The process tags let the next run close these runs if this process is killed before it can.
-    plan.tags = {**provenance_tags(config, manifest_path, project_dir), **process_tags()}
-    _log_start(plan)
+    out_dir = Path(out_dir)
+    # Outside the atomic output folder, which a killed run discards.
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     with atomic_dir(out_dir) as tmp:
-        save_resolved(config, tmp, (*TRAIN_SECTIONS, "baseline", "candidates"))
-        artifacts = [tmp / "config.resolved.yaml", Path(policy_path)]
-        tracks = [_start_track(c, plan, artifacts, validation_dir) for c in plan.candidates]
-        for fold_info in plan.folds["folds"]:
-            _run_fold(plan, _fold_data(plan, int(fold_info["fold"])), tracks, tmp)
+        plan = start_cross_validation(config, manifest_path, folds_path, policy_path, tmp, project_dir, validation_dir)
+        n_folds = len(plan["folds"])
+        timer = EtaTimer(sum(c.planned_steps(config, n_folds) for c in build_candidates(config)))
+        units = []
+        for fold in plan["folds"]:
+            for group in plan["groups"]:
+                units.append(tmp / UNITS_DIR / unit_name(fold, group))
+                run_fold_unit(
+                    config, plan, manifest_path, folds_path, policy_path, balance_dir, fold, group, units[-1],
+                    checkpoints=checkpoints, project_dir=project_dir, timer=timer,
+                )  # fmt: skip
             fault_point("fold-end")
-        runs = _runs_document(experiment_id, [_finish_track(t, plan, tmp) for t in tracks])
-        write_json(tmp / RUNS_FILE, runs)
-    shutil.rmtree(plan.checkpoints, ignore_errors=True)
-    log.info("cross-validation finished in %.0fs", plan.timer.elapsed)
+        runs = gather_cross_validation(config, plan, units, tmp, manifest_path, project_dir)
+        shutil.rmtree(tmp / UNITS_DIR)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("cross-validation finished in %.0fs", timer.elapsed)
     return runs
 
 
+def fan_out_groups(candidates: Sequence[Candidate]) -> tuple[dict[str, list[Candidate]], list[Candidate]]:
+    """Group the candidates into units of work per fold, and list those built from several groups' predictions.
+
+    A group is a candidate built on nothing (the baseline, an architecture) with every candidate built only on it
+    (the architecture's INT8 and pruned models): one fold's group trains in one task. A candidate built on
+    several groups (the ensemble) is scored when the folds are gathered.
+
+    Returns:
+        Group name (its root candidate) to its candidates in build order; and the gathered candidates.
+    """
+    roots: dict[str, tuple[str, ...]] = {}
+    groups: dict[str, list[Candidate]] = {}
+    gathered: list[Candidate] = []
+    for candidate in candidates:  # each after its bases (build_candidates)
+        found = (candidate.name,) if not candidate.bases else tuple(r for b in candidate.bases for r in roots[b])
+        roots[candidate.name] = tuple(dict.fromkeys(found))
+        if len(roots[candidate.name]) == 1:
+            groups.setdefault(roots[candidate.name][0], []).append(candidate)
+        else:
+            gathered.append(candidate)
+    return groups, gathered
+
+
+def unit_name(fold: int, group: str) -> str:
+    """Folder name of one fold's group: ``fold-<k>-<group>``."""
+    return f"fold-{fold}-{group}"
+
+
+def start_cross_validation(
+    config: Config,
+    manifest_path: str | Path,
+    folds_path: str | Path,
+    policy_path: str | Path,
+    out_dir: str | Path,
+    project_dir: str | Path,
+    validation_dir: str | Path | None = None,
+    *,
+    owned: bool = True,
+) -> dict[str, Any]:
+    """Open every candidate's parent run and write the plan of the fold tasks (``cv_plan.json``).
+
+    Args:
+        config: The whole config.
+        manifest_path: The data set manifest.
+        folds_path: The folds file.
+        policy_path: The augmentation policy.
+        out_dir: Where ``cv_plan.json`` and ``config.resolved.yaml`` go.
+        project_dir: Base folder for relative tracking URIs and the git commit.
+        validation_dir: The validate stage's output; its report and Data Docs are logged with each parent run.
+        owned: Tag the parent runs with this process, so that a later run closes them if it is killed before
+            :func:`gather_cross_validation` does. False in a Kubeflow task: it ends as soon as the plan is written.
+
+    Returns:
+        The plan: ``experiment_id``, ``tracking_uri``, ``parents`` (candidate to parent run id), ``folds``,
+        ``groups``, ``gathered`` and ``units`` (one ``{"fold", "group"}`` per task).
+    """
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    manifest = read_manifest(manifest_path)
+    folds = read_folds(folds_path, manifest, manifest_path)
+    policy = load_policy(policy_path)
+    candidates = build_candidates(config)
+    experiment_id = setup_mlflow(config.tracking, project_dir)
+    tags = {**provenance_tags(config, manifest_path, project_dir), **(process_tags() if owned else {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(config, out_dir, (*TRAIN_SECTIONS, "baseline", "candidates"))
+    artifacts = [out_dir / "config.resolved.yaml", Path(policy_path)]
+    parents = {c.name: _start_track(c, config, policy, tags, artifacts, validation_dir) for c in candidates}
+    groups, gathered = fan_out_groups(candidates)
+    fold_ids = [int(info["fold"]) for info in folds["folds"]]
+    plan = {
+        "experiment_id": experiment_id,
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "parents": parents,
+        "folds": fold_ids,
+        "groups": list(groups),
+        "gathered": [c.name for c in gathered],
+        "units": [{"fold": fold, "group": group} for fold in fold_ids for group in groups],
+    }
+    write_json(out_dir / PLAN_FILE, plan)
+    log.info(
+        "cross-validating %s on %d folds, %d fold tasks (%s per fold); initialisation %s; policy %s",
+        [c.name for c in candidates],
+        len(fold_ids),
+        len(plan["units"]),
+        list(groups),
+        {c.name: c.run_tags()[INIT_TAG] for c in candidates if INIT_TAG in c.run_tags()},
+        policy.digest(),
+    )
+    return plan
+
+
+def read_plan(path: str | Path) -> dict[str, Any]:
+    """Read ``cv_plan.json`` (a file, or the folder holding it).
+
+    Raises:
+        ArtifactError: The file is missing or is not a plan.
+    """
+    path = Path(path)
+    path = path / PLAN_FILE if path.is_dir() else path
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: cannot read the cross-validation plan ({exc}); run the train stage") from exc
+    missing = [key for key in ("parents", "folds", "groups", "gathered", "units") if key not in plan]
+    if missing:
+        raise ArtifactError(f"{path}: not a cross-validation plan; it lacks {missing}")
+    return dict(plan)
+
+
+def run_fold_unit(
+    config: Config,
+    plan: dict[str, Any],
+    manifest_path: str | Path,
+    folds_path: str | Path,
+    policy_path: str | Path,
+    balance_dir: str | Path,
+    fold: int,
+    group: str,
+    out_dir: str | Path,
+    *,
+    checkpoints: str | Path,
+    project_dir: str | Path,
+    timer: EtaTimer | None = None,
+) -> dict[str, Any]:
+    """Fit one group of candidates on one fold, in nested runs of the plan's parent runs.
+
+    Args:
+        config: The whole config.
+        plan: The plan of :func:`start_cross_validation`.
+        manifest_path: The data set manifest.
+        folds_path: The folds file.
+        policy_path: The augmentation policy.
+        balance_dir: A balance output holding ``fold-<fold>``.
+        fold: The fold.
+        group: A group of ``plan["groups"]``.
+        out_dir: Output folder: ``unit.json``, and per candidate ``oof-fold-<fold>.csv`` and its artifacts.
+        checkpoints: Folder of the fits' checkpoints; a rerun resumes from them.
+        project_dir: Base folder for relative tracking URIs and the git commit.
+        timer: ETA over a larger run; default one for this unit.
+
+    Returns:
+        The unit record written to ``unit.json``.
+
+    Raises:
+        ConfigError: ``fold`` or ``group`` is not in the plan.
+    """
+    if fold not in plan["folds"] or group not in plan["groups"]:
+        raise ConfigError(
+            f"fold task ({fold}, {group!r}) is not in the cross-validation plan; expected a fold of "
+            f"{plan['folds']} and a group of {plan['groups']}"
+        )
+    state = _plan(config, Path(manifest_path), Path(folds_path), Path(policy_path), Path(balance_dir), checkpoints)
+    members = fan_out_groups(state.candidates)[0][group]
+    if timer is not None:
+        state.timer = timer
+    else:
+        state.timer = EtaTimer(sum(c.planned_steps(config, 1) for c in members))
+    setup_mlflow(config.tracking, project_dir)
+    state.tags = {**provenance_tags(config, manifest_path, project_dir), **process_tags()}
+    tracks = [_Track(c, plan["parents"][c.name]) for c in members]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _run_fold(state, _fold_data(state, fold), tracks, out_dir)
+    record: dict[str, Any] = {"fold": fold, "group": group, "candidates": {}}
+    for track in tracks:
+        name = track.candidate.name
+        if track.oof:
+            (out_dir / name).mkdir(parents=True, exist_ok=True)
+            track.oof[0].to_csv(out_dir / name / f"oof-fold-{fold}.csv", index=False)
+        record["candidates"][name] = {
+            "skipped": track.skipped,
+            "score": track.scores[0] if track.scores else None,
+            "fold_record": track.folds[0] if track.folds else None,
+            "latency_ms": track.latency_ms,
+        }
+    write_json(out_dir / UNIT_FILE, record)
+    return record
+
+
+def gather_cross_validation(
+    config: Config,
+    plan: dict[str, Any],
+    unit_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    manifest_path: str | Path,
+    project_dir: str | Path,
+) -> dict[str, Any]:
+    """Gather the fold tasks' outputs: every candidate's out-of-fold file, summary and parent run; ``runs.json``.
+
+    Args:
+        config: The whole config.
+        plan: The plan of :func:`start_cross_validation`.
+        unit_dirs: The output folders of every fold task (:func:`run_fold_unit`), in any order.
+        out_dir: Output folder (the train stage's): ``<candidate>/`` and ``runs.json``.
+        manifest_path: The data set manifest (the provenance tags of the gathered candidates' fold runs).
+        project_dir: Base folder for relative tracking URIs and the git commit.
+
+    Returns:
+        The content of ``runs.json``.
+
+    Raises:
+        ArtifactError: A fold task's output is missing or unreadable.
+    """
+    records = _read_units(plan, unit_dirs)
+    out_dir = Path(out_dir)
+    candidates = build_candidates(config)
+    groups, gathered = fan_out_groups(candidates)
+    tracks: dict[str, _Track] = {}
+    for group, members in groups.items():
+        for candidate in members:
+            tracks[candidate.name] = _collect_track(candidate, plan, group, records, out_dir)
+    setup_mlflow(config.tracking, project_dir)
+    tags = {**provenance_tags(config, manifest_path, project_dir), **process_tags()}
+    for candidate in gathered:
+        tracks[candidate.name] = _combine_track(candidate, plan, tracks, config, tags)
+    runs = _runs_document(plan["experiment_id"], [_finish_track(tracks[c.name], out_dir) for c in candidates])
+    write_json(out_dir / RUNS_FILE, runs)
+    return runs
+
+
+def _read_units(plan: dict[str, Any], unit_dirs: Sequence[str | Path]) -> dict[tuple[int, str], tuple[Path, Any]]:
+    """Read every fold task's ``unit.json``; fail naming the tasks the plan expects and no output holds."""
+    records: dict[tuple[int, str], tuple[Path, Any]] = {}
+    for folder in map(Path, unit_dirs):
+        path = folder / UNIT_FILE
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path}: cannot read the fold task's record ({exc}); did the task finish?") from exc
+        records[(int(record["fold"]), str(record["group"]))] = (folder, record)
+    missing = [u for u in plan["units"] if (int(u["fold"]), str(u["group"])) not in records]
+    if missing:
+        raise ArtifactError(
+            f"cross-validation lacks the output of {len(missing)} fold task(s): {missing}; expected one per "
+            f"(fold, group) of the plan, {len(plan['units'])} in all"
+        )
+    return records
+
+
+def _collect_track(
+    candidate: Candidate, plan: dict[str, Any], group: str, records: dict[tuple[int, str], tuple[Path, Any]], out: Path
+) -> _Track:
+    """One candidate's folds from the fold tasks' outputs, its artifacts copied into the train output."""
+    track = _Track(candidate, plan["parents"][candidate.name])
+    for fold in plan["folds"]:
+        folder, record = records[(int(fold), group)]
+        entry = record["candidates"][candidate.name]
+        if entry["skipped"] is not None and track.skipped is None:
+            track.skipped = entry["skipped"]
+        if entry["fold_record"] is not None:
+            track.folds.append(entry["fold_record"])
+            track.scores.append(float(entry["score"]))
+            track.oof.append(pd.read_csv(folder / candidate.name / f"oof-fold-{fold}.csv"))
+        if int(fold) == plan["folds"][0]:
+            track.latency_ms = entry["latency_ms"]
+        if (folder / candidate.name).is_dir():
+            shutil.copytree(
+                folder / candidate.name,
+                out / candidate.name,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("oof-*"),
+            )
+    return track
+
+
+def _combine_track(
+    candidate: Candidate, plan: dict[str, Any], tracks: dict[str, _Track], config: Config, tags: dict[str, str]
+) -> _Track:
+    """Score a candidate built on several groups on every fold, from its bases' out-of-fold logits."""
+    track = _Track(candidate, plan["parents"][candidate.name])
+    bases = [tracks[name] for name in candidate.bases]
+    left_out = [b.candidate.name for b in bases if b.skipped is not None]
+    if left_out:
+        track.skipped = f"built on {left_out}, which were left out"
+        return track
+    classes = list(config.data.classes)
+    columns = [f"logit_{name}" for name in classes]
+    for index, fold in enumerate(plan["folds"]):
+        frames = {b.candidate.name: b.oof[index] for b in bases}
+        rows = next(iter(frames.values()))
+        logits, metrics, model_tags = candidate.combine_logits(
+            {name: frame[columns].to_numpy(dtype=np.float32) for name, frame in frames.items()}
+        )
+        truth = np.asarray(label_indices(rows["label"], classes))
+        predictions = logits.argmax(1)
+        track.scores.append(macro_f1(truth, predictions))
+        run_tags = {**tags, **candidate.run_tags(), **model_tags, f"{TAG_PREFIX}fold": str(fold)}
+        name = f"cv-{candidate.name}-fold{fold}"
+        with mlflow.start_run(run_name=name, parent_run_id=track.run_id, tags=run_tags) as run:
+            mlflow.log_params({"fold": fold, "n_val": len(rows), "members": ",".join(candidate.bases)})
+            accuracy = float(np.mean(predictions == truth))
+            mlflow.log_metrics({**metrics, "fold_accuracy": accuracy, "fold_macro_f1": track.scores[-1]})
+        MlflowClient().log_metric(track.run_id, "fold_macro_f1", track.scores[-1], step=int(fold))
+        track.oof.append(oof_frame(rows, int(fold), logits, classes))
+        track.folds.append({"fold": int(fold), "run_id": run.info.run_id})
+    latencies = [b.latency_ms for b in bases]
+    track.latency_ms = None if None in latencies else float(sum(x for x in latencies if x is not None))
+    return track
+
+
 def _plan(
-    config: Config, manifest_path: Path, folds_path: Path, policy_path: Path, balance_dir: Path, out_dir: Path
+    config: Config, manifest_path: Path, folds_path: Path, policy_path: Path, balance_dir: Path, checkpoints: str | Path
 ) -> _Plan:
-    """Read the stage's inputs, build the candidates, and fix the checkpoint fingerprint."""
+    """Read a fold task's inputs, build the candidates, and fix the checkpoint fingerprint."""
     manifest = read_manifest(manifest_path)
     folds = read_folds(folds_path, manifest, manifest_path)
     policy = load_policy(policy_path)
@@ -163,7 +490,6 @@ def _plan(
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     candidates = build_candidates(config)
-    n_folds = len(folds["folds"])
     summary = balance_dir / "summary.json"
     # What the folds compute depends on these; a checkpoint made from anything else is not resumed.
     parts = [
@@ -183,39 +509,30 @@ def _plan(
         device=device,
         candidates=candidates,
         tags={},
-        timer=EtaTimer(sum(c.planned_steps(config, n_folds) for c in candidates)),
+        timer=EtaTimer(0),
         fingerprint=hashlib.sha256("|".join(parts).encode()).hexdigest()[:16],
-        # Outside the atomic output folder, which a killed run discards.
-        checkpoints=out_dir.parent / f".{out_dir.name}.checkpoints",
-    )
-
-
-def _log_start(plan: _Plan) -> None:
-    config = plan.config
-    log.info(
-        "cross-validating %s on %d folds on %s (optimiser steps per fold %s); initialisation %s; policy %s",
-        [c.name for c in plan.candidates],
-        plan.n_folds,
-        plan.device,
-        {a: config.for_arch(a).train.steps for a in config.train.architectures},
-        {c.name: c.run_tags()[INIT_TAG] for c in plan.candidates if INIT_TAG in c.run_tags()},
-        plan.policy.digest(),
+        checkpoints=Path(checkpoints),
     )
 
 
 def _start_track(
-    candidate: Candidate, plan: _Plan, artifacts: Sequence[Path], validation_dir: str | Path | None
-) -> _Track:
-    """Open the candidate's parent run: its params, the resolved config, the policy and the data validation."""
-    tags = {**plan.tags, **candidate.run_tags(), f"{TAG_PREFIX}stage": "train", f"{TAG_PREFIX}arch": candidate.name}
-    with mlflow.start_run(run_name=f"cv-{candidate.name}", tags=tags) as run:
-        config = candidate.settings(plan.config)
+    candidate: Candidate,
+    config: Config,
+    policy: AugmentPolicy,
+    tags: dict[str, str],
+    artifacts: Sequence[Path],
+    validation_dir: str | Path | None,
+) -> str:
+    """Open the candidate's parent run (its params, the resolved config, the policy, the data validation); its id."""
+    run_tags = {**tags, **candidate.run_tags(), f"{TAG_PREFIX}stage": "train", f"{TAG_PREFIX}arch": candidate.name}
+    with mlflow.start_run(run_name=f"cv-{candidate.name}", tags=run_tags) as run:
+        settings = candidate.settings(config)
         mlflow.log_params(
             {
-                **flatten_params(config, candidate.param_sections),
-                **candidate.mlflow_params(config),
+                **flatten_params(settings, candidate.param_sections),
+                **candidate.mlflow_params(settings),
                 "arch": candidate.name,
-                "augment.policy_digest": plan.policy.digest(),
+                "augment.policy_digest": policy.digest(),
             }
         )
         for artifact in artifacts:
@@ -225,7 +542,7 @@ def _start_track(
     # Open until its cross-validation finishes (_finish_track): a process killed meanwhile leaves it RUNNING, and the
     # next run marks it FAILED (close_interrupted_runs) instead of it reading as a finished cross-validation.
     MlflowClient().update_run(run.info.run_id, status="RUNNING")
-    return _Track(candidate, run.info.run_id)
+    return str(run.info.run_id)
 
 
 def _fold_data(plan: _Plan, fold: int) -> FoldData:
@@ -340,7 +657,7 @@ def _fold_params(fold: FoldData) -> dict[str, Any]:
     }
 
 
-def _finish_track(track: _Track, plan: _Plan, out_root: Path) -> tuple[_Track, dict[str, Any] | None]:
+def _finish_track(track: _Track, out_root: Path) -> tuple[_Track, dict[str, Any] | None]:
     """Write the candidate's out-of-fold file and summary, log them on its parent run; None when left out."""
     candidate = track.candidate
     with mlflow.start_run(run_id=track.run_id):

@@ -248,6 +248,20 @@ class Candidate(abc.ABC):
         """Return (file or folder, MLflow folder) pairs for its parent run; missing ones are skipped."""
         return []
 
+    def combine_logits(self, members: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float], dict[str, str]]:
+        """Return a fold's logits from its bases' out-of-fold logits, with the fold run's metrics and tags.
+
+        Cross-validation fans out per fold and per architecture (a Kubeflow task each), so a candidate built on
+        several architectures is scored when their folds are gathered, from their predictions alone.
+
+        Raises:
+            CandidateUnavailableError: This candidate needs its bases' fitted models, not just their predictions.
+        """
+        raise CandidateUnavailableError(
+            f"{self.name} is built on {list(self.bases)}, and only a candidate that combines their predictions "
+            "(the ensemble) can be built on more than one architecture"
+        )
+
 
 def median_step(best_steps: Sequence[float]) -> int:
     """Return the refit length: the median of the folds' best steps, rounded up, at least 1."""

@@ -25,6 +25,12 @@ ENSEMBLE = "ensemble"
 PROBABILITY_FLOOR = 1e-12
 
 
+def soft_vote(member_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Return the log of the mean of the members' softmax probabilities (float32), row by row."""
+    mean = np.mean([probabilities(logits) for logits in member_logits], axis=0)
+    return np.log(np.clip(mean, PROBABILITY_FLOOR, 1.0)).astype(np.float32)
+
+
 class EnsembleFitted:
     """Soft vote of fitted members.
 
@@ -37,8 +43,7 @@ class EnsembleFitted:
 
     def logits(self, files: Sequence[Path]) -> np.ndarray:
         """Return the log of the members' mean probabilities."""
-        mean = np.mean([probabilities(m.logits(files)) for m in self.members.values()], axis=0)
-        return np.log(np.clip(mean, PROBABILITY_FLOOR, 1.0)).astype(np.float32)
+        return soft_vote([m.logits(files) for m in self.members.values()])
 
     def latency_ms(self, tile_size: int, batch: int) -> float:
         """Return the sum of the members' latencies (as each reports its own): it runs every one of them."""
@@ -98,6 +103,18 @@ class EnsembleCandidate(Candidate):
                 f"ensemble: members {missing} were not fitted on {data.name}; expected all of {list(self.bases)}"
             )
         return EnsembleFitted({name: bases[name] for name in self.bases})
+
+    def combine_logits(self, members: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float], dict[str, str]]:
+        """The soft vote of the members' out-of-fold logits, as :class:`EnsembleFitted` votes on any tiles."""
+        missing = [name for name in self.bases if name not in members]
+        if missing:
+            raise ConfigError(f"ensemble: no predictions of members {missing}; expected all of {list(self.bases)}")
+        logits = soft_vote([members[name] for name in self.bases])
+        return (
+            logits,
+            {"ensemble_members": float(len(self.bases))},
+            {"bonetumor.ensemble.members": ",".join(self.bases)},
+        )
 
     def summary(self, folds: list[dict[str, Any]], scores: list[float], out_dir: Path) -> dict[str, Any]:
         """Its members instead of a base architecture."""
