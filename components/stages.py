@@ -188,19 +188,20 @@ def cv_plan(
 
 
 def balance(
-    params: dict, training_set: str, dataset: Input[Dataset], folds: Input[Artifact], balanced: Output[Dataset]
+    params: dict, fold: int, dataset: Input[Dataset], folds: Input[Artifact], balanced: Output[Dataset]
 ) -> None:
-    """Balance one training set (a fold's, or ``full`` for the refit) with conditional-GAN tiles.
+    """Balance one training set (a fold's, or with ``fold=-1`` the ``full`` set of the refit) with GAN tiles.
 
     Args:
         params: params.yaml content (sections may be missing).
-        training_set: ``fold-<k>`` or ``full``.
+        fold: The fold whose training set to balance; -1 for ``full``.
         dataset: The ingest output.
         folds: The split output.
-        balanced: Output folder: ``<training_set>/train_manifest.csv``, its synthetic tiles and ``summary.json``.
+        balanced: Output folder: ``<set>/train_manifest.csv``, its synthetic tiles and ``summary.json``.
     """
     from bonetumor.stages import balance_stage
 
+    training_set = "full" if int(fold) < 0 else f"fold-{int(fold)}"
     result = balance_stage(
         params, dataset_dir=dataset.path, folds_dir=folds.path, out_dir=balanced.path, sets=[training_set]
     )

@@ -19,7 +19,7 @@ per task (``kubeflow.resources``), retries with backoff (``kubeflow.retries``), 
 an accelerator, node selector and tolerations on the tasks that train (``kubeflow.accelerator_*``). Credentials
 reach the pods as environment variables from Kubernetes Secrets (``kubeflow.mlflow_secret``,
 ``kubeflow.s3_secret``; kfp-kubernetes), never as pipeline parameters; the S3 endpoint comes from the ConfigMap
-``bonetumor-config`` (infra/k8s).
+``bonetumor-pipeline-env`` (infra/k8s/base/pipelines).
 
 Caching: the steps that only compute from their inputs (fetch_data, ingest, validate, split, augment, balance)
 may come from KFP's cache. Their cache key holds their inputs: ``data_version`` (the DVC md5 of the tiles: the
@@ -43,9 +43,9 @@ PIPELINE_NAME = "bonetumor-training"
 #: Where the project image holds the sample tiles.
 DEFAULT_SOURCE_DIR = "/app/data/sample/images"
 #: The in-cluster MLflow tracking server.
-DEFAULT_MLFLOW_TRACKING_URI = "http://mlflow.mlflow.svc.cluster.local:5000"
-#: Non-secret settings of the pods (S3 endpoint), from infra/k8s.
-CONFIG_MAP = "bonetumor-config"
+DEFAULT_MLFLOW_TRACKING_URI = "http://mlflow.bonetumor.svc.cluster.local:5000"
+#: Non-secret settings of the pods (S3 endpoint), from infra/k8s/base/pipelines/pipeline-env.yaml.
+CONFIG_MAP = "bonetumor-pipeline-env"
 #: The tasks that train a network (they get the accelerator of ``train.accelerator: gpu``).
 TRAINING_TASKS = ("train_fold", "register")
 #: The tasks that may come from KFP's cache (no MLflow side effects; inputs key their content).
@@ -82,7 +82,9 @@ def _configure(task: dsl.PipelineTask, name: str, config: Config) -> dsl.Pipelin
     kubernetes.use_config_map_as_env(
         task,
         config_map_name=CONFIG_MAP,
-        config_map_key_to_env={key: key for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")},
+        config_map_key_to_env={
+            key: key for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+        },
         optional=True,
     )
     if name in TRAINING_TASKS and config.train.accelerator == "gpu":
@@ -94,13 +96,35 @@ def _configure(task: dsl.PipelineTask, name: str, config: Config) -> dsl.Pipelin
     return task
 
 
-def build_pipeline(config: Config, image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
+def run_params(config: Config) -> dict[str, Any]:
+    """Return the ``params`` run argument: the resolved config, every section with its defaults filled in.
+
+    Leaves out ``data_import`` (how ``bonetumor import-data`` maps the full collection's labels): no pipeline
+    step reads it, and its ``None`` entries (labels left out) are not a value a KFP parameter can hold.
+    """
+    return {name: section for name, section in config.to_dict().items() if name != "data_import"}
+
+
+def static_fan_out(config: Config) -> tuple[list[int], list[str]]:
+    """Return the folds and groups ``config`` trains, known before the run (for :func:`build_pipeline`)."""
+    from bonetumor.training.candidates import build_candidates
+    from bonetumor.training.cross_validation import fan_out_groups
+
+    return list(range(config.split.n_folds)), list(fan_out_groups(build_candidates(config))[0])
+
+
+def build_pipeline(
+    config: Config, image: str = DEFAULT_IMAGE, fan_out: tuple[list[int], list[str]] | None = None
+) -> Callable[..., Any]:
     """Return the training pipeline for ``image``, with the cluster settings of ``config`` (``kubeflow``, ``train``).
 
     Args:
         config: The params.yaml the pipeline is compiled from (its ``kubeflow`` section and
             ``train.accelerator``; the run's params are a run argument).
         image: Container image of every task.
+        fan_out: Loop over these folds and groups (:func:`static_fan_out`) instead of the ones ``cv_plan``
+            returns: kfp.local cannot loop over a task's output, so the local run compiles them in. A run whose
+            params plan other folds or groups fails in its first fold task, naming the plan's.
 
     Returns:
         The ``@dsl.pipeline`` function, ready for ``kfp.compiler.Compiler``.
@@ -154,11 +178,11 @@ def build_pipeline(config: Config, image: str = DEFAULT_IMAGE) -> Callable[..., 
             "cv_plan",
             config,
         )
-        with dsl.ParallelFor(plan.outputs["folds"], parallelism=parallelism) as fold:
-            balanced = _configure(
-                c.balance(params=params, training_set=f"fold-{fold}", dataset=dataset, folds=folds), "balance", config
-            )
-            with dsl.ParallelFor(plan.outputs["groups"]) as group:
+        fold_items = plan.outputs["folds"] if fan_out is None else fan_out[0]
+        group_items = plan.outputs["groups"] if fan_out is None else fan_out[1]
+        with dsl.ParallelFor(fold_items, parallelism=parallelism) as fold:
+            balanced = _configure(c.balance(params=params, fold=fold, dataset=dataset, folds=folds), "balance", config)
+            with dsl.ParallelFor(group_items, parallelism=parallelism) as group:
                 trained = _configure(
                     c.train_fold(
                         params=params,
@@ -189,9 +213,7 @@ def build_pipeline(config: Config, image: str = DEFAULT_IMAGE) -> Callable[..., 
         evaluate = _configure(
             c.evaluate(params=params, mlflow_tracking_uri=mlflow_tracking_uri, training=training), "evaluate", config
         )
-        full = _configure(
-            c.balance(params=params, training_set="full", dataset=dataset, folds=folds), "balance", config
-        )
+        full = _configure(c.balance(params=params, fold=-1, dataset=dataset, folds=folds), "balance", config)
         with dsl.If(evaluate.outputs["register"] == True, "evaluation allows a registration"):  # noqa: E712
             _configure(
                 c.register(

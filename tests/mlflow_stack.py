@@ -12,6 +12,7 @@ docs/mlflow-server.md describes the same set-up for production.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -130,6 +131,8 @@ def _moto(bucket: str) -> Iterator[str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    # moto's werkzeug server logs every request at INFO, which pytest would capture and print on a failure.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -169,14 +172,20 @@ def write_auth_config(path: Path, admin_password: str, database_uri: str) -> Pat
 
 
 @contextmanager
-def mlflow_stack(root: Path, timeout: float = 120) -> Iterator[MlflowStack]:
-    """Run the stack (see the module's docstring) with its files under ``root``; stop and remove it on exit."""
+def mlflow_stack(root: Path, port: int | None = None, timeout: float = 180) -> Iterator[MlflowStack]:
+    """Run the stack (see the module's docstring) with its files under ``root``; stop and remove it on exit.
+
+    Args:
+        root: Folder of the server's files (its log, the basic-auth ini and user database).
+        port: The server's port on 127.0.0.1 (default: a free one).
+        timeout: Seconds to wait for ``/health`` (the first start creates the schema).
+    """
     root.mkdir(parents=True, exist_ok=True)
     bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
     admin_password = secrets.token_urlsafe(16)
     auth_ini = write_auth_config(root / "basic_auth.ini", admin_password, f"sqlite:///{root / 'basic_auth.db'}")
     with _moto(bucket) as s3_endpoint, _database() as database:
-        port = free_port()
+        port = port or free_port()
         log_path = root / "mlflow-server.log"
         with log_path.open("w") as log:
             server = subprocess.Popen(
@@ -202,6 +211,8 @@ def mlflow_stack(root: Path, timeout: float = 120) -> Iterator[MlflowStack]:
                     MLFLOW_S3_ENDPOINT_URL=s3_endpoint,
                     MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
                     MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+                    # No job runner processes (GenAI scorers, trace archival): nothing here uses them.
+                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                     **S3_KEYS,
                 ),
                 stdout=log,
@@ -217,7 +228,7 @@ def mlflow_stack(root: Path, timeout: float = 120) -> Iterator[MlflowStack]:
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGTERM)
                 try:
-                    server.wait(timeout=20)
+                    server.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(server.pid, signal.SIGKILL)
             server.wait()

@@ -1,41 +1,55 @@
-"""The Kubeflow adapter: the committed pipeline YAML is fresh, wires the DVC DAG, and really runs (kfp.local).
+"""The Kubeflow adapter: the committed YAML is fresh, fans out per fold and group, and really runs (kfp.local).
 
-The local runs execute the committed ``pipelines/training_pipeline.yaml`` (what ``pipelines.submit`` sends to a
-cluster) with kfp's SubprocessRunner in the current virtual environment, on the sample tiles: once with tiny
-params against a throw-away sqlite MLflow store, checking the artifacts and the MLflow registry, and once with
-a validation threshold the tiles cannot meet, checking that nothing after validate runs.
+The shape tests read the committed ``pipelines/training_pipeline.yaml`` (what ``bonetumor pipeline submit``
+sends to a cluster): the DAG of dvc.yaml with the cross-validation fanned out (``dsl.ParallelFor`` over the
+plan's folds, a balance per fold, a ``train_fold`` per group, ``dsl.Collected`` into ``gather``), ``register``
+under ``dsl.If``, and the cluster settings of params.yaml (resources, retries, caching, secrets, accelerator).
+
+kfp's SubprocessRunner cannot loop over a task's output, so the local runs execute the same pipeline compiled with
+the folds and groups written into its loops (``bonetumor pipeline run-local``), on the sample tiles, in the
+current virtual environment: once with tiny params against a throw-away sqlite MLflow store, checking the
+artifacts and the registry, and once with a validation threshold the tiles cannot meet, checking that nothing
+after validate runs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
-from conftest import CLASSES, REPO, SAMPLE, tiny_params
+from conftest import CLASSES, REPO, SAMPLE, tiny_params, venv_env
 
 ROOT = REPO
 PIPELINE_YAML = ROOT / "pipelines" / "training_pipeline.yaml"
 SAMPLE_IMAGES = SAMPLE / "images"
 
-STAGES = ("ingest", "validate", "split", "augment", "balance", "train", "evaluate", "register")
-#: Every task's upstream tasks, as in dvc.yaml's deps.
+#: The pipeline's top-level tasks and their upstream tasks.
 EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
-    "ingest": set(),
+    "fetch-data": set(),
+    "ingest": {"fetch-data"},
     "validate": {"ingest"},
     "split": {"ingest", "validate"},
     "augment": {"ingest", "validate"},
-    "balance": {"ingest", "split"},
-    "train": {"ingest", "validate", "split", "augment", "balance"},  # train logs the Data Docs
-    "evaluate": {"train"},
-    "register": {"ingest", "split", "augment", "balance", "train", "evaluate"},  # the gate compares on folds
+    "cv-plan": {"ingest", "validate", "split", "augment"},  # the parent runs log the Data Docs
+    "for-loop-1": {"ingest", "split", "augment", "cv-plan"},  # per fold: balance, then per group: train_fold
+    "gather": {"ingest", "cv-plan", "for-loop-1"},
+    "evaluate": {"gather"},
+    "balance-2": {"ingest", "split"},  # the full training set, for the refit
+    "condition-3": {"ingest", "split", "augment", "balance-2", "gather", "evaluate"},  # register, if allowed
 }
+#: Tasks that log to MLflow: never from KFP's cache.
+MLFLOW_TASKS = ("cv-plan", "train-fold", "gather", "evaluate", "register")
+#: Tasks whose inputs (data version, params, upstream artifacts) key their content: cached.
+CACHED_TASKS = ("fetch-data", "ingest", "validate", "split", "augment", "balance", "balance-2")
 
-#: Small enough for about a minute on 2 CPU cores: the shared tiny params, one architecture.
+#: Small enough for a few minutes on 2 CPU cores: the shared tiny params, one architecture.
 #: Two optimiser steps cannot beat the baseline or meet referral targets; the gate is tested elsewhere (DVC run,
 #: test_gate), so here it is opened, and the run must end with a champion the registry serves.
 TINY_PARAMS: dict[str, Any] = tiny_params(
@@ -45,8 +59,18 @@ TINY_PARAMS: dict[str, Any] = tiny_params(
 )
 
 
-def _spec() -> dict[str, Any]:
-    return yaml.safe_load(PIPELINE_YAML.read_text(encoding="utf-8"))
+def _documents(path: Path = PIPELINE_YAML) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pipeline spec and its Kubernetes platform spec (kfp-kubernetes: secrets, node selectors)."""
+    spec, platform = yaml.safe_load_all(path.read_text(encoding="utf-8"))
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every task of the pipeline, inside loops and conditions too, by name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
 
 
 def test_committed_yaml_matches_a_fresh_compile() -> None:
@@ -65,46 +89,152 @@ def test_compile_is_deterministic(tmp_path: Path) -> None:
     assert outputs[0] == outputs[1]
 
 
-def test_spec_has_the_dvc_dag() -> None:
-    spec = _spec()
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(STAGES)
-    dependencies = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
-    assert dependencies == EXPECTED_DEPENDENCIES
-    # Validation gates split and augment through its report, not merely through ordering.
-    for gated in ("split", "augment"):
-        report = tasks[gated]["inputs"]["artifacts"]["validation_report"]["taskOutputArtifact"]
-        assert report == {"producerTask": "validate", "outputArtifactKey": "report"}
-    # MLflow stages are never served from KFP's cache; nothing installs packages at run time.
-    for name in ("ingest", "train", "evaluate", "register"):
+def test_the_cross_validation_fans_out_per_fold_and_group_and_gathers() -> None:
+    spec, _ = _documents()
+    root = spec["root"]["dag"]["tasks"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in root.items()} == EXPECTED_DEPENDENCIES
+    # The outer loop runs over the folds cv_plan returns, kubeflow.parallelism at a time ...
+    outer = root["for-loop-1"]
+    assert outer["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--cv-plan-folds"
+    assert outer["iteratorPolicy"]["parallelismLimit"] == 4
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(loop) == {"balance", "for-loop-2"}  # ... balancing each fold's training set with its own GAN ...
+    assert loop["for-loop-2"]["dependentTasks"] == ["balance"]
+    assert loop["for-loop-2"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--cv-plan-groups"
+    assert loop["for-loop-2"]["iteratorPolicy"]["parallelismLimit"] == 4
+    inner = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
+    assert set(inner) == {"train-fold"}  # ... and training each group on it, from that fold's balanced set.
+    balanced = inner["train-fold"]["inputs"]["artifacts"]["balanced"]
+    assert balanced == {"componentInputArtifact": "pipelinechannel--balance-balanced"}
+    # Every fold task's output is collected into gather, which evaluate reads.
+    units = root["gather"]["inputs"]["artifacts"]["units"]["taskOutputArtifact"]
+    assert units == {"outputArtifactKey": "pipelinechannel--train-fold-unit", "producerTask": "for-loop-1"}
+    assert root["evaluate"]["inputs"]["artifacts"]["training"]["taskOutputArtifact"]["producerTask"] == "gather"
+    # The refit and registration run only when the evaluation allows them, from the full set's balance.
+    condition = root["condition-3"]["triggerPolicy"]["condition"]
+    assert condition == "inputs.parameter_values['pipelinechannel--evaluate-register'] == true"
+    register = spec["components"]["comp-condition-3"]["dag"]["tasks"]["register"]
+    assert register["inputs"]["artifacts"]["balanced"] == {
+        "componentInputArtifact": "pipelinechannel--balance-2-balanced"
+    }
+    assert root["balance-2"]["inputs"]["parameters"]["fold"]["runtimeValue"]["constant"] == -1
+    # The run's inputs: the data version (its content hash) and where to get it; no credentials.
+    parameters = set(spec["root"]["inputDefinitions"]["parameters"])
+    assert parameters == {"data_version", "dvc_remote", "source_dir", "params", "mlflow_tracking_uri"}
+
+
+def test_tasks_carry_the_cluster_settings_of_params_yaml() -> None:
+    spec, platform = _documents()
+    tasks = _all_tasks(spec)
+    for name in MLFLOW_TASKS:
         assert not tasks[name]["cachingOptions"].get("enableCache", False), name
+    for name in CACHED_TASKS:
+        assert tasks[name]["cachingOptions"]["enableCache"] is True, name
+    for name, task in tasks.items():
+        if "componentRef" in task and not name.startswith(("for-loop", "condition")):
+            assert task["retryPolicy"]["maxRetryCount"] == 2, name
+            assert task["retryPolicy"]["backoffDuration"] == "60s", name
     executors = spec["deploymentSpec"]["executors"]
-    for executor in executors.values():
-        assert executor["container"]["image"] == "ghcr.io/bonetumor/bonetumor:0.1.0"
-        assert "pip install" not in " ".join(executor["container"]["command"])
-    assert "resourceMemoryRequest" in executors["exec-train"]["container"]["resources"]
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"source_dir", "params", "mlflow_tracking_uri"}
+    resources = {name: executor["container"]["resources"] for name, executor in executors.items()}
+    assert resources["exec-train-fold"]["resourceCpuRequest"] == "4"
+    assert resources["exec-train-fold"]["resourceCpuLimit"] == "8"
+    assert resources["exec-train-fold"]["resourceMemoryRequest"] == "8Gi"
+    assert resources["exec-balance"]["resourceCpuRequest"] == "2"
+    assert resources["exec-ingest"]["resourceMemoryRequest"] == "2Gi"  # kubeflow.resources.default
+    for name, executor in executors.items():
+        assert executor["container"]["image"] == "ghcr.io/bonetumor/bonetumor:0.1.0", name
+        assert "pip install" not in " ".join(executor["container"]["command"]), name
+        assert "accelerator" not in executor["container"]["resources"], name  # train.accelerator: none
+        # Credentials only as environment variables from Secrets, in every task.
+        secrets = {entry["secretName"]: entry for entry in platform[name]["secretAsEnv"]}
+        assert set(secrets) == {"bonetumor-mlflow-auth", "bonetumor-s3"}, name
+        keys = {pair["envVar"] for entry in secrets.values() for pair in entry["keyToEnv"]}
+        assert keys == {
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        }
+        assert "nodeSelector" not in platform[name], name
+        assert "tolerations" not in platform[name], name
+        (config_map,) = platform[name]["configMapAsEnv"]
+        assert config_map["configMapName"] == "bonetumor-pipeline-env", name
+        assert config_map["optional"] is True, name
 
 
-def _init_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Start a kfp.local session that runs every task as a subprocess of this venv; return the pipeline root."""
-    from kfp import local
+def test_the_kit_provides_what_the_pipeline_pods_read() -> None:
+    """The ConfigMap and Secrets the compiled tasks name are the ones infra/k8s and its guide create."""
+    _, platform = _documents()
+    env_map = yaml.safe_load((ROOT / "infra/k8s/base/pipelines/pipeline-env.yaml").read_text(encoding="utf-8"))
+    guide = (ROOT / "docs/deploy-kubernetes.md").read_text(encoding="utf-8")
+    for executor in platform.values():
+        assert executor["configMapAsEnv"][0]["configMapName"] == env_map["metadata"]["name"]
+        for secret in executor["secretAsEnv"]:
+            assert f"`{secret['secretName']}`" in guide
 
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # Tasks run in the current working folder: keep MLflow's local artifact store (<cwd>/mlartifacts) in tmp_path.
-    monkeypatch.chdir(tmp_path)
-    # Each task's shell wrapper writes its program to `mktemp -d` and never removes it: keep those in tmp_path too.
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    pipeline_root = tmp_path / "root"
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(pipeline_root),
-        workspace_root=str(tmp_path / "workspace"),
-    )
-    return pipeline_root
+
+def test_image_and_accelerator_are_compile_time_options(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["train"]["accelerator"] = "gpu"
+    params["kubeflow"]["node_selector"] = {"nvidia.com/gpu.present": "true"}
+    params["kubeflow"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    params["kubeflow"]["parallelism"] = 7
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    image = "registry.example.org/team/bonetumor:1.2.3-cuda"
+    out = tmp_path / "gpu.yaml"
+    command = [
+        "-m",
+        "pipelines.compile",
+        "--image",
+        image,
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--output",
+        str(out),
+    ]
+    subprocess.run([sys.executable, *command], cwd=ROOT, check=True, timeout=300)
+    spec, platform = _documents(out)
+    assert image in spec["pipelineInfo"]["description"]
+    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 7
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {image}
+    gpu_tasks = {name for name, e in executors.items() if "accelerator" in e["container"]["resources"]}
+    assert gpu_tasks == {"exec-train-fold", "exec-register"}  # only what trains a network
+    for name in gpu_tasks:
+        accelerator = executors[name]["container"]["resources"]["accelerator"]
+        assert accelerator["resourceType"] == "nvidia.com/gpu"
+        assert accelerator["resourceCount"] == "1"
+        assert platform[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert platform[name]["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    assert "nodeSelector" not in platform["exec-ingest"]
+
+
+def test_a_typo_in_the_kubeflow_section_fails_the_compile(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["kubeflow"]["paralellism"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--params", str(tmp_path / "params.yaml"),
+         "--output", str(tmp_path / "p.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "kubeflow" in result.stderr
+    assert "paralellism" in result.stderr
+    assert "parallelism" in result.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def _local_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a kfp.local run: the venv first, telemetry off, no tracking URI, temp files in tmp_path."""
+    env = venv_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # Each task's shell wrapper writes its program to `mktemp -d` and never removes it: keep those in tmp_path.
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    return env
 
 
 def _run_dir(pipeline_root: Path) -> Path:
@@ -114,24 +244,29 @@ def _run_dir(pipeline_root: Path) -> Path:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
-def test_failed_validation_stops_the_local_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kfp.components import load_component_from_file
-
-    pipeline_root = _init_local(tmp_path, monkeypatch)
-    pipeline = load_component_from_file(str(PIPELINE_YAML))
+def test_failed_validation_stops_the_local_run(tmp_path: Path) -> None:
+    """The committed pipeline itself, under kfp.local: validation fails, and nothing after it runs."""
+    script = (
+        "import sys; from kfp import local; from kfp.components import load_component_from_file\n"
+        "local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=sys.argv[2],"
+        " workspace_root=sys.argv[3])\n"
+        "load_component_from_file(sys.argv[1])(source_dir=sys.argv[4], params={'validate': {'min_size': 4096}},"
+        " mlflow_tracking_uri=sys.argv[5])"
+    )
+    root, db = tmp_path / "root", tmp_path / "mlflow.db"
+    args = [str(PIPELINE_YAML), str(root), str(tmp_path / "ws"), str(SAMPLE_IMAGES), f"sqlite:///{db}"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=_local_env(tmp_path), capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
     # The sample tiles are far smaller than 4096 px, so the size expectations fail.
-    with pytest.raises(RuntimeError, match=r"Inner task failed: .*validate"):
-        pipeline(
-            source_dir=str(SAMPLE_IMAGES),
-            params={"validate": {"min_size": 4096}},
-            mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-        )
-    run_dir = _run_dir(pipeline_root)
-    assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {"ingest", "validate"}
+    assert result.returncode != 0
+    assert re.search(r"Inner task failed: .*validate", result.stdout + result.stderr), result.stderr[-3000:]
+    run_dir = _run_dir(root)
+    assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {"fetch-data", "ingest", "validate"}
     report = json.loads((run_dir / "validate" / "report" / "report.json").read_text())
     assert report["success"] is False
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not db.exists()
 
 
 def _metadata(task_dir: Path, artifact: str) -> dict[str, Any]:
@@ -141,88 +276,84 @@ def _metadata(task_dir: Path, artifact: str) -> dict[str, Any]:
     return metadata
 
 
-def _check_stage_metadata(out: dict[str, Path], runs: dict[str, Any], champion: dict[str, Any]) -> None:
-    """Every task's headline metadata (what bonetumor.stages returns) agrees with the files it wrote."""
-    report_uri = str(out["validate"] / "report")
-    folds = json.loads((out["split"] / "folds" / "folds.json").read_text())
-    summary = json.loads((out["balance"] / "balanced" / "summary.json").read_text())
-    comparison = json.loads((out["evaluate"] / "evaluation" / "comparison.json").read_text())
-    assert _metadata(out["ingest"], "dataset") == {"n_tiles": 30, "n_slides": 12, "n_cases": 4}
-    assert _metadata(out["validate"], "report") == {"success": True, "n_tiles": 30}
-    assert _metadata(out["split"], "folds") == {
-        "n_folds": folds["n_folds"],
-        "group_by": folds["group_by"],
-        "validated_by": report_uri,
-    }
-    policy = _metadata(out["augment"], "policy")
-    assert policy["validated_by"] == report_uri
-    assert len(policy["digest"]) == 12
-    assert _metadata(out["balance"], "balanced") == {
-        f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()
-    }
-    assert _metadata(out["train"], "training") == {
-        "experiment_id": runs["experiment_id"],
-        "run_id_resnet50": runs["architectures"]["resnet50"]["run_id"],
-    }
-    assert _metadata(out["evaluate"], "evaluation") == {
-        key: comparison[key] for key in ("winner", "ranking", "selection")
-    }
-    assert _metadata(out["evaluate"], "confusion_matrix")["arch"] == comparison["winner"]
-    assert _metadata(out["register"], "model") == {
-        key: champion[key] for key in ("model_name", "version", "alias", "model_uri", "arch", "run_id", "cv_run_id")
-    }
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """``bonetumor pipeline run-local``'s module, on the sample with tiny params: the run folder, URI and output."""
+    tmp_path = tmp_path_factory.mktemp("kfp-local")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS), encoding="utf-8")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [
+        sys.executable, "-m", "pipelines.local_run", "--params", str(tmp_path / "params.yaml"),
+        "--source-dir", str(SAMPLE_IMAGES), "--tracking-uri", uri, "--pipeline-root", str(tmp_path / "root"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=_local_env(tmp_path), capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return _run_dir(tmp_path / "root"), uri, result.stdout
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:Task .*have no effect in the current local runner:UserWarning")
-def test_local_run_trains_and_registers_the_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kfp.components import load_component_from_file
+def test_each_fold_task_trains_its_group_on_its_fold(local_run: tuple[Path, str, str]) -> None:
+    run_dir, _, _ = local_run
+    # kfp.local names the iterations of the loops: 2 folds x (baseline, resnet50), each with its own output.
+    units = sorted(run_dir.glob("for-loop-*-iteration-*/train-fold/unit/unit.json"))
+    records = [json.loads(path.read_text()) for path in units]
+    assert sorted((r["fold"], r["group"]) for r in records) == [
+        (0, "baseline"), (0, "resnet50"), (1, "baseline"), (1, "resnet50")
+    ]  # fmt: skip
+    for path, record in zip(units, records, strict=True):
+        (name,) = record["candidates"] if record["group"] == "baseline" else ["resnet50"]
+        entry = record["candidates"][name]
+        assert entry["skipped"] is None
+        assert 0.0 <= entry["score"] <= 1.0
+        oof = pd.read_csv(path.parent / name / f"oof-fold-{record['fold']}.csv")
+        assert set(oof["fold"]) == {record["fold"]}
+        assert len(oof) > 0
+    # Each fold's balance task trained the GAN of that fold's training set only.
+    balanced = sorted(p.name for p in run_dir.glob("for-loop-*-iteration-*/balance/balanced/fold-*"))
+    assert balanced == ["fold-0", "fold-1"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_gather_and_the_rest_register_the_champion(local_run: tuple[Path, str, str]) -> None:
     from mlflow.tracking import MlflowClient
 
-    pipeline_root = _init_local(tmp_path, monkeypatch)
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    pipeline = load_component_from_file(str(PIPELINE_YAML))
-    pipeline(source_dir=str(SAMPLE_IMAGES), params=TINY_PARAMS, mlflow_tracking_uri=tracking_uri)
-
-    run_dir = _run_dir(pipeline_root)
-    out = {stage: run_dir / stage for stage in STAGES}
-    assert (out["ingest"] / "dataset" / "manifest.csv").is_file()
-    assert len(list((out["ingest"] / "dataset" / "images").glob("*/*"))) == 30
-    report = json.loads((out["validate"] / "report" / "report.json").read_text())
-    assert report["success"] is True
-    assert report["n_tiles"] == 30
-    assert json.loads((out["split"] / "folds" / "folds.json").read_text())["n_folds"] == 2
-    assert (out["augment"] / "policy" / "policy.json").is_file()
-    assert (out["balance"] / "balanced" / "full" / "train_manifest.csv").is_file()
-    runs = json.loads((out["train"] / "training" / "runs.json").read_text())
+    run_dir, uri, stdout = local_run
+    runs = json.loads((run_dir / "gather" / "training" / "runs.json").read_text())
     assert list(runs["architectures"]) == ["resnet50"]
-    comparison = json.loads((out["evaluate"] / "evaluation" / "comparison.json").read_text())
+    oof = pd.read_csv(run_dir / "gather" / "training" / "resnet50" / "oof.csv")
+    assert len(oof) == 30 - _n_test(run_dir)
+    assert set(oof["fold"]) == {0, 1}
+    comparison = json.loads((run_dir / "evaluate" / "evaluation" / "comparison.json").read_text())
     assert comparison["winner"] == "resnet50"
-    assert (out["evaluate"] / "comparison").read_text().startswith("# Model comparison")
-    champion = json.loads((out["register"] / "model" / "champion.json").read_text())
-    assert (out["register"] / "model" / "bundle").is_dir()
-
-    _check_stage_metadata(out, runs, champion)
-    # The KFP metadata the components logged: metrics, confusion matrix, model metadata.
-    evaluate_meta = json.loads((out["evaluate"] / "executor_output.json").read_text())["artifacts"]
+    assert _metadata(run_dir / "evaluate", "evaluation")["register"] is True
+    champion = json.loads((run_dir / "register" / "model" / "champion.json").read_text())
+    assert (run_dir / "register" / "model" / "bundle").is_dir()
+    assert (run_dir / "balance-2" / "balanced" / "full" / "train_manifest.csv").is_file()
+    assert f"registered {champion['model_uri']}" in stdout
+    # The KFP metadata the components logged: metrics and confusion matrix.
+    evaluate_meta = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = evaluate_meta["metrics"]["artifacts"][0]["metadata"]
     assert metrics["accuracy"] == pytest.approx(comparison["scores"]["resnet50"]["accuracy"])
     matrix = evaluate_meta["confusion_matrix"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [spec["displayName"] for spec in matrix["annotationSpecs"]] == list(CLASSES)
-    assert sum(sum(row["row"]) for row in matrix["rows"]) == 30
-    register_meta = json.loads((out["register"] / "executor_output.json").read_text())["artifacts"]
-    model_meta = register_meta["model"]["artifacts"][0]["metadata"]
-    assert model_meta["model_uri"] == "models:/bone-tumor-classifier@champion"
-    assert model_meta["version"] == champion["version"]
-
-    # MLflow: the champion alias points at the registered version, and the train stage logged its runs there.
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # MLflow: the parent runs are closed, with one nested run per fold task; the alias points at the version.
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("bone-tumor-classifier", "champion")
     assert str(version.version) == champion["version"]
-    experiment = client.get_experiment_by_name("bone-tumor")
-    assert experiment is not None
-    train_runs = client.search_runs([experiment.experiment_id], filter_string="tags.`bonetumor.stage` = 'train'")
-    assert runs["architectures"]["resnet50"]["run_id"] in {run.info.run_id for run in train_runs}
-    assert (tmp_path / "mlartifacts").is_dir()
+    for name in ("resnet50", "baseline"):
+        parent = client.get_run(
+            runs["architectures"][name]["run_id"] if name != "baseline" else runs["baseline"]["run_id"]
+        )
+        assert parent.info.status == "FINISHED", name
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+        assert sorted(run.data.tags["bonetumor.fold"] for run in children) == ["0", "1"], name
+
+
+def _n_test(run_dir: Path) -> int:
+    """Tiles the split held out as the test set (not in any fold)."""
+    folds = json.loads((run_dir / "split" / "folds" / "folds.json").read_text())
+    return len(folds["test_paths"])
