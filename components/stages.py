@@ -43,6 +43,7 @@ STEPS = (
     "augment",
     "cv_plan",
     "balance",
+    "merge_balanced",
     "train_fold",
     "gather",
     "evaluate",
@@ -154,7 +155,7 @@ def cv_plan(
     policy: Input[Artifact],
     validation_report: Input[Artifact],
     plan: Output[Artifact],
-) -> NamedTuple("PlanOutputs", [("folds", list), ("sets", list), ("groups", list)]):
+) -> NamedTuple("PlanOutputs", [("folds", list), ("units", list), ("groups", list)]):  # type: ignore[valid-type]
     """Open the cross-validation's MLflow parent runs and plan the fold tasks.
 
     Args:
@@ -167,7 +168,7 @@ def cv_plan(
         plan: Output folder: ``cv_plan.json``.
 
     Returns:
-        The fold indices, the training sets to balance (one per fold) and the groups one fold task trains.
+        The fold indices (one balance task each), the fold tasks (``{"fold", "group"}`` each) and the groups.
     """
     from collections import namedtuple
 
@@ -182,9 +183,9 @@ def cv_plan(
         out_dir=plan.path,
         tracking_uri=mlflow_tracking_uri,
     )
-    plan.metadata.update({"experiment_id": result["experiment_id"], "units": result["units"]})
-    outputs = namedtuple("PlanOutputs", ["folds", "sets", "groups"])
-    return outputs(result["folds"], result["sets"], result["groups"])
+    plan.metadata.update({"experiment_id": result["experiment_id"], "units": len(result["unit_list"])})
+    outputs = namedtuple("PlanOutputs", ["folds", "units", "groups"])  # type: ignore[name-match]
+    return outputs(result["folds"], result["unit_list"], result["groups"])
 
 
 def balance(
@@ -206,6 +207,23 @@ def balance(
         params, dataset_dir=dataset.path, folds_dir=folds.path, out_dir=balanced.path, sets=[training_set]
     )
     balanced.metadata.update(result)
+
+
+def merge_balanced(
+    params: dict,
+    sets: Input[List[Dataset]],  # noqa: UP006  (KFP reads the annotation; it needs typing.List)
+    balanced: Output[Dataset],
+) -> None:
+    """Merge the folds' balance outputs into one, laid out as the balance stage of dvc.yaml writes it.
+
+    Args:
+        params: params.yaml content (sections may be missing).
+        sets: Every fold's balance output (``dsl.Collected``).
+        balanced: Output folder: ``fold-<k>/`` of every fold, ``summary.json`` and ``gan_samples/``.
+    """
+    from bonetumor.stages import merge_balance_stage
+
+    balanced.metadata.update(merge_balance_stage(params, balance_dirs=[s.path for s in sets], out_dir=balanced.path))
 
 
 def train_fold(
@@ -230,7 +248,7 @@ def train_fold(
         dataset: The ingest output.
         folds: The split output.
         policy: The augment output.
-        balanced: The fold's balance output.
+        balanced: The merge_balanced output (every fold's training set); the task reads its own fold's.
         plan: The cv_plan output.
         unit: Output folder: ``unit.json`` and per candidate the fold's out-of-fold predictions and artifacts.
     """
@@ -290,7 +308,7 @@ def evaluate(
     metrics: Output[Metrics],
     confusion_matrix: Output[ClassificationMetrics],
     comparison: Output[Markdown],
-) -> NamedTuple("EvaluateOutputs", [("register", bool), ("reason", str)]):
+) -> NamedTuple("EvaluateOutputs", [("register", bool), ("reason", str)]):  # type: ignore[valid-type]
     """Score the out-of-fold predictions, rank the architectures, pick the winner, and say whether to register it.
 
     Args:
@@ -325,7 +343,7 @@ def evaluate(
     confusion_matrix.metadata["arch"] = matrix["arch"]
     registration = result["registration"]
     evaluation.metadata.update({"register": registration["allowed"], "register_reason": registration["reason"]})
-    outputs = namedtuple("EvaluateOutputs", ["register", "reason"])
+    outputs = namedtuple("EvaluateOutputs", ["register", "reason"])  # type: ignore[name-match]
     return outputs(registration["allowed"], registration["reason"])
 
 

@@ -2,17 +2,19 @@
 
 ::
 
-    fetch_data -> ingest -> validate -+-> split ---+-> cv_plan -> for each fold:  balance(fold-k)
-                                      +-> augment -+                              for each group: train_fold
-                                                   |                  -> gather (dsl.Collected) -> evaluate
-                                                   +-> balance(full) ------------------+   if evaluate allows:
-                                                                                          register (refit)
+    fetch_data -> ingest -> validate -+-> split ---+-> cv_plan -> for each fold: balance(fold-k) -> merge_balanced
+                                      +-> augment -+             for each fold and group: train_fold
+                                                   |          -> gather (dsl.Collected) -> evaluate
+                                                   +-> balance(full) --------------------+  if evaluate allows:
+                                                                                            register (refit)
 
 ``cv_plan`` opens the MLflow parent runs and names the folds and the groups (the baseline, and each architecture
-with the models built on it); ``dsl.ParallelFor`` runs one GAN balance per fold, and inside it one ``train_fold``
-task per group, ``kubeflow.parallelism`` at a time. ``gather`` collects them into the train stage's output (the
-ensemble is scored there, from its members' predictions). ``register`` runs only when ``evaluate`` allows it
-(``register.min_macro_f1``, :func:`bonetumor.evaluation.evaluate.registration_allowed`), under ``dsl.If``.
+with the models built on it). A ``dsl.ParallelFor`` runs one GAN balance per fold (``merge_balanced`` collects
+them into one output, laid out as dvc.yaml's balance stage writes it), and a second one runs a ``train_fold``
+task per fold and group, ``kubeflow.parallelism`` at a time. ``gather`` collects those into the train stage's
+output (the ensemble is scored there, from its members' predictions). ``register`` runs only when ``evaluate``
+allows it (``register.min_macro_f1``, :func:`bonetumor.evaluation.evaluate.registration_allowed`), under
+``dsl.If``.
 
 Built from params.yaml at compile time (:func:`build_pipeline`): the image of every task, the resource requests
 per task (``kubeflow.resources``), retries with backoff (``kubeflow.retries``), and with ``train.accelerator: gpu``
@@ -21,7 +23,8 @@ reach the pods as environment variables from Kubernetes Secrets (``kubeflow.mlfl
 ``kubeflow.s3_secret``; kfp-kubernetes), never as pipeline parameters; the S3 endpoint comes from the ConfigMap
 ``bonetumor-pipeline-env`` (infra/k8s/base/pipelines).
 
-Caching: the steps that only compute from their inputs (fetch_data, ingest, validate, split, augment, balance)
+Caching: the steps that only compute from their inputs (fetch_data, ingest, validate, split, augment, balance,
+merge_balanced)
 may come from KFP's cache. Their cache key holds their inputs: ``data_version`` (the DVC md5 of the tiles: the
 content, not a path) and ``params``, so a hit is the same data under the same settings. The steps that log to
 MLflow (cv_plan, train_fold, gather, evaluate, register) never do: a cached task would skip its runs and the
@@ -49,7 +52,7 @@ CONFIG_MAP = "bonetumor-pipeline-env"
 #: The tasks that train a network (they get the accelerator of ``train.accelerator: gpu``).
 TRAINING_TASKS = ("train_fold", "register")
 #: The tasks that may come from KFP's cache (no MLflow side effects; inputs key their content).
-CACHED_TASKS = ("fetch_data", "ingest", "validate", "split", "augment", "balance")
+CACHED_TASKS = ("fetch_data", "ingest", "validate", "split", "augment", "balance", "merge_balanced")
 
 
 def _configure(task: dsl.PipelineTask, name: str, config: Config) -> dsl.PipelineTask:
@@ -92,7 +95,7 @@ def _configure(task: dsl.PipelineTask, name: str, config: Config) -> dsl.Pipelin
         for key, value in kf.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for toleration in kf.tolerations:
-            kubernetes.add_toleration(task, **toleration)  # type: ignore[arg-type]
+            kubernetes.add_toleration(task, **toleration)
     return task
 
 
@@ -105,16 +108,18 @@ def run_params(config: Config) -> dict[str, Any]:
     return {name: section for name, section in config.to_dict().items() if name != "data_import"}
 
 
-def static_fan_out(config: Config) -> tuple[list[int], list[str]]:
-    """Return the folds and groups ``config`` trains, known before the run (for :func:`build_pipeline`)."""
+def static_fan_out(config: Config) -> tuple[list[int], list[dict[str, Any]]]:
+    """Return the folds and fold tasks (``{"fold", "group"}``) ``config`` trains, known before the run."""
     from bonetumor.training.candidates import build_candidates
     from bonetumor.training.cross_validation import fan_out_groups
 
-    return list(range(config.split.n_folds)), list(fan_out_groups(build_candidates(config))[0])
+    folds = list(range(config.split.n_folds))
+    groups = list(fan_out_groups(build_candidates(config))[0])
+    return folds, [{"fold": fold, "group": group} for fold in folds for group in groups]
 
 
 def build_pipeline(
-    config: Config, image: str = DEFAULT_IMAGE, fan_out: tuple[list[int], list[str]] | None = None
+    config: Config, image: str = DEFAULT_IMAGE, fan_out: tuple[list[int], list[dict[str, Any]]] | None = None
 ) -> Callable[..., Any]:
     """Return the training pipeline for ``image``, with the cluster settings of ``config`` (``kubeflow``, ``train``).
 
@@ -122,15 +127,14 @@ def build_pipeline(
         config: The params.yaml the pipeline is compiled from (its ``kubeflow`` section and
             ``train.accelerator``; the run's params are a run argument).
         image: Container image of every task.
-        fan_out: Loop over these folds and groups (:func:`static_fan_out`) instead of the ones ``cv_plan``
+        fan_out: Loop over these folds and fold tasks (:func:`static_fan_out`) instead of the ones ``cv_plan``
             returns: kfp.local cannot loop over a task's output, so the local run compiles them in. A run whose
             params plan other folds or groups fails in its first fold task, naming the plan's.
 
     Returns:
         The ``@dsl.pipeline`` function, ready for ``kfp.compiler.Compiler``.
     """
-    c = build_components(image)
-    parallelism = config.kubeflow.parallelism
+    steps = _Steps(build_components(image), config, fan_out)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -153,81 +157,100 @@ def build_pipeline(
             params: params.yaml content as a dict; missing sections and fields take the package defaults.
             mlflow_tracking_uri: MLflow tracking URI of every task that logs.
         """
-        fetch = _configure(
-            c.fetch_data(data_version=data_version, dvc_remote=dvc_remote, source_dir=source_dir), "fetch_data", config
+        data = steps.prepare(data_version, dvc_remote, source_dir, params)
+        training = steps.cross_validate(data, params, mlflow_tracking_uri)
+        steps.evaluate_and_register(data, training, params, mlflow_tracking_uri)
+
+    return training_pipeline
+
+
+class _Steps:
+    """The pipeline's tasks in three parts, each configured from params.yaml (:func:`_configure`)."""
+
+    def __init__(self, components: Any, config: Config, fan_out: tuple[list[int], list[dict[str, Any]]] | None) -> None:
+        self.c, self.config, self.fan_out = components, config, fan_out
+
+    def task(self, task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+        return _configure(task, name, self.config)
+
+    def prepare(self, data_version: Any, dvc_remote: Any, source_dir: Any, params: Any) -> dict[str, Any]:
+        """fetch_data, ingest, validate, split and augment: the data set, its report, folds and policy."""
+        c = self.c
+        fetch = self.task(
+            c.fetch_data(data_version=data_version, dvc_remote=dvc_remote, source_dir=source_dir), "fetch_data"
         )
-        ingest = _configure(c.ingest(params=params, tiles=fetch.outputs["tiles"]), "ingest", config)
-        dataset = ingest.outputs["dataset"]
+        dataset = self.task(c.ingest(params=params, tiles=fetch.outputs["tiles"]), "ingest").outputs["dataset"]
         # Validation raises on failure, which fails the task and stops everything downstream. Split and augment
         # take its report as an input, so nothing downstream can run on unvalidated data.
-        validate = _configure(c.validate(params=params, dataset=dataset), "validate", config)
-        report = validate.outputs["report"]
-        split = _configure(c.split(params=params, dataset=dataset, validation_report=report), "split", config)
-        folds = split.outputs["folds"]
-        augment = _configure(c.augment(params=params, dataset=dataset, validation_report=report), "augment", config)
-        policy = augment.outputs["policy"]
-        plan = _configure(
+        report = self.task(c.validate(params=params, dataset=dataset), "validate").outputs["report"]
+        split = self.task(c.split(params=params, dataset=dataset, validation_report=report), "split")
+        augment = self.task(c.augment(params=params, dataset=dataset, validation_report=report), "augment")
+        return {
+            "dataset": dataset,
+            "report": report,
+            "folds": split.outputs["folds"],
+            "policy": augment.outputs["policy"],
+        }
+
+    def cross_validate(self, data: dict[str, Any], params: Any, uri: Any) -> Any:
+        """cv_plan; a balance per fold, a train_fold per fold and group (``dsl.ParallelFor``); gather. Its output."""
+        c, parallelism = self.c, self.config.kubeflow.parallelism
+        dataset, folds, policy = data["dataset"], data["folds"], data["policy"]
+        plan = self.task(
             c.cv_plan(
                 params=params,
-                mlflow_tracking_uri=mlflow_tracking_uri,
+                mlflow_tracking_uri=uri,
                 dataset=dataset,
                 folds=folds,
                 policy=policy,
-                validation_report=report,
+                validation_report=data["report"],
             ),
             "cv_plan",
-            config,
         )
-        fold_items = plan.outputs["folds"] if fan_out is None else fan_out[0]
-        group_items = plan.outputs["groups"] if fan_out is None else fan_out[1]
+        fold_items = plan.outputs["folds"] if self.fan_out is None else self.fan_out[0]
+        unit_items = plan.outputs["units"] if self.fan_out is None else self.fan_out[1]
+        # Two single-level loops (kfp.local cannot collect from nested ones, and a collection cannot enter a
+        # loop): one GAN per fold's training set, merged into one balance output as dvc.yaml's, then one task
+        # per fold and group, which reads its fold's set from it.
         with dsl.ParallelFor(fold_items, parallelism=parallelism) as fold:
-            balanced = _configure(c.balance(params=params, fold=fold, dataset=dataset, folds=folds), "balance", config)
-            with dsl.ParallelFor(group_items, parallelism=parallelism) as group:
-                trained = _configure(
-                    c.train_fold(
-                        params=params,
-                        mlflow_tracking_uri=mlflow_tracking_uri,
-                        fold=fold,
-                        group=group,
-                        dataset=dataset,
-                        folds=folds,
-                        policy=policy,
-                        balanced=balanced.outputs["balanced"],
-                        plan=plan.outputs["plan"],
-                    ),
-                    "train_fold",
-                    config,
-                )
-        gathered = _configure(
-            c.gather(
-                params=params,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                dataset=dataset,
-                plan=plan.outputs["plan"],
-                units=dsl.Collected(trained.outputs["unit"]),
-            ),
-            "gather",
-            config,
-        )
-        training = gathered.outputs["training"]
-        evaluate = _configure(
-            c.evaluate(params=params, mlflow_tracking_uri=mlflow_tracking_uri, training=training), "evaluate", config
-        )
-        full = _configure(c.balance(params=params, fold=-1, dataset=dataset, folds=folds), "balance", config)
-        with dsl.If(evaluate.outputs["register"] == True, "evaluation allows a registration"):  # noqa: E712
-            _configure(
-                c.register(
+            balanced = self.task(c.balance(params=params, fold=fold, dataset=dataset, folds=folds), "balance")
+        merged = c.merge_balanced(params=params, sets=dsl.Collected(balanced.outputs["balanced"]))
+        balanced_sets = self.task(merged, "merge_balanced").outputs["balanced"]
+        with dsl.ParallelFor(unit_items, parallelism=parallelism) as unit:
+            trained = self.task(
+                c.train_fold(
                     params=params,
-                    mlflow_tracking_uri=mlflow_tracking_uri,
+                    mlflow_tracking_uri=uri,
+                    fold=unit.fold,
+                    group=unit.group,
                     dataset=dataset,
-                    policy=policy,
-                    balanced=full.outputs["balanced"],
-                    training=training,
-                    evaluation=evaluate.outputs["evaluation"],
                     folds=folds,
+                    policy=policy,
+                    balanced=balanced_sets,
+                    plan=plan.outputs["plan"],
                 ),
-                "register",
-                config,
+                "train_fold",
             )
+        units = dsl.Collected(trained.outputs["unit"])
+        gathered = c.gather(
+            params=params, mlflow_tracking_uri=uri, dataset=dataset, plan=plan.outputs["plan"], units=units
+        )
+        return self.task(gathered, "gather").outputs["training"]
 
-    return training_pipeline
+    def evaluate_and_register(self, data: dict[str, Any], training: Any, params: Any, uri: Any) -> None:
+        """evaluate; the full set's balance; register under ``dsl.If`` the evaluation allows it."""
+        c = self.c
+        evaluate = self.task(c.evaluate(params=params, mlflow_tracking_uri=uri, training=training), "evaluate")
+        full = self.task(c.balance(params=params, fold=-1, dataset=data["dataset"], folds=data["folds"]), "balance")
+        with dsl.If(evaluate.outputs["register"] == True, "evaluation allows a registration"):  # noqa: E712
+            register = c.register(
+                params=params,
+                mlflow_tracking_uri=uri,
+                dataset=data["dataset"],
+                policy=data["policy"],
+                balanced=full.outputs["balanced"],
+                training=training,
+                evaluation=evaluate.outputs["evaluation"],
+                folds=data["folds"],
+            )
+            self.task(register, "register")

@@ -243,6 +243,28 @@ def balance_stage(
     return {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
 
 
+def merge_balance_stage(
+    params: dict[str, Any], *, balance_dirs: Sequence[str | Path], out_dir: str | Path
+) -> dict[str, Any]:
+    """Merge balance outputs of distinct training sets into one, as :func:`balance_stage` writes all of them.
+
+    Args:
+        params: params.yaml content.
+        balance_dirs: Balance outputs, each of some training sets (a Kubeflow run balances one per task).
+        out_dir: Output folder: every set's folder, ``summary.json`` (all sets) and ``gan_samples/``.
+
+    Returns:
+        ``generated_<set>``: the number of synthetic tiles added to each training set.
+
+    Raises:
+        ArtifactError: An output lacks its summary, or two outputs hold the same training set.
+    """
+    from bonetumor.balance.gan import merge_balance_outputs
+
+    summary = merge_balance_outputs(config_from_params(params), balance_dirs, out_dir)
+    return {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
+
+
 def train_stage(
     params: dict[str, Any],
     *,
@@ -318,8 +340,8 @@ def cv_plan_stage(
         project_dir: Base folder of a relative tracking URI and the git commit (default: the working folder).
 
     Returns:
-        ``experiment_id``, ``folds`` (fold indices), ``sets`` (the training sets to balance, one per fold),
-        ``groups`` (what one fold task trains) and ``units`` (how many fold tasks).
+        ``experiment_id``, ``folds`` (fold indices: one GAN balance each), ``groups`` (what one fold task
+        trains) and ``unit_list`` (the fold tasks, ``{"fold", "group"}`` each).
 
     Raises:
         ConfigError: The params are invalid.
@@ -341,9 +363,8 @@ def cv_plan_stage(
     return {
         "experiment_id": plan["experiment_id"],
         "folds": plan["folds"],
-        "sets": [f"fold-{fold}" for fold in plan["folds"]],
         "groups": plan["groups"],
-        "units": len(plan["units"]),
+        "unit_list": plan["units"],
     }
 
 
@@ -353,7 +374,7 @@ def cv_fold_stage(
     dataset_dir: str | Path,
     folds_dir: str | Path,
     policy_dir: str | Path,
-    balance_dir: str | Path,
+    balance_dir: str | Path | Sequence[str | Path],
     plan_dir: str | Path,
     fold: int,
     group: str,
@@ -368,7 +389,8 @@ def cv_fold_stage(
         dataset_dir: The ingest output folder (``manifest.csv``).
         folds_dir: The split output folder (``folds.json``).
         policy_dir: The augment output folder (``policy.json``).
-        balance_dir: A balance output holding the fold's training set (``fold-<fold>/``).
+        balance_dir: A balance output holding the fold's training set (``fold-<fold>/``), or several balance
+            outputs (a Kubeflow run's, one per fold), of which the one holding it is used.
         plan_dir: The plan step's output folder (``cv_plan.json``).
         fold: The fold.
         group: One of the plan's groups.
@@ -386,6 +408,7 @@ def cv_fold_stage(
 
     config = config_from_params(params)
     out_dir = Path(out_dir)
+    balance_dir = _training_set_dir(balance_dir, int(fold))
     with tracked_stage(config, tracking_uri, project_dir, f"bonetumor train (fold {fold}, {group})"):
         record = run_fold_unit(
             config,
@@ -403,6 +426,20 @@ def cv_fold_stage(
         )
     scores = {f"macro_f1_{name}": entry["score"] for name, entry in record["candidates"].items() if entry["score"]}
     return {"fold": record["fold"], "group": record["group"], **scores}
+
+
+def _training_set_dir(balance_dirs: str | Path | Sequence[str | Path], fold: int) -> Path:
+    """The balance output that holds ``fold-<fold>`` (one folder, or the one of several that holds it)."""
+    from bonetumor.errors import ArtifactError
+
+    candidates = [Path(balance_dirs)] if isinstance(balance_dirs, str | Path) else [Path(d) for d in balance_dirs]
+    for folder in candidates:
+        if (folder / f"fold-{fold}").is_dir():
+            return folder
+    raise ArtifactError(
+        f"no balance output holds the training set fold-{fold}; expected a fold-{fold}/ folder in one of "
+        f"{[str(c) for c in candidates]}"
+    )
 
 
 def cv_gather_stage(

@@ -38,8 +38,10 @@ EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
     "split": {"ingest", "validate"},
     "augment": {"ingest", "validate"},
     "cv-plan": {"ingest", "validate", "split", "augment"},  # the parent runs log the Data Docs
-    "for-loop-1": {"ingest", "split", "augment", "cv-plan"},  # per fold: balance, then per group: train_fold
-    "gather": {"ingest", "cv-plan", "for-loop-1"},
+    "for-loop-1": {"ingest", "split", "cv-plan"},  # per fold: balance
+    "merge-balanced": {"for-loop-1"},
+    "for-loop-2": {"ingest", "split", "augment", "cv-plan", "merge-balanced"},  # per fold and group: train_fold
+    "gather": {"ingest", "cv-plan", "for-loop-2"},
     "evaluate": {"gather"},
     "balance-2": {"ingest", "split"},  # the full training set, for the refit
     "condition-3": {"ingest", "split", "augment", "balance-2", "gather", "evaluate"},  # register, if allowed
@@ -47,7 +49,7 @@ EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
 #: Tasks that log to MLflow: never from KFP's cache.
 MLFLOW_TASKS = ("cv-plan", "train-fold", "gather", "evaluate", "register")
 #: Tasks whose inputs (data version, params, upstream artifacts) key their content: cached.
-CACHED_TASKS = ("fetch-data", "ingest", "validate", "split", "augment", "balance", "balance-2")
+CACHED_TASKS = ("fetch-data", "ingest", "validate", "split", "augment", "balance", "balance-2", "merge-balanced")
 
 #: Small enough for a few minutes on 2 CPU cores: the shared tiny params, one architecture.
 #: Two optimiser steps cannot beat the baseline or meet referral targets; the gate is tested elsewhere (DVC run,
@@ -93,22 +95,26 @@ def test_the_cross_validation_fans_out_per_fold_and_group_and_gathers() -> None:
     spec, _ = _documents()
     root = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in root.items()} == EXPECTED_DEPENDENCIES
-    # The outer loop runs over the folds cv_plan returns, kubeflow.parallelism at a time ...
-    outer = root["for-loop-1"]
-    assert outer["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--cv-plan-folds"
-    assert outer["iteratorPolicy"]["parallelismLimit"] == 4
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    assert set(loop) == {"balance", "for-loop-2"}  # ... balancing each fold's training set with its own GAN ...
-    assert loop["for-loop-2"]["dependentTasks"] == ["balance"]
-    assert loop["for-loop-2"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--cv-plan-groups"
-    assert loop["for-loop-2"]["iteratorPolicy"]["parallelismLimit"] == 4
+    # One GAN balance per fold cv_plan returns, kubeflow.parallelism at a time, merged into one balance output ...
+    balance_loop = root["for-loop-1"]
+    assert balance_loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--cv-plan-folds"
+    assert balance_loop["iteratorPolicy"]["parallelismLimit"] == 4
+    assert set(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == {"balance"}
+    sets = root["merge-balanced"]["inputs"]["artifacts"]["sets"]["taskOutputArtifact"]
+    assert sets == {"outputArtifactKey": "pipelinechannel--balance-balanced", "producerTask": "for-loop-1"}
+    # ... then one train_fold per (fold, group) of cv_plan's units, on that fold's balanced set.
+    train_loop = root["for-loop-2"]
+    assert train_loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--cv-plan-units"
+    assert train_loop["iteratorPolicy"]["parallelismLimit"] == 4
     inner = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
-    assert set(inner) == {"train-fold"}  # ... and training each group on it, from that fold's balanced set.
-    balanced = inner["train-fold"]["inputs"]["artifacts"]["balanced"]
-    assert balanced == {"componentInputArtifact": "pipelinechannel--balance-balanced"}
+    assert set(inner) == {"train-fold"}
+    inputs = inner["train-fold"]["inputs"]
+    assert inputs["artifacts"]["balanced"] == {"componentInputArtifact": "pipelinechannel--merge-balanced-balanced"}
+    for field in ("fold", "group"):
+        assert inputs["parameters"][field]["parameterExpressionSelector"] == f'parseJson(string_value)["{field}"]'
     # Every fold task's output is collected into gather, which evaluate reads.
     units = root["gather"]["inputs"]["artifacts"]["units"]["taskOutputArtifact"]
-    assert units == {"outputArtifactKey": "pipelinechannel--train-fold-unit", "producerTask": "for-loop-1"}
+    assert units == {"outputArtifactKey": "pipelinechannel--train-fold-unit", "producerTask": "for-loop-2"}
     assert root["evaluate"]["inputs"]["artifacts"]["training"]["taskOutputArtifact"]["producerTask"] == "gather"
     # The refit and registration run only when the evaluation allows them, from the full set's balance.
     condition = root["condition-3"]["triggerPolicy"]["condition"]
@@ -195,7 +201,8 @@ def test_image_and_accelerator_are_compile_time_options(tmp_path: Path) -> None:
     subprocess.run([sys.executable, *command], cwd=ROOT, check=True, timeout=300)
     spec, platform = _documents(out)
     assert image in spec["pipelineInfo"]["description"]
-    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 7
+    for loop in ("for-loop-1", "for-loop-2"):
+        assert spec["root"]["dag"]["tasks"][loop]["iteratorPolicy"]["parallelismLimit"] == 7
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {image}
     gpu_tasks = {name for name, e in executors.items() if "accelerator" in e["container"]["resources"]}
@@ -296,7 +303,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]
 def test_each_fold_task_trains_its_group_on_its_fold(local_run: tuple[Path, str, str]) -> None:
     run_dir, _, _ = local_run
     # kfp.local names the iterations of the loops: 2 folds x (baseline, resnet50), each with its own output.
-    units = sorted(run_dir.glob("for-loop-*-iteration-*/train-fold/unit/unit.json"))
+    units = sorted(run_dir.rglob("train-fold/unit/unit.json"))
     records = [json.loads(path.read_text()) for path in units]
     assert sorted((r["fold"], r["group"]) for r in records) == [
         (0, "baseline"), (0, "resnet50"), (1, "baseline"), (1, "resnet50")
@@ -310,8 +317,10 @@ def test_each_fold_task_trains_its_group_on_its_fold(local_run: tuple[Path, str,
         assert set(oof["fold"]) == {record["fold"]}
         assert len(oof) > 0
     # Each fold's balance task trained the GAN of that fold's training set only.
-    balanced = sorted(p.name for p in run_dir.glob("for-loop-*-iteration-*/balance/balanced/fold-*"))
+    balanced = sorted(p.name for p in run_dir.rglob("balance/balanced/fold-*"))
     assert balanced == ["fold-0", "fold-1"]
+    merged = json.loads((run_dir / "merge-balanced" / "balanced" / "summary.json").read_text())
+    assert sorted(merged["sets"]) == ["fold-0", "fold-1"]
 
 
 @pytest.mark.integration

@@ -14,6 +14,8 @@ command); the service is a real ``bentoml serve``.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,7 +66,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
     upstream_log = root / "upstream.log"
     with upstream_log.open("w") as log:
         upstream = subprocess.Popen(
-            ["dvc", "repro", "augment", "balance"], cwd=project, env=venv_env(), stdout=log, stderr=subprocess.STDOUT
+            ["dvc", "repro", "augment", "balance"],
+            cwd=project,
+            env=venv_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         with mlflow_stack(root / "stack", port) as stack:
@@ -84,8 +91,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
             finally:
                 server.stop()
     finally:
-        if upstream.poll() is None:
-            upstream.kill()
+        if upstream.poll() is None:  # the stack failed to start: stop DVC and its stage
+            os.killpg(upstream.pid, signal.SIGKILL)
             upstream.wait()
 
 

@@ -33,9 +33,9 @@ from bonetumor.config import BalanceConfig, Config, save_resolved
 from bonetumor.data.datasets import FULL_SET, TRAIN_MANIFEST, label_indices, split_tables, training_set_names
 from bonetumor.data.manifest import read_manifest, resolve_paths, write_manifest
 from bonetumor.data.split import development_rows, read_folds
-from bonetumor.errors import ConfigError, DatasetError
+from bonetumor.errors import ArtifactError, ConfigError, DatasetError
 from bonetumor.transforms.decode import decode_image
-from bonetumor.utils import EtaTimer, atomic_dir, seed_everything, sha256_file, write_json
+from bonetumor.utils import EtaTimer, atomic_dir, read_json, seed_everything, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -358,5 +358,38 @@ def run_balance(
         for name in names:
             if (tmp / name / SAMPLES_FILE).is_file():
                 shutil.copyfile(tmp / name / SAMPLES_FILE, sheets / f"{name}.png")
+        write_json(tmp / SUMMARY_FILE, summary)
+    return summary
+
+
+def merge_balance_outputs(config: Config, balance_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Merge balance outputs of distinct training sets into one, laid out as :func:`run_balance` writes it.
+
+    Args:
+        config: The whole config (its resolved ``data`` and ``balance`` sections are saved beside the output).
+        balance_dirs: :func:`run_balance` outputs, each of some training sets.
+        out_dir: Output folder.
+
+    Returns:
+        The merged ``summary.json``.
+
+    Raises:
+        ArtifactError: An output lacks its summary, or two outputs hold the same training set.
+    """
+    summary: dict[str, Any] = {"target_ratio": None, "enabled": None, "sets": {}}
+    with atomic_dir(out_dir) as tmp:
+        save_resolved(config, tmp, ("data", "balance"))
+        (tmp / SAMPLES_DIR).mkdir()
+        for folder in map(Path, balance_dirs):
+            part = read_json(folder / SUMMARY_FILE, "balance summary")
+            summary["target_ratio"], summary["enabled"] = part["target_ratio"], part["enabled"]
+            for name, info in part["sets"].items():
+                if name in summary["sets"]:
+                    raise ArtifactError(f"training set {name} is in two balance outputs ({folder}); expected each once")
+                summary["sets"][name] = info
+                shutil.copytree(folder / name, tmp / name)
+                if (folder / SAMPLES_DIR / f"{name}.png").is_file():
+                    shutil.copyfile(folder / SAMPLES_DIR / f"{name}.png", tmp / SAMPLES_DIR / f"{name}.png")
+        summary["sets"] = dict(sorted(summary["sets"].items()))
         write_json(tmp / SUMMARY_FILE, summary)
     return summary

@@ -141,6 +141,8 @@ def log_and_register(
         model_name,
         source=info.model_uri,
         run_id=run.info.run_id if run else None,
+        # A tracking server (unlike a local store) refuses a models:/m-<id> source without the model it names.
+        model_id=info.model_id,
         tags={**version_tags, STATUS_TAG: "pending"},
         description=description,
     )

@@ -143,12 +143,7 @@ def run_registration(
         The content of ``champion.json``: model name, version, the alias set, the gate's decision, run id,
         architecture, scores, and the test-set figures when there is a test set.
     """
-    winner = _read_winner(Path(train_dir), Path(evaluate_dir))
-    allowed, why = registration_allowed(
-        {"winner": winner.name, "scores": winner.all_scores}, config.register.min_macro_f1
-    )
-    if not allowed:
-        raise RegistrationRefusedError(f"the evaluation does not allow a registration: {why}; nothing was registered")
+    winner = _read_winner(Path(train_dir), Path(evaluate_dir), config.register.min_macro_f1)
     manifest_path, folds_path = Path(manifest_path), Path(folds_path)
     manifest = read_manifest(manifest_path)
     folds = read_folds(folds_path, manifest, manifest_path)
@@ -259,11 +254,12 @@ def abandon_unfinished_versions(model_name: str) -> list[str]:
     return marked
 
 
-def _read_winner(train_dir: Path, evaluate_dir: Path) -> _Winner:
+def _read_winner(train_dir: Path, evaluate_dir: Path, min_macro_f1: float) -> _Winner:
     """Read the winner, its CV record, scores and referral rule; refuse an evaluation of other training runs.
 
     Raises:
         ArtifactError: A file is missing or the two stages' files do not fit together.
+        RegistrationRefusedError: The winner's mean per-fold macro-F1 is below ``register.min_macro_f1``.
     """
     comparison_path, runs_path = evaluate_dir / COMPARISON_FILE, train_dir / RUNS_FILE
     comparison = read_json(comparison_path, "architecture comparison")
@@ -277,6 +273,9 @@ def _read_winner(train_dir: Path, evaluate_dir: Path) -> _Winner:
         raise ArtifactError(
             f"{comparison_path} and {runs_path} do not fit together (missing {exc}); rerun `bonetumor evaluate`"
         ) from exc
+    allowed, why = registration_allowed(comparison, min_macro_f1)
+    if not allowed:
+        raise RegistrationRefusedError(f"the evaluation does not allow a registration: {why}; nothing was registered")
     trained_runs = {arch: info["run_id"] for arch, info in runs["architectures"].items()}
     if evaluated_runs != trained_runs:
         raise ArtifactError(
