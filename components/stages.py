@@ -229,28 +229,26 @@ def merge_balanced(
 def train_fold(
     params: dict,
     mlflow_tracking_uri: str,
-    fold: int,
-    group: str,
+    unit: dict,
     dataset: Input[Dataset],
     folds: Input[Artifact],
     policy: Input[Artifact],
     balanced: Input[Dataset],
     plan: Input[Artifact],
-    unit: Output[Artifact],
+    trained: Output[Artifact],
 ) -> None:
     """Train one group (an architecture and the models built on it) on one fold, in nested MLflow runs.
 
     Args:
         params: params.yaml content (sections may be missing).
         mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
-        fold: The fold.
-        group: The group (``baseline``, an architecture).
+        unit: The fold task, ``{"fold": k, "group": name}`` (a group: ``baseline``, an architecture).
         dataset: The ingest output.
         folds: The split output.
         policy: The augment output.
         balanced: The merge_balanced output (every fold's training set); the task reads its own fold's.
         plan: The cv_plan output.
-        unit: Output folder: ``unit.json`` and per candidate the fold's out-of-fold predictions and artifacts.
+        trained: Output folder: ``unit.json`` and per candidate the fold's out-of-fold predictions and artifacts.
     """
     from bonetumor.stages import cv_fold_stage
 
@@ -261,12 +259,12 @@ def train_fold(
         policy_dir=policy.path,
         balance_dir=balanced.path,
         plan_dir=plan.path,
-        fold=fold,
-        group=group,
-        out_dir=unit.path,
+        fold=int(unit["fold"]),
+        group=str(unit["group"]),
+        out_dir=trained.path,
         tracking_uri=mlflow_tracking_uri,
     )
-    unit.metadata.update(result)
+    trained.metadata.update(result)
 
 
 def gather(

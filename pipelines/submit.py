@@ -46,7 +46,7 @@ import yaml
 from bonetumor.config import load_config
 from bonetumor.data.remote import DATA_VERSION_PATTERN
 from bonetumor.errors import ConfigError
-from pipelines.training_pipeline import DEFAULT_MLFLOW_TRACKING_URI, DEFAULT_SOURCE_DIR, PIPELINE_NAME
+from pipelines.training_pipeline import DEFAULT_MLFLOW_TRACKING_URI, DEFAULT_SOURCE_DIR, PIPELINE_NAME, run_params
 
 if TYPE_CHECKING:
     import kfp
@@ -256,7 +256,7 @@ def prepare_run(
         "data_version": version.md5,
         "dvc_remote": dvc_remote,
         "source_dir": source_dir,
-        "params": config.to_dict(),
+        "params": run_params(config),  # KFP parameters hold no None: data_import (unused there) is left out
         "mlflow_tracking_uri": mlflow_tracking_uri,
     }
     return RunRequest(arguments, version, git_commit(project), params_file)

@@ -221,8 +221,7 @@ class _Steps:
                 c.train_fold(
                     params=params,
                     mlflow_tracking_uri=uri,
-                    fold=unit.fold,
-                    group=unit.group,
+                    unit=unit,
                     dataset=dataset,
                     folds=folds,
                     policy=policy,
@@ -231,7 +230,7 @@ class _Steps:
                 ),
                 "train_fold",
             )
-        units = dsl.Collected(trained.outputs["unit"])
+        units = dsl.Collected(trained.outputs["trained"])
         gathered = c.gather(
             params=params, mlflow_tracking_uri=uri, dataset=dataset, plan=plan.outputs["plan"], units=units
         )

@@ -110,11 +110,10 @@ def test_the_cross_validation_fans_out_per_fold_and_group_and_gathers() -> None:
     assert set(inner) == {"train-fold"}
     inputs = inner["train-fold"]["inputs"]
     assert inputs["artifacts"]["balanced"] == {"componentInputArtifact": "pipelinechannel--merge-balanced-balanced"}
-    for field in ("fold", "group"):
-        assert inputs["parameters"][field]["parameterExpressionSelector"] == f'parseJson(string_value)["{field}"]'
+    assert inputs["parameters"]["unit"] == {"componentInputParameter": "pipelinechannel--cv-plan-units-loop-item"}
     # Every fold task's output is collected into gather, which evaluate reads.
     units = root["gather"]["inputs"]["artifacts"]["units"]["taskOutputArtifact"]
-    assert units == {"outputArtifactKey": "pipelinechannel--train-fold-unit", "producerTask": "for-loop-2"}
+    assert units == {"outputArtifactKey": "pipelinechannel--train-fold-trained", "producerTask": "for-loop-2"}
     assert root["evaluate"]["inputs"]["artifacts"]["training"]["taskOutputArtifact"]["producerTask"] == "gather"
     # The refit and registration run only when the evaluation allows them, from the full set's balance.
     condition = root["condition-3"]["triggerPolicy"]["condition"]
@@ -303,7 +302,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]
 def test_each_fold_task_trains_its_group_on_its_fold(local_run: tuple[Path, str, str]) -> None:
     run_dir, _, _ = local_run
     # kfp.local names the iterations of the loops: 2 folds x (baseline, resnet50), each with its own output.
-    units = sorted(run_dir.rglob("train-fold/unit/unit.json"))
+    units = sorted(run_dir.rglob("train-fold/trained/unit.json"))
     records = [json.loads(path.read_text()) for path in units]
     assert sorted((r["fold"], r["group"]) for r in records) == [
         (0, "baseline"), (0, "resnet50"), (1, "baseline"), (1, "resnet50")
