@@ -8,8 +8,9 @@ Usage::
 ``bonetumor pipeline run-local`` runs the same. kfp's SubprocessRunner cannot loop over a task's output
 (kfp 2.17: "Parent pipeline input argument ... not found"), so the local run compiles the pipeline with the folds
 and groups of params.yaml written into its loops (:func:`pipelines.training_pipeline.static_fan_out`): the same
-components, the same DAG, the same ``dsl.If``; only the loops' items come from the compiler instead of
-``cv_plan``. Each task writes its artifacts under the pipeline root, as on a cluster.
+components and DAG; only the loops' items come from the compiler instead of ``cv_plan``, and register runs
+without its ``dsl.If`` (kfp.local skips a condition's body; the register stage refuses by itself instead).
+Each task writes its artifacts under the pipeline root, as on a cluster.
 """
 
 from __future__ import annotations
@@ -54,15 +55,17 @@ def run_local(config: Config, source_dir: str | Path, tracking_uri: str, pipelin
     # One task at a time: a sqlite store takes one writer (bonetumor.locks.store_lock refuses a second one), and
     # this machine is one node. A cluster runs kubeflow.parallelism fold tasks against its MLflow server.
     serial = dataclasses.replace(config, kubeflow=dataclasses.replace(config.kubeflow, parallelism=1))
-    compiler.Compiler().compile(build_pipeline(serial, fan_out=static_fan_out(config)), str(package))
+    pipeline = build_pipeline(serial, fan_out=static_fan_out(config), conditional=False)
+    compiler.Compiler().compile(pipeline, str(package))
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
         workspace_root=str(pipeline_root / "workspace"),
     )
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
-    pipeline = load_component_from_file(str(package))
-    pipeline(source_dir=str(Path(source_dir).resolve()), params=run_params(config), mlflow_tracking_uri=tracking_uri)
+    load_component_from_file(str(package))(
+        source_dir=str(Path(source_dir).resolve()), params=run_params(config), mlflow_tracking_uri=tracking_uri
+    )
     (run_dir,) = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before
     return run_dir
 

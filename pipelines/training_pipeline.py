@@ -119,7 +119,10 @@ def static_fan_out(config: Config) -> tuple[list[int], list[dict[str, Any]]]:
 
 
 def build_pipeline(
-    config: Config, image: str = DEFAULT_IMAGE, fan_out: tuple[list[int], list[dict[str, Any]]] | None = None
+    config: Config,
+    image: str = DEFAULT_IMAGE,
+    fan_out: tuple[list[int], list[dict[str, Any]]] | None = None,
+    conditional: bool = True,
 ) -> Callable[..., Any]:
     """Return the training pipeline for ``image``, with the cluster settings of ``config`` (``kubeflow``, ``train``).
 
@@ -130,11 +133,15 @@ def build_pipeline(
         fan_out: Loop over these folds and fold tasks (:func:`static_fan_out`) instead of the ones ``cv_plan``
             returns: kfp.local cannot loop over a task's output, so the local run compiles them in. A run whose
             params plan other folds or groups fails in its first fold task, naming the plan's.
+        conditional: Run register under ``dsl.If`` (the evaluation's decision). kfp.local (2.17) skips the body
+            of a ``dsl.If`` whatever the condition, so the local run compiles register unconditionally; the
+            register stage then refuses by itself (:class:`bonetumor.errors.RegistrationRefusedError`) when
+            the evaluation does not allow it.
 
     Returns:
         The ``@dsl.pipeline`` function, ready for ``kfp.compiler.Compiler``.
     """
-    steps = _Steps(build_components(image), config, fan_out)
+    steps = _Steps(build_components(image), config, fan_out, conditional)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -167,8 +174,14 @@ def build_pipeline(
 class _Steps:
     """The pipeline's tasks in three parts, each configured from params.yaml (:func:`_configure`)."""
 
-    def __init__(self, components: Any, config: Config, fan_out: tuple[list[int], list[dict[str, Any]]] | None) -> None:
-        self.c, self.config, self.fan_out = components, config, fan_out
+    def __init__(
+        self,
+        components: Any,
+        config: Config,
+        fan_out: tuple[list[int], list[dict[str, Any]]] | None,
+        conditional: bool,
+    ) -> None:
+        self.c, self.config, self.fan_out, self.conditional = components, config, fan_out, conditional
 
     def task(self, task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         return _configure(task, name, self.config)
@@ -241,15 +254,23 @@ class _Steps:
         c = self.c
         evaluate = self.task(c.evaluate(params=params, mlflow_tracking_uri=uri, training=training), "evaluate")
         full = self.task(c.balance(params=params, fold=-1, dataset=data["dataset"], folds=data["folds"]), "balance")
+        if not self.conditional:
+            self._register(data, training, full, evaluate, params, uri)
+            return
         with dsl.If(evaluate.outputs["register"] == True, "evaluation allows a registration"):  # noqa: E712
-            register = c.register(
-                params=params,
-                mlflow_tracking_uri=uri,
-                dataset=data["dataset"],
-                policy=data["policy"],
-                balanced=full.outputs["balanced"],
-                training=training,
-                evaluation=evaluate.outputs["evaluation"],
-                folds=data["folds"],
-            )
-            self.task(register, "register")
+            self._register(data, training, full, evaluate, params, uri)
+
+    def _register(
+        self, data: dict[str, Any], training: Any, full: Any, evaluate: Any, params: Any, uri: Any
+    ) -> dsl.PipelineTask:
+        register = self.c.register(
+            params=params,
+            mlflow_tracking_uri=uri,
+            dataset=data["dataset"],
+            policy=data["policy"],
+            balanced=full.outputs["balanced"],
+            training=training,
+            evaluation=evaluate.outputs["evaluation"],
+            folds=data["folds"],
+        )
+        return self.task(register, "register")
