@@ -164,7 +164,7 @@ def run_local(
     pipeline_root: Annotated[Path | None, typer.Option(help="Where the tasks write their artifacts.")] = None,
     project: ProjectOption = Path(),
 ) -> None:
-    """Run the pipeline's components on this machine (kfp.local), the fan-out loops done in Python."""
+    """Run the pipeline on this machine (kfp.local), one task at a time, its loops compiled from params.yaml."""
     folder = _project(project)
     options: dict[str, str | int | bool | None] = {
         "--params": _absolute(params) or str(folder / "params.yaml"),
