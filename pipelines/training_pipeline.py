@@ -13,7 +13,7 @@ with the models built on it). A ``dsl.ParallelFor`` runs one GAN balance per fol
 them into one output, laid out as dvc.yaml's balance stage writes it), and a second one runs a ``train_fold``
 task per fold and group, ``kubeflow.parallelism`` at a time. ``gather`` collects those into the train stage's
 output (the ensemble is scored there, from its members' predictions). ``register`` runs only when ``evaluate``
-allows it (``register.min_macro_f1``, :func:`bonetumor.evaluation.evaluate.registration_allowed`), under
+allows it (``register.min_macro_f1``, :func:`bonetumor.registry.gate.registration_allowed`), under
 ``dsl.If``.
 
 Built from params.yaml at compile time (:func:`build_pipeline`): the image of every task, the resource requests

@@ -167,7 +167,14 @@ def test_evaluate_stage_returns_each_outputs_metadata_and_copies_the_comparison(
         "ranking": ["vgg19", "resnet50"],
         "selection": "macro-F1",
         "scores": {
-            "vgg19": {"accuracy": 0.9, "n": 10, "beats_baseline": True, "confusion_matrix": matrix, "per_class": {}},
+            "vgg19": {
+                "accuracy": 0.9,
+                "fold_f1_macro_mean": 0.8,
+                "n": 10,
+                "beats_baseline": True,
+                "confusion_matrix": matrix,
+                "per_class": {},
+            },
             "resnet50": {"accuracy": 0.5, "n": 10, "confusion_matrix": matrix},
         },
     }
@@ -193,7 +200,11 @@ def test_evaluate_stage_returns_each_outputs_metadata_and_copies_the_comparison(
     )
     assert got == {
         "evaluation": {"winner": "vgg19", "ranking": ["vgg19", "resnet50"], "selection": "macro-F1"},
-        "metrics": {"accuracy": 0.9, "n": 10.0},  # the winner's numbers only: no flags, lists or tables
+        "registration": {
+            "allowed": True,
+            "reason": "vgg19: mean per-fold macro-F1 0.800 >= register.min_macro_f1 0.0",
+        },
+        "metrics": {"accuracy": 0.9, "fold_f1_macro_mean": 0.8, "n": 10.0},  # the winner's numbers only
         "confusion_matrix": {"classes": list(CLASSES), "matrix": matrix, "arch": "vgg19"},
     }
     assert all(type(value) is float for value in got["metrics"].values())

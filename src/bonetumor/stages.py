@@ -513,7 +513,8 @@ def evaluate_stage(
     Raises:
         ConfigError: The params are invalid.
     """
-    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, registration_allowed, run_evaluation
+    from bonetumor.evaluation.evaluate import COMPARISON_MD_FILE, run_evaluation
+    from bonetumor.registry.gate import registration_allowed
 
     config = config_from_params(params)
     with tracked_stage(config, tracking_uri, project_dir, "bonetumor evaluate"):

@@ -376,7 +376,8 @@ def test_the_basic_auth_inis_use_mlflows_keys(ini: Path) -> None:
     keys = set(parser["mlflow"])
     assert keys <= _mlflow_auth_keys(), f"{ini.name}: keys MLflow does not read: {keys - _mlflow_auth_keys()}"
     assert {"default_permission", "database_uri", "admin_username", "admin_password"} <= keys
-    assert parser["mlflow"]["database_uri"].startswith("postgresql://")
+    # SQLAlchemy's URL with the driver the image installs (psycopg2-binary), as MLflow's own tracking URI uses
+    assert parser["mlflow"]["database_uri"].startswith("postgresql+psycopg2://")
 
 
 def test_the_local_overlay_creates_an_mlflow_admin_that_is_not_the_old_default() -> None:

@@ -170,3 +170,27 @@ def gate_document(candidate: GateMetrics, champion: GateMetrics | None, decision
         "candidate": dataclasses.asdict(candidate),
         "champion": None if champion is None else dataclasses.asdict(champion),
     }
+
+
+def registration_allowed(comparison: dict[str, Any], min_macro_f1: float) -> tuple[bool, str]:
+    """Whether the evaluation allows the refit and registration of its winner, and why.
+
+    Args:
+        comparison: ``comparison.json`` (``winner`` and ``scores``).
+        min_macro_f1: ``register.min_macro_f1``.
+
+    Returns:
+        ``(allowed, reason)``: allowed when there is a winner whose mean per-fold macro-F1 reaches the minimum.
+    """
+    winner = comparison.get("winner")
+    if not winner or winner not in comparison.get("scores", {}):
+        return False, "no architecture finished its cross-validation, so there is nothing to register"
+    try:
+        f1 = float(comparison["scores"][winner]["fold_f1_macro_mean"])
+    except (KeyError, TypeError, ValueError):
+        return False, f"the evaluation has no mean per-fold macro-F1 (fold_f1_macro_mean) for its winner {winner!r}"
+    relation = ">=" if f1 >= min_macro_f1 else "<"
+    return (
+        f1 >= min_macro_f1,
+        f"{winner}: mean per-fold macro-F1 {f1:.3f} {relation} register.min_macro_f1 {min_macro_f1}",
+    )

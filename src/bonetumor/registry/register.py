@@ -32,9 +32,9 @@ from bonetumor.data.manifest import read_manifest, resolve_paths
 from bonetumor.data.split import held_out_rows, read_folds
 from bonetumor.errors import ArtifactError, RegistrationRefusedError
 from bonetumor.evaluation.calibration import ReferralPolicy
-from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR, registration_allowed
+from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR
 from bonetumor.evaluation.metrics import classification_metrics
-from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document
+from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document, registration_allowed
 from bonetumor.registry.model_registry import STATUS_TAG, champion_metrics, log_and_register
 from bonetumor.registry.tracking import (
     TAG_PREFIX,
@@ -273,15 +273,15 @@ def _read_winner(train_dir: Path, evaluate_dir: Path, min_macro_f1: float) -> _W
         raise ArtifactError(
             f"{comparison_path} and {runs_path} do not fit together (missing {exc}); rerun `bonetumor evaluate`"
         ) from exc
-    allowed, why = registration_allowed(comparison, min_macro_f1)
-    if not allowed:
-        raise RegistrationRefusedError(f"the evaluation does not allow a registration: {why}; nothing was registered")
     trained_runs = {arch: info["run_id"] for arch, info in runs["architectures"].items()}
     if evaluated_runs != trained_runs:
         raise ArtifactError(
             f"{comparison_path} scored the runs {evaluated_runs} but {runs_path} holds {trained_runs}: the evaluation "
             "is stale. Rerun `bonetumor evaluate` (dvc repro does this)."
         )
+    allowed, why = registration_allowed(comparison, min_macro_f1)
+    if not allowed:
+        raise RegistrationRefusedError(f"the evaluation does not allow a registration: {why}; nothing was registered")
     referral_path = evaluate_dir / REFERRAL_DIR / f"{name}.json"
     referral = ReferralPolicy.from_dict(read_json(referral_path, "referral rule"), source=str(referral_path))
     reason = (
