@@ -189,41 +189,78 @@ def cv_plan(
 
 
 def balance(
-    params: dict, fold: int, dataset: Input[Dataset], folds: Input[Artifact], balanced: Output[Dataset]
+    params: dict,
+    mlflow_tracking_uri: str,
+    fold: int,
+    dataset: Input[Dataset],
+    folds: Input[Artifact],
+    balanced: Output[Dataset],
+    decision: dict = {},  # noqa: B006  (KFP reads the default from the signature; the function never mutates it)
 ) -> None:
     """Balance one training set (a fold's, or with ``fold=-1`` the ``full`` set of the refit) with GAN tiles.
 
     Args:
         params: params.yaml content (sections may be missing).
+        mlflow_tracking_uri: MLflow tracking URI (the GAN's run); overrides ``tracking.uri`` when not empty.
         fold: The fold whose training set to balance; -1 for ``full``.
         dataset: The ingest output.
         folds: The split output.
-        balanced: Output folder: ``<set>/train_manifest.csv``, its synthetic tiles and ``summary.json``.
+        balanced: Output folder: ``<set>/`` (training manifest, synthetic tiles, quality report) and ``summary.json``.
+        decision: The gate's decision (``merge_balanced``), recorded with the ``full`` set; empty for a fold.
     """
     from bonetumor.stages import balance_stage
 
     training_set = "full" if int(fold) < 0 else f"fold-{int(fold)}"
     result = balance_stage(
-        params, dataset_dir=dataset.path, folds_dir=folds.path, out_dir=balanced.path, sets=[training_set]
+        params,
+        dataset_dir=dataset.path,
+        folds_dir=folds.path,
+        out_dir=balanced.path,
+        sets=[training_set],
+        decision=dict(decision) or None,
+        tracking_uri=mlflow_tracking_uri,
     )
     balanced.metadata.update(result)
 
 
 def merge_balanced(
     params: dict,
+    mlflow_tracking_uri: str,
     sets: Input[List[Dataset]],  # noqa: UP006  (KFP reads the annotation; it needs typing.List)
+    dataset: Input[Dataset],
+    folds: Input[Artifact],
     balanced: Output[Dataset],
-) -> None:
-    """Merge the folds' balance outputs into one, laid out as the balance stage of dvc.yaml writes it.
+) -> NamedTuple("BalanceOutputs", [("decision", dict)]):  # type: ignore[valid-type]
+    """Merge the folds' balance outputs, run the ablation and let the gate decide, as dvc.yaml's balance stage.
 
     Args:
         params: params.yaml content (sections may be missing).
+        mlflow_tracking_uri: MLflow tracking URI (the ablation's run); overrides ``tracking.uri`` when not empty.
         sets: Every fold's balance output (``dsl.Collected``).
-        balanced: Output folder: ``fold-<k>/`` of every fold, ``summary.json`` and ``gan_samples/``.
+        dataset: The ingest output.
+        folds: The split output.
+        balanced: Output folder: ``fold-<k>/`` of every fold, ``summary.json``, ``decision.json``, the ablation
+            and ``gan_samples/``.
+
+    Returns:
+        The gate's decision, for the task that balances the ``full`` set.
     """
+    from collections import namedtuple
+
     from bonetumor.stages import merge_balance_stage
 
-    balanced.metadata.update(merge_balance_stage(params, balance_dirs=[s.path for s in sets], out_dir=balanced.path))
+    result = merge_balance_stage(
+        params,
+        balance_dirs=[s.path for s in sets],
+        dataset_dir=dataset.path,
+        folds_dir=folds.path,
+        out_dir=balanced.path,
+        tracking_uri=mlflow_tracking_uri,
+    )
+    decision = result.pop("decision")
+    balanced.metadata.update(result)
+    outputs = namedtuple("BalanceOutputs", ["decision"])  # type: ignore[name-match]
+    return outputs(decision)
 
 
 def train_fold(

@@ -182,6 +182,9 @@ class _Steps:
         conditional: bool,
     ) -> None:
         self.c, self.config, self.fan_out, self.conditional = components, config, fan_out, conditional
+        # Set by cross_validate: the gate's decision (for the full set's balance) and the merged balance output.
+        self.decision: Any = None
+        self.balanced: Any = None
 
     def task(self, task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         return _configure(task, name, self.config)
@@ -226,9 +229,20 @@ class _Steps:
         # loop): one GAN per fold's training set, merged into one balance output as dvc.yaml's, then one task
         # per fold and group, which reads its fold's set from it.
         with dsl.ParallelFor(fold_items, parallelism=parallelism) as fold:
-            balanced = self.task(c.balance(params=params, fold=fold, dataset=dataset, folds=folds), "balance")
-        merged = c.merge_balanced(params=params, sets=dsl.Collected(balanced.outputs["balanced"]))
-        balanced_sets = self.task(merged, "merge_balanced").outputs["balanced"]
+            balanced = self.task(
+                c.balance(params=params, mlflow_tracking_uri=uri, fold=fold, dataset=dataset, folds=folds), "balance"
+            )
+        merged = c.merge_balanced(
+            params=params,
+            mlflow_tracking_uri=uri,
+            sets=dsl.Collected(balanced.outputs["balanced"]),
+            dataset=dataset,
+            folds=folds,
+        )
+        merged = self.task(merged, "merge_balanced")
+        # The gate decided on the folds' sets (ablation); the full set's task records the same decision.
+        self.decision = merged.outputs["decision"]
+        balanced_sets = self.balanced = merged.outputs["balanced"]
         with dsl.ParallelFor(unit_items, parallelism=parallelism) as unit:
             trained = self.task(
                 c.train_fold(
@@ -252,8 +266,20 @@ class _Steps:
     def evaluate_and_register(self, data: dict[str, Any], training: Any, params: Any, uri: Any) -> None:
         """evaluate; the full set's balance; register under ``dsl.If`` the evaluation allows it."""
         c = self.c
-        evaluate = self.task(c.evaluate(params=params, mlflow_tracking_uri=uri, training=training), "evaluate")
-        full = self.task(c.balance(params=params, fold=-1, dataset=data["dataset"], folds=data["folds"]), "balance")
+        evaluate = self.task(
+            c.evaluate(params=params, mlflow_tracking_uri=uri, training=training, balanced=self.balanced), "evaluate"
+        )
+        full = self.task(
+            c.balance(
+                params=params,
+                mlflow_tracking_uri=uri,
+                fold=-1,
+                dataset=data["dataset"],
+                folds=data["folds"],
+                decision=self.decision,
+            ),
+            "balance",
+        )
         if not self.conditional:
             self._register(data, training, full, evaluate, params, uri)
             return

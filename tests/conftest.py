@@ -126,7 +126,14 @@ def tiny_params(**overrides: dict[str, object]) -> dict[str, dict[str, object]]:
         "validate": {"min_size": 32},
         "split": {"n_folds": 2},
         "augment": {"preview_tiles": 3, "preview_samples": 2},
-        "balance": {"enabled": True, "steps": 5, "image_size": 16, "batch_size": 8},
+        "balance": {
+            "enabled": True,
+            "steps": 5,
+            "image_size": 32,
+            "width": 8,
+            "batch_size": 8,
+            "quality": {"tiles_per_class": 4, "kid_subsets": 2},
+        },
         "train": {
             "architectures": ["resnet50", "vgg19"],
             "weights": "auto",  # offline in tests: falls back to random initialisation, as the demo does here

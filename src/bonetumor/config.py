@@ -212,31 +212,117 @@ class AugmentConfig:
 
 
 @dataclass(config=_STRICT)
-class BalanceConfig:
-    """GAN-based class balancing of each fold's training set.
+class GanQualityConfig:
+    """The quality report of each training set's GAN, and the thresholds its tiles must pass to be used.
+
+    Every figure is computed in a fixed feature space available offline: the pooled features of a randomly
+    initialised (seeded, never trained) small CNN on tiles at the GAN's size, the same network for every set.
 
     Attributes:
-        enabled: When false, no GAN is trained and no synthetic tiles are made. Off in the sample demo: its folds
-            are nearly balanced (the largest training class is at most 1.75 times the smallest), and this small
-            GAN's 32 px tiles do not look like tissue, so they would add a class cue rather than information.
+        tiles_per_class: Synthetic tiles generated per class for the report (besides those added to the set).
+        kid_subsets: Subsets drawn to average the kernel inception distance (KID) over.
+        max_kid_ratio: Largest KID(real, synthetic) allowed, in units of the real-vs-real floor (KID between two
+            halves of the real tiles); 1 would be as close as real tiles are to each other.
+        max_two_sample_accuracy: Largest cross-validated accuracy of a classifier telling real from synthetic
+            tiles (0.5 = indistinguishable).
+        max_memorised_fraction: Largest share of synthetic tiles closer to some real tile than the real tiles'
+            ``memorisation_quantile`` nearest-neighbour distance (near copies).
+        memorisation_quantile: The quantile of real-to-real nearest-neighbour distances below which a synthetic
+            tile counts as a near copy.
+        feature_seed: Seed of the random feature network.
+    """
+
+    tiles_per_class: Annotated[int, Field(ge=4)] = 32
+    kid_subsets: PositiveInt = 20
+    max_kid_ratio: Annotated[float, Field(gt=0.0)] = 10.0
+    max_two_sample_accuracy: Annotated[float, Field(ge=0.5, le=1.0)] = 0.95
+    max_memorised_fraction: Probability = 0.1
+    memorisation_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+    feature_seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class BalanceAblationConfig:
+    """The ablation that decides whether GAN tiles are used: four ways to handle imbalance, on the same folds.
+
+    The arms are ``none`` (real tiles only), ``class_weighted`` (a class-weighted loss), ``oversample`` (real
+    minority tiles repeated up to ``target_ratio``) and ``gan`` (the GAN's tiles added). Each arm fits ``model`` on
+    every fold's training set and is scored on the fold's validation tiles (real tiles only).
+
+    Attributes:
+        enabled: Run the ablation (the gate then needs it); off = the gate decides on the quality report alone.
+        model: ``baseline``: the colour-histogram random forest of the ``baseline`` section (seconds per fold; see
+            :mod:`bonetumor.balance.ablation` for why not a CNN).
+        max_macro_f1_drop: GAN tiles are used only when the ``gan`` arm's mean per-fold macro-F1 is at most this
+            much below the ``none`` arm's.
+        max_minority_recall_drop: ... and the mean recall of the minority classes (those the GAN fills) is at most
+            this much below the ``none`` arm's.
+    """
+
+    enabled: bool = True
+    model: Literal["baseline"] = "baseline"
+    max_macro_f1_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    max_minority_recall_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+@dataclass(config=_STRICT)
+class BalanceConfig:
+    """GAN-based class balancing of each fold's training set, its quality report, and the gate that decides.
+
+    The GAN is trained per training set on that set's real tiles only: a conditional generator (class-conditional
+    batch norm) and a projection discriminator with spectral norm, trained with the hinge loss on
+    differentiable augmentations (DiffAugment) of both real and generated tiles, sampled from an exponential moving
+    average of the generator. Its tiles are added to training only when the quality report passes the thresholds
+    of ``quality`` and the ablation does not show them hurting (``gate``).
+
+    Attributes:
+        enabled: When false, no GAN is trained and no synthetic tiles are made.
+        gate: ``auto``: GAN tiles are used only when the quality report passes and the ablation does not show them
+            hurting; ``always``: used whatever the report and ablation say (both are still made and recorded);
+            ``never``: made and reported, never trained on.
         target_ratio: Each class is filled with synthetic tiles up to ``target_ratio`` times the size of the
             largest class of that training set (1.0 = fully balanced).
-        image_size: Side of the generated tiles in pixels (a power of two, 16 to 128).
+        image_size: Side of the generated tiles in pixels (a power of two, 32 to 128; 128 wants a GPU).
         latent_dim: Size of the generator's noise vector.
+        width: Channels of the generator's last and the discriminator's first block (doubled per block).
         steps: Optimisation steps of the GAN per training set.
         batch_size: GAN mini-batch size.
-        lr: Adam learning rate of generator and discriminator.
+        lr: Adam learning rate of the generator; the discriminator's is ``lr * d_lr_factor``.
+        d_lr_factor: The discriminator's learning rate relative to the generator's.
+        ema_decay: Decay of the generator's moving average, which makes the tiles.
+        diffaugment: Differentiable augmentations applied to every tile the discriminator sees, comma-separated:
+            ``color``, ``translation``, ``cutout`` (empty = none).
+        checkpoint_every: Steps between checkpoints (a killed GAN training resumes from the last); 0 = none.
         seed: Seed of GAN initialisation, training and sampling.
+        quality: The quality report and its thresholds.
+        ablation: The ablation of imbalance strategies and its tolerances.
     """
 
     enabled: bool = False
+    gate: Literal["auto", "always", "never"] = "auto"
     target_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    image_size: Literal[16, 32, 64, 128] = 32
+    image_size: Literal[32, 64, 128] = 64
     latent_dim: PositiveInt = 64
-    steps: PositiveInt = 300
-    batch_size: Annotated[int, Field(ge=2)] = 16  # the generator's batch norm needs 2 or more
+    width: Annotated[int, Field(ge=8, le=256)] = 32
+    steps: PositiveInt = 1000
+    batch_size: Annotated[int, Field(ge=2)] = 16
     lr: Annotated[float, Field(gt=0.0)] = 2e-4
+    d_lr_factor: Annotated[float, Field(gt=0.0)] = 2.0
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
+    diffaugment: str = "color,translation,cutout"
+    checkpoint_every: Annotated[int, Field(ge=0)] = 100
     seed: int = 0
+    quality: GanQualityConfig = dataclasses.field(default_factory=GanQualityConfig)
+    ablation: BalanceAblationConfig = dataclasses.field(default_factory=BalanceAblationConfig)
+
+    @field_validator("diffaugment")
+    @classmethod
+    def _known_augmentations(cls, value: str) -> str:
+        known = ("color", "translation", "cutout")
+        unknown = [name for name in value.split(",") if name.strip() and name.strip() not in known]
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {unknown}; expected a comma-separated subset of {list(known)}")
+        return value
 
 
 #: Train fields an architecture may override in ``train.per_arch`` (besides ``preprocess.input_size``).

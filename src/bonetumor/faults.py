@@ -43,6 +43,7 @@ POINTS = {
     "register-version": "registration, after create_model_version and before the version is ready and aliased",
     "onnx-export": "registration, after the ONNX FP32 export and before the INT8 one",
     "checkpoint-write": "every checkpoint write, before the file is written",
+    "gan-step": "the GAN's training loop, before each step (after the previous step's checkpoint)",
 }
 ACTIONS = ("kill", "enospc", "pause", "raise")
 

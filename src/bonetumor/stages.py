@@ -221,48 +221,103 @@ def balance_stage(
     folds_dir: str | Path,
     out_dir: str | Path,
     sets: Sequence[str] | None = None,
+    decision: dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Balance each fold's training set (and the full set) with conditional-GAN tiles.
+    """Balance each fold's training set (and the full set) with conditional-GAN tiles, and report on them.
 
     Args:
         params: params.yaml content.
         dataset_dir: The ingest output folder (``manifest.csv``).
         folds_dir: The split output folder (``folds.json``).
-        out_dir: Output folder: one ``<set>/train_manifest.csv`` per training set and ``summary.json``.
+        out_dir: Output folder: one ``<set>/`` per training set, ``summary.json`` and, with every fold's set,
+            the gate's ``decision.json`` and the ablation.
         sets: Only these training sets (``fold-<k>``, ``full``); default all (a Kubeflow task balances one).
+        decision: The gate's decision to record with these sets (a Kubeflow task balancing ``full`` alone).
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI (default: the working folder).
 
     Returns:
-        ``generated_<set>``: the number of synthetic tiles added to each training set.
+        ``generated_<set>``: the number of synthetic tiles added to each training set; ``quality_<set>``: 1 when
+        its GAN's quality report passed, 0 when it failed (sets without a GAN have none); ``use_synthetic`` (1/0)
+        when the gate decided here or was given its decision.
 
     Raises:
         ConfigError: The params are invalid.
     """
     from bonetumor.balance.gan import run_balance
 
-    summary = run_balance(config_from_params(params), _manifest(dataset_dir), _folds(folds_dir), out_dir, sets)
-    return {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
+    config = config_from_params(params)
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor balance"):
+        summary = run_balance(
+            config,
+            _manifest(dataset_dir),
+            _folds(folds_dir),
+            out_dir,
+            sets,
+            project_dir=_project(project_dir),
+            decision=decision,
+        )
+    return _balance_result(summary, out_dir)
+
+
+def _balance_result(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    from bonetumor.data.datasets import DECISION_FILE, read_decision
+
+    result: dict[str, Any] = {
+        f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()
+    }
+    for name, info in summary["sets"].items():
+        if info.get("quality") is not None:
+            result[f"quality_{name}"] = int(bool(info["quality"]["passed"]))
+    if (Path(out_dir) / DECISION_FILE).is_file():
+        result["use_synthetic"] = int(bool(read_decision(out_dir)["use_synthetic"]))
+    return result
 
 
 def merge_balance_stage(
-    params: dict[str, Any], *, balance_dirs: Sequence[str | Path], out_dir: str | Path
+    params: dict[str, Any],
+    *,
+    balance_dirs: Sequence[str | Path],
+    dataset_dir: str | Path,
+    folds_dir: str | Path,
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    project_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Merge balance outputs of distinct training sets into one, as :func:`balance_stage` writes all of them.
+    """Merge the folds' balance outputs into one, run the ablation and let the gate decide, as the DVC stage does.
 
     Args:
         params: params.yaml content.
         balance_dirs: Balance outputs, each of some training sets (a Kubeflow run balances one per task).
-        out_dir: Output folder: every set's folder, ``summary.json`` (all sets) and ``gan_samples/``.
+        dataset_dir: The ingest output folder (``manifest.csv``).
+        folds_dir: The split output folder (``folds.json``).
+        out_dir: Output folder: every set's folder, ``summary.json``, ``decision.json``, the ablation, and
+            ``gan_samples/``.
+        tracking_uri: MLflow tracking URI; overrides params' ``tracking.uri`` when not empty.
+        project_dir: Base folder of a relative tracking URI (default: the working folder).
 
     Returns:
-        ``generated_<set>``: the number of synthetic tiles added to each training set.
+        What :func:`balance_stage` returns, and ``decision``: the gate's whole decision (for the task balancing
+        ``full``).
 
     Raises:
         ArtifactError: An output lacks its summary, or two outputs hold the same training set.
     """
     from bonetumor.balance.gan import merge_balance_outputs
 
-    summary = merge_balance_outputs(config_from_params(params), balance_dirs, out_dir)
-    return {f"generated_{name}": sum(info["generated"].values()) for name, info in summary["sets"].items()}
+    config = config_from_params(params)
+    with tracked_stage(config, tracking_uri, project_dir, "bonetumor balance"):
+        summary = merge_balance_outputs(
+            config,
+            balance_dirs,
+            out_dir,
+            manifest_path=_manifest(dataset_dir),
+            folds_path=_folds(folds_dir),
+            project_dir=_project(project_dir),
+        )
+    return {**_balance_result(summary, out_dir), "decision": summary["decision"]}
 
 
 def train_stage(
@@ -489,6 +544,7 @@ def evaluate_stage(
     *,
     train_dir: str | Path,
     out_dir: str | Path,
+    balance_dir: str | Path | None = None,
     comparison_path: str | Path | None = None,
     tracking_uri: str | None = None,
     project_dir: str | Path | None = None,
@@ -498,6 +554,7 @@ def evaluate_stage(
     Args:
         params: params.yaml content.
         train_dir: The train output folder.
+        balance_dir: The balance output folder (the gate's decision and report go into the comparison), or None.
         out_dir: Output folder: ``comparison.json``, ``comparison.md``, ``metrics/`` (headline figures),
             ``plots/``, ``reports/``.
         comparison_path: When given, a copy of ``comparison.md`` (the architecture comparison table) goes here.
@@ -518,7 +575,9 @@ def evaluate_stage(
 
     config = config_from_params(params)
     with tracked_stage(config, tracking_uri, project_dir, "bonetumor evaluate"):
-        result = run_evaluation(config, train_dir=train_dir, out_dir=out_dir, project_dir=_project(project_dir))
+        result = run_evaluation(
+            config, train_dir=train_dir, out_dir=out_dir, project_dir=_project(project_dir), balance_dir=balance_dir
+        )
     if comparison_path is not None:
         Path(comparison_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(out_dir) / COMPARISON_MD_FILE, comparison_path)

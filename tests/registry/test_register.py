@@ -93,7 +93,7 @@ def test_the_refit_model_is_scored_once_on_the_held_out_test_set(make_dataset: D
     run_ingest(config, tmp_path, out / "ingest")
     folds = run_split(config, manifest_path, out / "split")
     run_augment(config, manifest_path, out / "augment")
-    run_balance(config, manifest_path, out / "split" / "folds.json", out / "balance")
+    run_balance(config, manifest_path, out / "split" / "folds.json", out / "balance", project_dir=tmp_path)
     args = (manifest_path, out / "split" / "folds.json", out / "augment" / "policy.json", out / "balance")
     run_cross_validation(config, *args, out / "train", tmp_path)
     run_evaluation(config, out / "train", out / "evaluate", tmp_path)

@@ -240,7 +240,7 @@ def stage_inputs(make_dataset: DatasetFactory, tmp_path: Path, monkeypatch: pyte
     manifest = out / "ingest" / MANIFEST_FILE
     run_split(config, manifest, out / "split")
     run_augment(config, manifest, out / "augment")
-    run_balance(config, manifest, out / "split" / FOLDS_FILE, out / "balance")
+    run_balance(config, manifest, out / "split" / FOLDS_FILE, out / "balance", project_dir=tmp_path)
     return {
         "config": config,
         "manifest_path": manifest,

@@ -151,14 +151,19 @@ def balance(
     folds: Annotated[Path, typer.Option(help="Folds from `split`.")] = FOLDS,
     out: Annotated[Path, typer.Option(help="Output folder (one training manifest per fold).")] = OUT / "balance",
 ) -> None:
-    """Train a conditional GAN per fold and add synthetic tiles to under-represented classes."""
+    """Train a conditional GAN per training set, report on its tiles, and decide (ablation) whether to use them."""
     from bonetumor.balance.gan import run_balance
+    from bonetumor.data.datasets import read_decision
 
     def stage() -> None:
-        config, _ = stage_config(params)
-        summary = run_balance(config, manifest, folds, out)
+        config, project = stage_config(params)
+        with tracked_stage(config, None, project, "bonetumor balance"):
+            summary = run_balance(config, manifest, folds, out, project_dir=project)
         for name, info in summary["sets"].items():
-            typer.echo(f"{name}: generated {info['generated']}")
+            quality = info.get("quality")
+            verdict = "" if quality is None else f", quality {'passed' if quality['passed'] else 'failed'}"
+            typer.echo(f"{name}: generated {info['generated']}{verdict}")
+        typer.echo(f"gate: {read_decision(out)['reason']}")
 
     run_stage(stage)
 
@@ -193,6 +198,9 @@ def train(
 def evaluate(
     params: ParamsOption = Path("params.yaml"),
     trained: Annotated[Path, typer.Option("--train", help="Output of `train`.")] = OUT / "train",
+    balanced: Annotated[
+        Path, typer.Option("--balance", help="Output of `balance` (its gate decision and report).")
+    ] = OUT / "balance",
     out: Annotated[Path, typer.Option(help="Output folder (metrics/, reports/, plots/).")] = OUT / "evaluate",
 ) -> None:
     """Score out-of-fold predictions, plot confusion matrices, rank the architectures."""
@@ -201,7 +209,7 @@ def evaluate(
     def stage() -> None:
         config, project = stage_config(params)
         with tracked_stage(config, None, project, "bonetumor evaluate"):
-            comparison = run_evaluation(config, trained, out, project)
+            comparison = run_evaluation(config, trained, out, project, balanced)
         for arch in comparison["ranking"]:
             s = comparison["scores"][arch]
             typer.echo(

@@ -21,8 +21,11 @@ from bonetumor.data.manifest import read_manifest, resolve_paths
 from bonetumor.data.split import TEST_FOLD, fold_membership
 from bonetumor.errors import ArtifactError, DatasetError
 from bonetumor.transforms.decode import decode_image
+from bonetumor.utils import read_json
 
 TRAIN_MANIFEST = "train_manifest.csv"
+#: The balance gate's decision on the synthetic tiles, in the balance output (:mod:`bonetumor.balance.ablation`).
+DECISION_FILE = "decision.json"
 FULL_SET = "full"
 
 
@@ -90,16 +93,23 @@ def split_tables(manifest: pd.DataFrame, folds: dict[str, Any], fold: int) -> tu
     return manifest[(membership != fold) & (membership != TEST_FOLD)], manifest[membership == fold]
 
 
-def load_training_table(balance_dir: str | Path, set_name: str, dataset_dir: str | Path) -> pd.DataFrame:
+def load_training_table(
+    balance_dir: str | Path, set_name: str, dataset_dir: str | Path, *, apply_gate: bool = True
+) -> pd.DataFrame:
     """Read one training set's manifest from the balance output and resolve every row to a ``file`` path.
+
+    Synthetic rows are kept only where the balance gate decided training uses them (``decision.json``,
+    :mod:`bonetumor.balance.ablation`); the ablation, which compares with and without them, reads them all.
 
     Args:
         balance_dir: The balance stage's output folder.
         set_name: ``fold-<k>`` or ``full``.
         dataset_dir: The folder the data set manifest's paths are relative to.
+        apply_gate: Drop the synthetic rows unless the gate decided to use them.
 
     Raises:
-        ArtifactError: The training manifest is missing or lacks the ``synthetic`` column.
+        ArtifactError: The training manifest is missing or lacks the ``synthetic`` column, or it holds synthetic
+            rows and the balance output has no gate decision.
     """
     set_dir = Path(balance_dir) / set_name
     path = set_dir / TRAIN_MANIFEST
@@ -111,9 +121,26 @@ def load_training_table(balance_dir: str | Path, set_name: str, dataset_dir: str
             f"{path}: no 'synthetic' column; expected a training manifest written by `bonetumor balance`"
         )
     table["synthetic"] = table["synthetic"].astype(str).str.lower().isin(("true", "1"))
+    if apply_gate and table["synthetic"].any() and not read_decision(balance_dir)["use_synthetic"]:
+        table = table[~table["synthetic"]].reset_index(drop=True)
     real = ~table["synthetic"]
     files = pd.Series(index=table.index, dtype=object)
     files[real] = resolve_paths(table[real], dataset_dir)
     files[~real] = resolve_paths(table[~real], set_dir)
     table["file"] = files
     return table
+
+
+def read_decision(balance_dir: str | Path) -> dict[str, Any]:
+    """Return a balance output's ``decision.json``.
+
+    Raises:
+        ArtifactError: It is missing (an output of an older version, or of a Kubeflow task not given the decision).
+    """
+    path = Path(balance_dir) / DECISION_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} not found: the balance output holds synthetic tiles but no gate decision on them; rerun "
+            "`bonetumor balance` (dvc repro does this)"
+        )
+    return dict(read_json(path, "balance gate decision"))

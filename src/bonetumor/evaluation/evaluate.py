@@ -291,6 +291,18 @@ def _md_model(name: str, s: dict[str, Any], classes: Sequence[str], target_class
     return lines
 
 
+def _balance_report(comparison: dict[str, Any], balance_dir: str | Path | None) -> str:
+    """Record the balance gate's decision in ``comparison`` and return its Markdown report ("" without one)."""
+    from bonetumor.data.datasets import DECISION_FILE, read_decision
+
+    if balance_dir is None or not (Path(balance_dir) / DECISION_FILE).is_file():
+        return ""
+    decision = read_decision(balance_dir)
+    comparison["balance"] = {"use_synthetic": decision["use_synthetic"], "reason": decision["reason"]}
+    report = Path(balance_dir) / "ablation.md"
+    return "\n" + report.read_text(encoding="utf-8") if report.is_file() else ""
+
+
 def headline_metrics(scores: dict[str, Any], target_class: str) -> dict[str, Any]:
     """Return one model's headline figures, the row ``dvc metrics show`` prints for it.
 
@@ -406,7 +418,11 @@ def _policy_figures(policy: ReferralPolicy) -> dict[str, Any]:
 
 
 def run_evaluation(
-    config: Config, train_dir: str | Path, out_dir: str | Path, project_dir: str | Path
+    config: Config,
+    train_dir: str | Path,
+    out_dir: str | Path,
+    project_dir: str | Path,
+    balance_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every architecture and candidate on the OOF predictions, log all to MLflow, rank.
 
@@ -418,6 +434,8 @@ def run_evaluation(
             (confusion, ROC/PR, reliability, risk-coverage, Grad-CAM, comparison bars) and
             ``referral/<model>.json`` (the calibrated referral rule).
         project_dir: Base folder for a relative tracking URI.
+        balance_dir: The balance stage's output: its gate decision goes into ``comparison.json`` and its report
+            (``ablation.md``: the GANs' quality, the ablation, the decision) into ``comparison.md``. None: neither.
 
     Returns:
         The comparison: ranking, winner and every model's metrics.
@@ -437,6 +455,7 @@ def run_evaluation(
         ranking = rank_architectures({a: scores[a] for a in archs}, config.train.architectures)
         _plot_comparison(scores, config.evaluate.confidence_level, tmp / "plots" / "comparison.png")
         comparison = _comparison(config, runs, archs, candidates, baseline, scores, ranking)
+        balance_report = _balance_report(comparison, balance_dir)
         write_json(tmp / COMPARISON_FILE, comparison)
         markdown = comparison_markdown(
             scores,
@@ -448,7 +467,7 @@ def run_evaluation(
             init=comparison["init"],
             baseline=baseline,
         )
-        (tmp / COMPARISON_MD_FILE).write_text(markdown, encoding="utf-8")
+        (tmp / COMPARISON_MD_FILE).write_text(markdown + balance_report, encoding="utf-8")
         for name, s in scores.items():
             write_json(tmp / METRICS_DIR / f"{name}.json", headline_metrics(s, config.referral.target_class))
         fault_point("evaluate")
