@@ -339,6 +339,7 @@ def evaluate(
     params: dict,
     mlflow_tracking_uri: str,
     training: Input[Artifact],
+    balanced: Input[Dataset],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     confusion_matrix: Output[ClassificationMetrics],
@@ -350,6 +351,7 @@ def evaluate(
         params: params.yaml content (sections may be missing).
         mlflow_tracking_uri: MLflow tracking URI; overrides ``tracking.uri`` when not empty.
         training: The gather output.
+        balanced: The merge_balanced output (the GAN gate's decision and report, for ``comparison.md``).
         evaluation: Output folder: ``comparison.json``, ``comparison.md``, ``metrics/`` (headline figures),
             ``plots/``, ``reports/``.
         metrics: The winner's scalar out-of-fold metrics.
@@ -366,6 +368,7 @@ def evaluate(
     result = evaluate_stage(
         params,
         train_dir=training.path,
+        balance_dir=balanced.path,
         out_dir=evaluation.path,
         comparison_path=comparison.path,
         tracking_uri=mlflow_tracking_uri,

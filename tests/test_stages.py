@@ -181,7 +181,9 @@ def test_evaluate_stage_returns_each_outputs_metadata_and_copies_the_comparison(
     calls: list[dict[str, Any]] = []
     record = _recorder(calls, result)
 
-    def run_evaluation(config: Any, train_dir: Path, out_dir: Path, project_dir: Path) -> dict[str, Any]:
+    def run_evaluation(
+        config: Any, train_dir: Path, out_dir: Path, project_dir: Path, balance_dir: Path | None
+    ) -> dict[str, Any]:
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "comparison.md").write_text("# Model comparison\n\n| vgg19 |\n", encoding="utf-8")
         return record(config, train_dir=train_dir, out_dir=out_dir, project_dir=project_dir)

@@ -298,13 +298,13 @@ class BalanceConfig:
         ablation: The ablation of imbalance strategies and its tolerances.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     gate: Literal["auto", "always", "never"] = "auto"
     target_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     image_size: Literal[32, 64, 128] = 64
     latent_dim: PositiveInt = 64
-    width: Annotated[int, Field(ge=8, le=256)] = 32
-    steps: PositiveInt = 1000
+    width: Annotated[int, Field(ge=8, le=256)] = 16
+    steps: PositiveInt = 500
     batch_size: Annotated[int, Field(ge=2)] = 16
     lr: Annotated[float, Field(gt=0.0)] = 2e-4
     d_lr_factor: Annotated[float, Field(gt=0.0)] = 2.0

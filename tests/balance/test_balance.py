@@ -182,15 +182,13 @@ def test_every_synthetic_tile_carries_its_provenance_in_its_row_its_png_and_mlfl
         logged = {a.path for a in client.list_artifacts(run_id, "quality")}
         assert {"quality/gan_samples.png", "quality/gan_closest_pairs.png", "quality/quality.json"} <= logged
         assert [m.step for m in client.get_metric_history(run_id, "d_loss")] == [4]  # every 10 steps, and the last
-    ablation = client.search_runs(
-        [client.get_experiment_by_name("balance").experiment_id], "attributes.run_name = 'balance-ablation'"
-    )
+    experiment = client.get_experiment_by_name("balance")
+    assert experiment is not None
+    ablation = client.search_runs([experiment.experiment_id], "attributes.run_name = 'balance-ablation'")
     assert len(ablation) == 1
     decision = read_decision(tmp_path / "balance")
     assert ablation[0].data.tags["bonetumor.balance.use_synthetic"] == str(decision["use_synthetic"])
-    assert {"none_macro_f1_mean", "gan_macro_f1_mean", "oversample_macro_f1_mean"} <= set(
-        ablation[0].data.metrics
-    )
+    assert {"none_macro_f1_mean", "gan_macro_f1_mean", "oversample_macro_f1_mean"} <= set(ablation[0].data.metrics)
 
 
 def test_a_gan_that_fails_its_quality_report_is_never_trained_on(make_dataset: DatasetFactory, tmp_path: Path) -> None:

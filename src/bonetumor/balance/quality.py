@@ -471,14 +471,9 @@ def quality_report(
         DatasetError: If an input does not have the expected shape, type or length, a label is out of range, or
             no class has both real and synthetic tiles.
     """
-    _check_tiles(real_tiles, "real tiles", min_count=4)
-    _check_tiles(synthetic_tiles, "synthetic tiles", min_count=2)
-    _check_same_size(real_tiles, synthetic_tiles)
-    real_labels = _check_labels(real_labels, len(real_tiles), len(classes), "real labels")
-    synthetic_labels = _check_labels(synthetic_labels, len(synthetic_tiles), len(classes), "synthetic labels")
-    groups = np.asarray([str(g) for g in real_groups])
-    if len(groups) != len(real_tiles):
-        raise DatasetError(f"real groups: expected one slide per real tile ({len(real_tiles)}), got {len(groups)}")
+    real_labels, synthetic_labels, groups = _checked(
+        real_tiles, real_labels, real_groups, synthetic_tiles, synthetic_labels, len(classes)
+    )
 
     real_f = tile_features(real_tiles, config.feature_seed)
     synthetic_f = tile_features(synthetic_tiles, config.feature_seed)
@@ -865,3 +860,23 @@ def _failures(
             f"{real_nn_quantile:.3g})"
         )
     return failures
+
+
+def _checked(
+    real_tiles: np.ndarray,
+    real_labels: np.ndarray,
+    real_groups: Sequence[str],
+    synthetic_tiles: np.ndarray,
+    synthetic_labels: np.ndarray,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate :func:`quality_report`'s inputs; return the labels and groups as arrays."""
+    _check_tiles(real_tiles, "real tiles", min_count=4)
+    _check_tiles(synthetic_tiles, "synthetic tiles", min_count=2)
+    _check_same_size(real_tiles, synthetic_tiles)
+    real_labels = _check_labels(real_labels, len(real_tiles), n_classes, "real labels")
+    synthetic_labels = _check_labels(synthetic_labels, len(synthetic_tiles), n_classes, "synthetic labels")
+    groups = np.asarray([str(g) for g in real_groups])
+    if len(groups) != len(real_tiles):
+        raise DatasetError(f"real groups: expected one slide per real tile ({len(real_tiles)}), got {len(groups)}")
+    return real_labels, synthetic_labels, groups
