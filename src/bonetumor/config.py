@@ -293,6 +293,8 @@ class BalanceConfig:
         diffaugment: Differentiable augmentations applied to every tile the discriminator sees, comma-separated:
             ``color``, ``translation``, ``cutout`` (empty = none).
         checkpoint_every: Steps between checkpoints (a killed GAN training resumes from the last); 0 = none.
+        device: Where the GAN trains: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``. Tiles are always
+            generated on the CPU, from the moving average's weights.
         seed: Seed of GAN initialisation, training and sampling.
         quality: The quality report and its thresholds.
         ablation: The ablation of imbalance strategies and its tolerances.
@@ -304,13 +306,14 @@ class BalanceConfig:
     image_size: Literal[32, 64, 128] = 64
     latent_dim: PositiveInt = 64
     width: Annotated[int, Field(ge=8, le=256)] = 16
-    steps: PositiveInt = 500
+    steps: PositiveInt = 900
     batch_size: Annotated[int, Field(ge=2)] = 16
     lr: Annotated[float, Field(gt=0.0)] = 2e-4
     d_lr_factor: Annotated[float, Field(gt=0.0)] = 2.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     diffaugment: str = "color,translation,cutout"
     checkpoint_every: Annotated[int, Field(ge=0)] = 100
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     quality: GanQualityConfig = dataclasses.field(default_factory=GanQualityConfig)
     ablation: BalanceAblationConfig = dataclasses.field(default_factory=BalanceAblationConfig)

@@ -131,7 +131,7 @@ def test_balance_stage_marks_synthetic_tiles_and_keeps_them_out_of_validation(
     drawn = sorted(name for name, info in summary["sets"].items() if sum(info["generated"].values()))
     assert "full" in drawn
     expected = sorted(f"{name}{suffix}.png" for name in drawn for suffix in ("", "-closest", "-losses"))
-    assert sorted(p.name for p in sheets.iterdir()) == expected
+    assert sorted(p.name for p in sheets.iterdir()) == sorted([*expected, "ablation.png"])
     for name in drawn:
         assert (sheets / f"{name}.png").read_bytes() == (tmp_path / "balance" / name / "gan_samples.png").read_bytes()
     # The gate (always, here) is recorded, with the quality reports and the ablation beside it.
@@ -192,7 +192,7 @@ def test_every_synthetic_tile_carries_its_provenance_in_its_row_its_png_and_mlfl
 
 
 def test_a_gan_that_fails_its_quality_report_is_never_trained_on(make_dataset: DatasetFactory, tmp_path: Path) -> None:
-    manifest_path, _, _ = _unbalanced(make_dataset, tmp_path)
+    manifest_path, manifest, folds = _unbalanced(make_dataset, tmp_path)
     # A 4-step GAN's tiles are noise: a two-sample classifier tells them apart (the bar here is 0.5).
     config = _config(tmp_path, quality={**TINY_GAN["quality"], "max_two_sample_accuracy": 0.5})
     run_balance(config, manifest_path, tmp_path / "folds.json", tmp_path / "balance", project_dir=tmp_path)
@@ -209,8 +209,12 @@ def test_a_gan_that_fails_its_quality_report_is_never_trained_on(make_dataset: D
     assert not pd.read_csv(tmp_path / "balance" / "full" / "train_manifest.csv")["synthetic"].any()
     summary = json.loads((tmp_path / "balance" / "summary.json").read_text())
     assert summary["sets"]["full"]["skipped"] == "no GAN: the gate refused the folds' GAN tiles"
-    # The ablation still read them all: its GAN arm trained on more tiles than its real-only arm.
+    # The ablation still read them all: its GAN arm trained on more tiles than its real-only arm. Every arm is
+    # scored on the fold's validation tiles of the data set manifest: real tiles, none of them synthetic.
     ablation = json.loads((tmp_path / "balance" / "ablation.json").read_text())
+    for arm in ablation["arms"].values():
+        for row in arm["per_fold"]:
+            assert row["n_val"] == len(split_tables(manifest, folds, int(row["fold"]))[1])
     for gan, none in zip(ablation["arms"]["gan"]["per_fold"], ablation["arms"]["none"]["per_fold"], strict=True):
         assert gan["n_train"] >= none["n_train"]
     assert any(

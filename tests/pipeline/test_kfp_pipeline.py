@@ -251,7 +251,19 @@ def _run_dir(pipeline_root: Path) -> Path:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_failed_validation_stops_the_local_run(tmp_path: Path) -> None:
-    """The committed pipeline itself, under kfp.local: validation fails, and nothing after it runs."""
+    """The pipeline as compiled for a cluster, under kfp.local: validation fails, and nothing after it runs.
+
+    Compiled without retries: kfp.local honours a task's retry policy, and the project's (2 retries, 60 s backoff
+    doubled) would spend three minutes retrying a validation that fails the same way each time.
+    """
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["kubeflow"]["retries"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    pipeline_yaml = tmp_path / "pipeline.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--params", str(tmp_path / "params.yaml"), "--output",
+         str(pipeline_yaml)], cwd=REPO, env=venv_env(), check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
     script = (
         "import sys; from kfp import local; from kfp.components import load_component_from_file\n"
         "local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=sys.argv[2],"
@@ -260,7 +272,7 @@ def test_failed_validation_stops_the_local_run(tmp_path: Path) -> None:
         " mlflow_tracking_uri=sys.argv[5])"
     )
     root, db = tmp_path / "root", tmp_path / "mlflow.db"
-    args = [str(PIPELINE_YAML), str(root), str(tmp_path / "ws"), str(SAMPLE_IMAGES), f"sqlite:///{db}"]
+    args = [str(pipeline_yaml), str(root), str(tmp_path / "ws"), str(SAMPLE_IMAGES), f"sqlite:///{db}"]
     result = subprocess.run(
         [sys.executable, "-c", script, *args], cwd=tmp_path, env=_local_env(tmp_path), capture_output=True,
         text=True, timeout=900,

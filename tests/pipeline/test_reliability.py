@@ -46,7 +46,8 @@ KILLS = [
 def params() -> dict[str, dict[str, object]]:
     """Tiny params with enough steps (4, a checkpoint at each) to be killed inside a fit and resume."""
     overrides = tiny_params()
-    overrides["train"].update({"steps": 4, "eval_every": 1, "checkpoint": True})
+    # One architecture (with the baseline): every kill point is in its path, at half the training of two.
+    overrides["train"].update({"architectures": ["resnet50"], "steps": 4, "eval_every": 1, "checkpoint": True})
     overrides["balance"]["enabled"] = False
     # Whatever 4 steps learn, the first version becomes champion: the alias then has somewhere to be (or not).
     overrides["referral"] = {"target_recall": 0.0, "max_error": 1.0, "max_target_prob_when_safe": 1.0}
@@ -116,7 +117,6 @@ def test_training_resumes_from_its_checkpoints_after_kills(killed: tuple[Path, d
     # Killed between folds: fold 0's fits come back from their final checkpoints, not retrained.
     after_fold = logs["kill@evaluate"]
     assert "resnet50 fold 1/2: resuming after step 4" in after_fold
-    assert "vgg19 fold 1/2: resuming after step 4" in after_fold
     # The refit, killed during the ONNX export, resumes at its end and is not trained again.
     assert re.search(r"\w+ refit on all tiles: resuming after step \d+ from checkpoint", logs["final"]), logs["final"]
 
@@ -129,7 +129,7 @@ def test_killed_pipeline_ends_with_the_uninterrupted_model(
     assert ours.keys() == theirs.keys()
     different = [name for name in ours if not torch.equal(ours[name], theirs[name])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run's, e.g. {different[:3]}"
-    for model in ("baseline", "resnet50", "vgg19"):
+    for model in ("baseline", "resnet50"):
         a = pd.read_csv(project / "outputs/train" / model / "oof.csv")
         b = pd.read_csv(reference / "outputs/train" / model / "oof.csv")
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
@@ -147,10 +147,10 @@ def test_kills_leave_no_run_running_and_no_alias_on_a_killed_registration(
     # Killed in train twice: inside resnet50's first fold (that fold run and every candidate's open parent), and
     # between folds (the parents); in register twice (the refit run each time).
     assert names.count("cv-resnet50-fold0") == 1, names
-    for parent in ("cv-baseline", "cv-resnet50", "cv-vgg19", "cv-ensemble"):
+    for parent in ("cv-baseline", "cv-resnet50"):
         assert names.count(parent) == 2, names
     assert len([name for name in names if name.startswith("refit-")]) == 2, names
-    assert len(marked) == len(failed) == 11, names
+    assert len(marked) == len(failed) == 7, names
     assert all("marked FAILED" in r.data.tags[INTERRUPTED_TAG] for r in marked)  # type: ignore[attr-defined]
     tracking = client(project)
     versions = model_versions(project)

@@ -175,6 +175,7 @@ def _fold_scores(
     return {
         "fold": float(fold),
         "n_train": float(n_train),
+        "n_val": float(len(truth)),
         "macro_f1": macro_f1(truth, predicted),
         "accuracy": float(np.mean(truth == predicted)),
         "minority_recall": float(np.mean(recalls)) if recalls else float("nan"),

@@ -131,7 +131,7 @@ def gan_fingerprint(
     training = {
         key: value
         for key, value in dataclasses.asdict(config).items()
-        if key not in ("enabled", "gate", "target_ratio", "checkpoint_every", "quality", "ablation")
+        if key not in ("enabled", "gate", "target_ratio", "checkpoint_every", "device", "quality", "ablation")
     }
     payload = {"format": GAN_CHECKPOINT_FORMAT, "classes": num_classes, "seed": seed, "config": training}
     digest.update(json.dumps(payload, sort_keys=True).encode())
@@ -183,7 +183,8 @@ def train_gan(
         raise DatasetError(f"GAN {name}: {len(images)} tiles and {len(labels)} labels; expected as many, 2 or more")
     seed = config.seed if seed is None else seed
     seed_everything(seed)
-    state = _GanState(config, num_classes)
+    device = _device(config.device)
+    state = _GanState(config, num_classes, device)
     fingerprint = gan_fingerprint(images, labels, num_classes, config, seed)
     path = None if checkpoint_dir is None or config.checkpoint_every == 0 else Path(checkpoint_dir) / GAN_CHECKPOINT
     saved = None if path is None else read_checkpoint(path, fingerprint, f"GAN {name}")
@@ -193,6 +194,7 @@ def train_gan(
     resumed_from, started = state.step, time.monotonic()
     present = sorted(set(labels.tolist()))
     by_class = {c: torch.nonzero(labels == c).flatten() for c in present}
+    images = images.to(device)
     bar = tqdm(
         total=config.steps,
         initial=state.step,
@@ -207,7 +209,7 @@ def train_gan(
             fault_point("gan-step")
             classes = torch.tensor(present)[torch.randint(len(present), (config.batch_size,))]
             picks = torch.stack([by_class[int(c)][torch.randint(len(by_class[int(c)]), ())] for c in classes])
-            losses = state.train_step(_random_dihedral(images[picks]), classes)
+            losses = state.train_step(_random_dihedral(images[picks.to(device)]), classes.to(device))
             timer.step()
             bar.update(1)
             if step % HISTORY_EVERY == 0 or step == config.steps:
@@ -240,11 +242,12 @@ def train_gan(
 class _GanState:
     """The networks, optimisers and moving average of one GAN training, its step and loss history."""
 
-    def __init__(self, config: BalanceConfig, num_classes: int) -> None:
+    def __init__(self, config: BalanceConfig, num_classes: int, device: torch.device) -> None:
         self.augmentations = parse_policy(config.diffaugment)
         self.latent_dim = config.latent_dim
-        self.generator = Generator(config.latent_dim, num_classes, config.image_size, config.width)
-        self.discriminator = Discriminator(num_classes, config.image_size, config.width)
+        self.device = device
+        self.generator = Generator(config.latent_dim, num_classes, config.image_size, config.width).to(device)
+        self.discriminator = Discriminator(num_classes, config.image_size, config.width).to(device)
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         # Adam with beta1 = 0 (no momentum), the usual setting of spectrally normalised hinge GANs; the
         # discriminator learns faster than the generator (two time-scale update rule, Heusel et al. 2017).
@@ -258,7 +261,7 @@ class _GanState:
     def train_step(self, real: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
         """One discriminator and one generator step (hinge loss, DiffAugment on both sides), then the average."""
         augment = self.augmentations
-        fake = self.generator(torch.randn(len(real), self.latent_dim), classes)
+        fake = self.generator(torch.randn(len(real), self.latent_dim, device=self.device), classes)
         self.opt_d.zero_grad(set_to_none=True)
         d_real = self.discriminator(diff_augment(real, augment), classes)
         d_fake = self.discriminator(diff_augment(fake.detach(), augment), classes)
@@ -303,11 +306,24 @@ class _GanState:
         self.step = int(saved["step"])
 
     def averaged(self) -> Generator:
-        """The moving average of the generator, in eval mode."""
+        """The moving average of the generator, in eval mode, on the CPU (tiles are generated there)."""
         averaged = self.ema.module
         if not isinstance(averaged, Generator):  # AveragedModel keeps a deep copy of the module it was given
             raise TypeError(f"the moving average holds a {type(averaged).__name__}; expected a Generator")
-        return averaged.eval()
+        return averaged.cpu().eval()
+
+
+def _device(name: str) -> torch.device:
+    """``auto``: CUDA when there is a GPU, else the CPU.
+
+    Raises:
+        ConfigError: ``cuda`` without a GPU.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("balance.device: cuda, but torch sees no GPU here; expected auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 #: The columns of a loss-history row.
@@ -666,6 +682,8 @@ def _copy_sheets(out_dir: Path, names: Sequence[str]) -> None:
     # exists, empty when nothing was generated, because DVC warns about a listed path that is missing.
     sheets = out_dir / SAMPLES_DIR
     sheets.mkdir(exist_ok=True)
+    if (out_dir / "ablation.png").is_file():
+        shutil.copyfile(out_dir / "ablation.png", sheets / "ablation.png")
     for name in names:
         for source, suffix in ((SAMPLES_FILE, ""), (CLOSEST_FILE, "-closest"), (LOSSES_FILE, "-losses")):
             if (out_dir / name / source).is_file():
@@ -761,7 +779,7 @@ def merge_balance_outputs(
                 summary["sets"][name] = info
                 shutil.copytree(folder / name, tmp / name)
         summary["sets"] = dict(sorted(summary["sets"].items()))
-        _copy_sheets(tmp, list(summary["sets"]))
         write_json(tmp / SUMMARY_FILE, summary)
         summary["decision"] = decide(config, manifest_path, folds_path, tmp, project_dir=project_dir)
+        _copy_sheets(tmp, list(summary["sets"]))
     return summary
