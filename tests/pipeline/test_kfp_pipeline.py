@@ -39,11 +39,11 @@ EXPECTED_DEPENDENCIES: dict[str, set[str]] = {
     "augment": {"ingest", "validate"},
     "cv-plan": {"ingest", "validate", "split", "augment"},  # the parent runs log the Data Docs
     "for-loop-1": {"ingest", "split", "cv-plan"},  # per fold: balance
-    "merge-balanced": {"for-loop-1"},
+    "merge-balanced": {"ingest", "split", "for-loop-1"},  # and the ablation and the gate on the folds' sets
     "for-loop-2": {"ingest", "split", "augment", "cv-plan", "merge-balanced"},  # per fold and group: train_fold
     "gather": {"ingest", "cv-plan", "for-loop-2"},
-    "evaluate": {"gather"},
-    "balance-2": {"ingest", "split"},  # the full training set, for the refit
+    "evaluate": {"gather", "merge-balanced"},  # the gate's report goes into comparison.md
+    "balance-2": {"ingest", "split", "merge-balanced"},  # the full training set, for the refit, with the decision
     "condition-3": {"ingest", "split", "augment", "balance-2", "gather", "evaluate"},  # register, if allowed
 }
 #: Tasks that log to MLflow: never from KFP's cache.
