@@ -43,6 +43,18 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: with the default two, OpenMP's threads crawl when other jobs share the cores
+    (366 s against 28 s for the GAN colour test, measured on 2 shared cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_tracking_override_across_modules() -> Iterator[None]:
     """Module and session fixtures (a `dvc repro`, a registered test model) see no MLFLOW_TRACKING_URI either.

@@ -1,5 +1,4 @@
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +32,8 @@ def test_deficits_fill_up_to_the_target_ratio() -> None:
     assert deficits({"a": 10, "b": 0}, 1.0) == {"a": 0, "b": 0}  # never invent a class the GAN never saw
 
 
-@pytest.fixture
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: with the default two, OpenMP's threads crawl when other jobs share the cores (366 s
-    against 28 s for the GAN test below, measured on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("_one_torch_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_conditional_gan_learns_the_colour_of_each_class() -> None:
     # Known answer: three classes of flat colour; each class's generated tiles must be nearest its own colour.
     colours = torch.tensor([[0.8, -0.6, -0.6], [-0.6, 0.8, -0.6], [-0.6, -0.6, 0.8]])

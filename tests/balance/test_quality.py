@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +34,7 @@ STROMA = np.array([0.93, 0.62, 0.76])  # eosin pink
 SLIDE_SHIFTS = {"slide-a": (0.02, 0.0, -0.01), "slide-b": (-0.02, 0.01, 0.02), "slide-c": (0.0, -0.02, 0.0)}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: two OpenMP threads crawl when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # every test here: tiny models, shared cores
 
 
 def he_tiles(

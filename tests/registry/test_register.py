@@ -1,11 +1,9 @@
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from conftest import CLASSES, DatasetFactory, tiny_params
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
@@ -64,16 +62,8 @@ def test_undefined_metrics_are_written_as_null(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "m.json").read_text()) == {"f1": None, "per_fold": [1.0, None]}
 
 
-@pytest.fixture
-def _one_torch_thread() -> Iterator[None]:
-    """train.num_threads 1 below sets torch's thread count for the process: give the other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("_one_torch_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_refit_model_is_scored_once_on_the_held_out_test_set(make_dataset: DatasetFactory, tmp_path: Path) -> None:
     # The stages in process, cheap settings: 12 generated slides of 3 tiles, a quarter of them held out, 2 folds,
     # ResNet50 only, 2 steps on one thread, no GAN, no Grad-CAM, no ONNX export, no validation suite.
