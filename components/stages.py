@@ -395,6 +395,7 @@ def register(
     evaluation: Input[Artifact],
     folds: Input[Artifact],
     model: Output[Model],
+    pipeline_run_id: str = "",
 ) -> None:
     """Refit the winner, register it in MLflow, and set the alias the champion gate decides.
 
@@ -408,9 +409,16 @@ def register(
         evaluation: The evaluate output.
         folds: The split output (the gate compares models on the same folds; test tiles are scored).
         model: Output folder: ``bundle/`` (weights and metadata) and ``champion.json``.
+        pipeline_run_id: The Kubeflow run's id (the pipeline passes ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``), recorded
+            on the refit run and in the model's lineage.
     """
+    import os
+
     from bonetumor.stages import register_stage
 
+    if pipeline_run_id:
+        os.environ["BONETUMOR_PIPELINE_RUNNER"] = "kubeflow"
+        os.environ["BONETUMOR_PIPELINE_RUN_ID"] = pipeline_run_id
     result = register_stage(
         params,
         dataset_dir=dataset.path,

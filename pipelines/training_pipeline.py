@@ -298,5 +298,6 @@ class _Steps:
             training=training,
             evaluation=evaluate.outputs["evaluation"],
             folds=data["folds"],
+            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         return self.task(register, "register")

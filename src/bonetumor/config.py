@@ -614,6 +614,8 @@ class RegisterConfig:
             ``candidates.calibration_tiles`` of its training tiles), for small machines.
         min_macro_f1: The evaluation allows a refit and registration only when the winner's mean per-fold
             macro-F1 reaches this (0 = always register; the champion gate then decides the alias).
+        promotion_log: Local JSON-lines mirror of every alias change (registration, promote, rollback), relative to
+            the project folder; the history itself is kept in MLflow, on the registered model. Empty = no mirror.
     """
 
     model_name: Annotated[str, Field(min_length=1)] = "bone-tumor-classifier"
@@ -622,6 +624,7 @@ class RegisterConfig:
     require_beats_baseline: bool = True
     export_onnx: bool = True
     min_macro_f1: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    promotion_log: str = "outputs/registry/promotions.jsonl"
 
 
 @dataclass(config=_STRICT)
@@ -664,6 +667,9 @@ class ServingConfig:
             ``prediction_log_max_bytes`` bounds the current file.
         reload_seconds: Seconds between checks of where the alias points; a moved alias is loaded in the
             background and swapped in between requests. 0 = never check.
+        drift_features: Log, with every answered tile, its colour and stain statistics and its penultimate-layer
+            embedding projected on the model's drift reference (a few dozen numbers, never the image), for
+            ``bonetumor drift``. Versions registered without a reference log none.
     """
 
     runtime: Literal["auto", "onnx-int8", "onnx-fp32", "torch"] = "auto"
@@ -678,6 +684,34 @@ class ServingConfig:
     prediction_log_max_bytes: PositiveInt = 10 * 1024 * 1024
     prediction_log_backups: Annotated[int, Field(ge=0)] = 5
     reload_seconds: Annotated[float, Field(ge=0.0)] = 30.0
+    drift_features: bool = True
+
+
+@dataclass(config=_STRICT)
+class MonitoringConfig:
+    """Drift of served inputs against the training reference (``bonetumor drift``) and what it starts.
+
+    Attributes:
+        ks_alpha: A colour or stain statistic drifts when its two-sample KS test's Holm-adjusted p-value is below
+            this and its PSI is above ``psi_threshold``.
+        psi_threshold: Population stability index above which a statistic may drift (0.25 is the usual "major
+            shift").
+        mmd_alpha: The embeddings drift when the permutation p-value of their MMD is below this.
+        permutations: Permutations of the MMD test.
+        rate_alpha: A label or referral rate drifts when its test against the reference's rate is below this.
+        min_records: Fewer served tiles than this give "insufficient data", never drift.
+        report_dir: Where ``bonetumor drift`` writes its report, relative to the project folder.
+        retrain_on_drift: Whether ``bonetumor drift --retrain`` starts the pipeline when it finds drift.
+    """
+
+    ks_alpha: Probability = 0.01
+    psi_threshold: Annotated[float, Field(gt=0.0)] = 0.25
+    mmd_alpha: Probability = 0.01
+    permutations: Annotated[int, Field(ge=20)] = 200
+    rate_alpha: Probability = 0.01
+    min_records: Annotated[int, Field(ge=2)] = 20
+    report_dir: str = "outputs/monitoring"
+    retrain_on_drift: bool = True
 
 
 @dataclass(config=_STRICT)
@@ -806,6 +840,7 @@ class Config:
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     assess: AssessConfig = dataclasses.field(default_factory=AssessConfig)
+    monitoring: MonitoringConfig = dataclasses.field(default_factory=MonitoringConfig)
     kubeflow: KubeflowConfig = dataclasses.field(default_factory=KubeflowConfig)
 
     def __post_init__(self) -> None:
@@ -945,6 +980,7 @@ _SECTIONS: dict[str, type] = {
     "tracking": TrackingConfig,
     "serving": ServingConfig,
     "assess": AssessConfig,
+    "monitoring": MonitoringConfig,
     "kubeflow": KubeflowConfig,
 }
 

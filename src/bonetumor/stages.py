@@ -866,6 +866,13 @@ def preflight(params_path: str | Path) -> list[str]:
             passed.append(check_weights_setting(arch, config.train.weights))
         except BoneTumorError as exc:
             problems.append(str(exc))
+    from bonetumor.registry.restore import restore_record
+
+    restore = restore_record(config.data.source, project)
+    passed.append(
+        f"data source {config.data.source}: tracked by {restore.tracked_by}, "
+        + ("restorable from the commit" if restore.restorable else f"WARNING: not restorable: {restore.reason}")
+    )
     uri = resolve_tracking_uri(config.tracking, project)
     for check in (lambda: check_locks(project, uri), lambda: check_tracking_store(uri)):
         try:
@@ -878,3 +885,42 @@ def preflight(params_path: str | Path) -> list[str]:
             + "\n  - ".join(problems)
         )
     return passed
+
+
+def _registry(params_path: str | Path) -> tuple[Config, Path]:
+    """Load params.yaml and point MLflow at its tracking store; the config and the project folder."""
+    from bonetumor.registry.tracking import configure_tracking
+
+    params_path = Path(params_path)
+    config = load_config(params_path)
+    project = params_path.resolve().parent
+    configure_tracking(config.tracking, project)
+    return config, project
+
+
+def lineage_of(params_path: str | Path, ref: str, prediction_log: str | Path | None = None) -> dict[str, Any]:
+    """Trace a request id, model URI or run id to its model, runs, data, params and code (``bonetumor lineage``).
+
+    Args:
+        params_path: The project's params.yaml (tracking store, model name, the prediction log).
+        ref: What to trace (see :func:`bonetumor.registry.lineage.build_lineage`).
+        prediction_log: Another prediction log than ``serving.prediction_log`` (a copy from the serving host).
+
+    Returns:
+        The lineage document.
+    """
+    from bonetumor.registry.lineage import build_lineage
+    from bonetumor.registry.promotions import promotion_history
+
+    config, project = _registry(params_path)
+    log_path = (
+        Path(prediction_log)
+        if prediction_log
+        else (project / config.serving.prediction_log if config.serving.prediction_log else None)
+    )
+    return build_lineage(
+        ref,
+        config.register.model_name,
+        log_path,
+        history=lambda name: [event.to_dict() for event in promotion_history(name)],
+    )

@@ -184,6 +184,27 @@ def test_the_service_serves_the_champion_from_the_server(run: StackRun) -> None:
     assert answer["model"]["version"] == str(run.champion["version"])
 
 
+def test_lineage_traces_an_answer_through_the_server(run: StackRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    response = requests.post(
+        f"{run.server.url}/predict", files={"image": (TILE.name, TILE.read_bytes(), "image/jpeg")}, timeout=60
+    )
+    request_id = response.json()["request_id"]
+    result = _bonetumor(run, monkeypatch, run.stack.users["pipeline"], "lineage", request_id, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["tracking_uri"] == run.stack.url
+    assert doc["answer"]["request_id"] == request_id
+    assert doc["model_version"]["version"] == str(run.champion["version"])
+    assert doc["refit_run"]["run_id"] == run.champion["run_id"]
+    assert doc["cv_run"]["run_id"] == run.champion["cv_run_id"]
+    assert len(doc["fold_runs"]) >= N_FOLDS
+    assert doc["data"]["restore"]["restorable"] is True
+    assert doc["validation"]["data_docs"].startswith("mlflow-artifacts:/")
+    # Who registered it: the MLflow user of the pipeline, not the OS user.
+    [event] = doc["model_version"]["alias_history"]
+    assert (event["action"], event["alias"], event["user"]) == ("register", "champion", "pipeline")
+
+
 def _refused(output: str, uri: str) -> str:
     """The one error line of a command that met refused credentials (asserting it is clean and password-free)."""
     assert "Traceback" not in output, output[-3000:]

@@ -21,12 +21,14 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from bonetumor.config import load_config
 from bonetumor.evaluation.calibration import ReferralPolicy
 from bonetumor.registry.tracking import data_version
+from bonetumor.serving.audit import read_prediction_log
 from bonetumor.training.models import build_model
 from bonetumor.training.refit import full_training_set
 from bonetumor.transforms.augment import load_policy
 from bonetumor.transforms.decode import decode_image
 from bonetumor.transforms.preprocess import build_eval_transform
 from bonetumor.transforms.tta import TestTimeViews, with_views
+from bonetumor.utils import sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -345,6 +347,52 @@ def test_the_served_champion_answers_exactly_what_evaluate_and_register_fitted(p
             assert served["referral"] == referral, tile.name
     finally:
         server.stop()
+
+
+def test_lineage_traces_a_served_answer_to_its_runs_data_params_and_commit(project: Path) -> None:
+    """From the request id of a /predict answer (logged by the real service above), one command prints the chain."""
+    champion = json.loads((project / "outputs" / "register" / "champion.json").read_text())
+    logged = [r for r in read_prediction_log(project / "outputs/serving/predictions.jsonl") if "label" in r]
+    assert logged, "the served test above logged no answer"
+    answer = logged[-1]
+    doc = json.loads(run(["bonetumor", "lineage", answer["request_id"], "--json"], project).stdout)
+    assert doc["kind"] == "request"
+    assert doc["answer"]["input_sha256"] == answer["input_sha256"]
+    assert doc["model_version"]["version"] == champion["version"]
+    assert "champion" in doc["model_version"]["aliases"]
+    history = doc["model_version"]["alias_history"]
+    assert [(e["action"], e["alias"], e["to_version"]) for e in history] == [
+        ("register", "champion", champion["version"])
+    ]
+    assert doc["refit_run"]["run_id"] == champion["run_id"]
+    assert doc["cv_run"]["run_id"] == champion["cv_run_id"]
+    assert len(doc["fold_runs"]) == 2
+    assert all(f["status"] == "FINISHED" for f in doc["fold_runs"])
+    assert doc["data"]["data_version"] == data_version(project / "outputs" / "ingest" / "manifest.csv")
+    restore = doc["data"]["restore"]
+    assert restore["tracked_by"] == "git"
+    assert restore["restorable"], restore
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert restore["commands"] == [f"git checkout {commit} -- data/sample/images"]
+    assert doc["code"]["git_commit"] == commit
+    assert doc["code"]["dirty"] is True
+    assert "dvc.lock" in doc["code"]["dirty_paths"]
+    assert doc["validation"]["data_docs"].endswith("data_validation/data_docs/index.html")
+    assert doc["folds"]["sha256"] == sha256_file(project / "outputs" / "split" / "folds.json")
+    assert doc["params"]["resolved"]["split"]["n_folds"] == 2
+    assert doc["params"]["hash"]
+    assert doc["pipeline_run"]["runner"] == "dvc repro"
+    assert doc["pipeline_run"]["stage"] == "register"
+    assert doc["libraries"]["torch"]
+    assert doc["gaps"] == []
+    text = run(["bonetumor", "lineage", f"models:/bone-tumor-classifier/{champion['version']}"], project).stdout
+    assert f"git checkout {commit} -- data/sample/images" in text
+    assert champion["cv_run_id"] in text
+    unknown = subprocess.run(
+        ["bonetumor", "lineage", "0" * 32], cwd=project, env=venv_env(), capture_output=True, text=True
+    )
+    assert unknown.returncode == 1
+    assert "neither a request id in the prediction log" in unknown.stderr
 
 
 def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:

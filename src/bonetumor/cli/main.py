@@ -55,8 +55,11 @@ def weights_fetch(
 
 def _add_subcommands() -> None:
     # Imported here: the data commands pull in their own dependencies only when the app is built.
+    from bonetumor.cli import audit
     from bonetumor.cli.data import data_app
     from bonetumor.cli.pipeline import pipeline_app
+
+    app.command()(audit.lineage)
 
     app.add_typer(data_app, name="data", help="Import and version data sets (Kaggle/TCIA downloads, folders, CSVs).")
     app.add_typer(weights_app, name="weights", help="Pretrained weights: fetch ImageNet files ahead of time.")

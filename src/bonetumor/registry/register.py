@@ -35,7 +35,9 @@ from bonetumor.evaluation.calibration import ReferralPolicy
 from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR
 from bonetumor.evaluation.metrics import classification_metrics
 from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document, registration_allowed
+from bonetumor.registry.lineage import LINEAGE_DIR, pipeline_run, write_lineage_record
 from bonetumor.registry.model_registry import STATUS_TAG, champion_metrics, log_and_register
+from bonetumor.registry.restore import RestoreRecord, restore_record
 from bonetumor.registry.tracking import (
     TAG_PREFIX,
     flatten_params,
@@ -186,8 +188,21 @@ def run_registration(
             exported = _export_onnx(config, model, metadata, data, bundle)
             metadata = _finish_bundle(config, winner, bundle, metadata, exported)
             test_scores = _score_held_out(Predictor(model, metadata), manifest, folds, manifest_path.parent, tmp)
+            restore = restore_record(config.data.source, project_dir, run.info.run_id)
+            lineage = write_lineage_record(
+                tmp / LINEAGE_DIR,
+                restore=restore,
+                manifest_path=manifest_path,
+                tiles=_tile_counts(manifest),
+                folds_path=folds_path,
+                params=config.to_dict(),
+                libraries=metadata.versions,
+                project_dir=project_dir,
+            )
+            mlflow.log_artifacts(str(lineage), LINEAGE_DIR)
             version_tags = {
                 **_version_tags(tags, winner, init, test_scores),
+                **_restore_tags(restore),
                 **candidate.to_tags("candidate"),
                 **({} if champion_now is None else champion_now.to_tags("champion")),
                 **decision.to_tags(alias),
@@ -324,9 +339,32 @@ def _candidate_metrics(winner: _Winner, tags: dict[str, str], folds_path: Path) 
     )
 
 
+def _tile_counts(manifest: Any) -> dict[str, Any]:
+    """Tiles, slides and patients of the data set, per class (for the lineage and the model card)."""
+    real = manifest[~manifest["synthetic"]] if "synthetic" in manifest.columns else manifest
+    return {
+        "tiles": len(real),
+        "slides": int(real["slide"].nunique()),
+        "patients": int(real["case"].nunique()),
+        "per_class": {str(k): int(v) for k, v in real["label"].value_counts().sort_index().items()},
+    }
+
+
+def _restore_tags(restore: RestoreRecord) -> dict[str, str]:
+    """Version tags that say at a glance whether the data can be restored from the recorded commit."""
+    return {
+        f"{TAG_PREFIX}data_tracked_by": restore.tracked_by,
+        f"{TAG_PREFIX}data_restorable": str(restore.restorable).lower(),
+        f"{TAG_PREFIX}git_dirty": str(restore.dirty).lower(),
+        **({f"{TAG_PREFIX}data_restore_note": restore.reason[:5000]} if restore.reason else {}),
+    }
+
+
 def _refit_tags(tags: dict[str, str], winner: _Winner, init: InitWeights) -> dict[str, str]:
+    pipeline = pipeline_run()
     return {
         **tags,
+        **{f"{TAG_PREFIX}pipeline.{k}": v for k, v in pipeline.items() if v},
         f"{TAG_PREFIX}stage": "register",
         f"{TAG_PREFIX}arch": winner.name,
         f"{TAG_PREFIX}cv_run_id": winner.cv["run_id"],
