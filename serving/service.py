@@ -248,6 +248,7 @@ class BoneTumorClassifier:
             self.answers.labels(answer["label"], referred, model.version, model.engine_name).inc()
         if self.prediction_log is not None:
             self.prediction_log.write({**answer, "endpoint": endpoint})
+        answer.pop("drift_features", None)  # for the log only: the client gets the answer
 
     @bentoml.api
     def predict(self, image: Path) -> dict[str, Any]:
@@ -302,9 +303,9 @@ class BoneTumorClassifier:
         except (InvalidImageError, ConfigError) as exc:
             self.rejections.labels("/explain").inc()
             return _rejected(400, str(exc), "/explain")
-        self._record(
-            {k: v for k, v in answer.items() if not k.startswith("heatmap") and k != "overlay_png"}, "/explain", model
-        )
+        logged = {k: v for k, v in answer.items() if not k.startswith("heatmap") and k != "overlay_png"}
+        self._record(logged, "/explain", model)
+        answer.pop("drift_features", None)
         return answer
 
     @bentoml.task

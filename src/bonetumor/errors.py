@@ -70,3 +70,7 @@ class RegistryUnavailableError(ConfigError):
 
 class RegistrationRefusedError(BoneTumorError):
     """The evaluation does not allow a refit and registration (``register.min_macro_f1``)."""
+
+
+class PromotionRefusedError(BoneTumorError):
+    """An alias move that needs more than was given (``--force`` to lower the gate's figures, an earlier holder)."""

@@ -676,33 +676,68 @@ def fetch_weights(archs: Sequence[str], params_path: str | Path) -> list[tuple[s
     return list(zip(chosen, fetch_imagenet_weights(chosen), strict=True))
 
 
-def promote_model(params_path: str | Path, version: str, reason: str) -> dict[str, str]:
+def promote_model(params_path: str | Path, version: str, reason: str, force: bool = False) -> dict[str, str]:
     """Point params' ``register.alias`` at a version of ``register.model_name`` by hand, after review.
 
     The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else params' ``tracking.uri`` resolved against the
-    params file's folder.
+    params file's folder. The move joins the alias history (:mod:`bonetumor.registry.promotions`).
 
     Args:
         params_path: The project's params.yaml.
         version: The registered model version.
-        reason: Why (recorded on the version for the audit trail).
+        reason: Why (recorded for the audit trail).
+        force: Promote even when it lowers the gate's figures (the record says so).
 
     Returns:
         ``model_name``, ``version`` and ``alias``.
 
     Raises:
-        ConfigError: params.yaml is invalid.
+        ConfigError: params.yaml is invalid, or no reason.
         ModelNotFoundError: The version does not exist.
         ArtifactError: The version's registration never finished.
+        PromotionRefusedError: It would lower the gate's figures and ``force`` is not set.
     """
     from bonetumor.registry.model_registry import promote
-    from bonetumor.registry.tracking import configure_tracking
 
-    params_path = Path(params_path)
-    config = load_config(params_path)
-    configure_tracking(config.tracking, params_path.resolve().parent)
-    promote(config.register.model_name, version, config.register.alias, reason)
-    return {"model_name": config.register.model_name, "version": version, "alias": config.register.alias}
+    config, project = _registry(params_path)
+    register = config.register
+    promote(
+        register.model_name,
+        version,
+        register.alias,
+        reason,
+        force=force,
+        mirror=_mirror(config, project),
+        challenger_alias=register.challenger_alias,
+    )
+    return {"model_name": register.model_name, "version": version, "alias": register.alias}
+
+
+def _mirror(config: Config, project: Path) -> Path | None:
+    return project / config.register.promotion_log if config.register.promotion_log else None
+
+
+def rollback_model(params_path: str | Path, reason: str) -> dict[str, Any]:
+    """Return ``register.alias`` to the version that held it before the current one (``bonetumor rollback``)."""
+    from bonetumor.registry.promotions import rollback
+
+    config, project = _registry(params_path)
+    event = rollback(
+        config.register.model_name,
+        config.register.alias,
+        reason,
+        mirror=_mirror(config, project),
+        challenger_alias=config.register.challenger_alias,
+    )
+    return event.to_dict()
+
+
+def promotion_events(params_path: str | Path) -> list[dict[str, Any]]:
+    """The alias history of ``register.model_name``, oldest first (``bonetumor promotions``)."""
+    from bonetumor.registry.promotions import promotion_history
+
+    config, _ = _registry(params_path)
+    return [event.to_dict() for event in promotion_history(config.register.model_name)]
 
 
 def predict_tiles(
@@ -924,3 +959,106 @@ def lineage_of(params_path: str | Path, ref: str, prediction_log: str | Path | N
         log_path,
         history=lambda name: [event.to_dict() for event in promotion_history(name)],
     )
+
+
+def drift_check(
+    params_path: str | Path,
+    model: str | None = None,
+    since: str | None = None,
+    prediction_log: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Compare the tiles a model version served with its training reference (``bonetumor drift``).
+
+    Args:
+        params_path: The project's params.yaml (``monitoring`` thresholds, the prediction log, the model).
+        model: Alias or version whose answers are checked (default ``register.alias``).
+        since: Only answers at or after this ISO 8601 time (UTC when no zone is given).
+        prediction_log: Another log than ``serving.prediction_log``.
+        out_dir: Report folder (default ``monitoring.report_dir``).
+
+    Returns:
+        The report (``status``, ``exit_code``, ``reasons``...) and ``report`` (the Markdown file).
+
+    Raises:
+        ArtifactError: The version has no drift reference (registered before it existed).
+        FileNotFoundError: No prediction log.
+    """
+    from datetime import UTC, datetime
+
+    import mlflow
+
+    from bonetumor.errors import ArtifactError, ConfigError
+    from bonetumor.monitoring.drift import DriftThresholds, detect_drift, write_drift_report
+    from bonetumor.monitoring.reference import DriftReference
+    from bonetumor.registry.model_registry import resolve_version
+    from bonetumor.serving.audit import read_prediction_log
+    from bonetumor.serving.served import DRIFT_REFERENCE
+
+    config, project = _registry(params_path)
+    found = resolve_version(config.register.model_name, model or config.register.alias)
+    number = str(found.version)
+    try:
+        local = mlflow.artifacts.download_artifacts(f"models:/{config.register.model_name}/{number}")
+    except mlflow.exceptions.MlflowException as exc:
+        raise ArtifactError(f"version {number} does not download from the registry ({exc})") from exc
+    references = sorted(Path(local).rglob(DRIFT_REFERENCE))
+    if not references:
+        raise ArtifactError(
+            f"{config.register.model_name} version {number} has no {DRIFT_REFERENCE} in its bundle (registered "
+            "before drift monitoring); re-register it (dvc repro -f register) to monitor it"
+        )
+    reference = DriftReference.load(references[0])
+    records = read_prediction_log(prediction_log or project / config.serving.prediction_log)
+    records = [r for r in records if str((r.get("model") or {}).get("version", "")) == number]
+    if since:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError as exc:
+            raise ConfigError(f"--since {since!r} is not a time; expected ISO 8601, e.g. 2026-12-01T00:00") from exc
+        start = start if start.tzinfo else start.replace(tzinfo=UTC)
+        records = [r for r in records if datetime.fromisoformat(r["timestamp"]) >= start]
+    m = config.monitoring
+    thresholds = DriftThresholds(m.ks_alpha, m.psi_threshold, m.mmd_alpha, m.permutations, m.rate_alpha, m.min_records)
+    report = detect_drift(reference, records, thresholds)
+    path = write_drift_report(report, reference, records, Path(out_dir) if out_dir else project / m.report_dir)
+    return {**report.to_dict(), "exit_code": report.exit_code, "report": str(path), "version": number}
+
+
+def retrain(params_path: str | Path, reason: str, kubeflow: bool = False, dry_run: bool = False) -> list[str]:
+    """Start the pipeline again, recording why on the new runs (``bonetumor retrain --reason drift``).
+
+    Locally it runs ``bonetumor check`` then ``dvc repro`` in the project; ``--kubeflow`` submits the compiled
+    pipeline with ``bonetumor pipeline submit``. Either way ``BONETUMOR_RETRAIN_TRIGGER`` carries the reason into
+    the refit run's tags and the model's lineage; the champion gate then decides whether the new model serves.
+
+    Returns:
+        The commands run (or, with ``dry_run``, that would run).
+
+    Raises:
+        ConfigError: A command failed (its exit status and the end of its output).
+    """
+    import subprocess
+    import uuid
+
+    from bonetumor.errors import ConfigError
+
+    params_path = Path(params_path)
+    project = params_path.resolve().parent
+    commands = (
+        [["bonetumor", "pipeline", "submit", "--params", str(params_path)]]
+        if kubeflow
+        else [["bonetumor", "check", "--params", str(params_path)], ["dvc", "repro"]]
+    )
+    if dry_run:
+        return [" ".join(c) for c in commands]
+    env = {
+        **os.environ,
+        "BONETUMOR_RETRAIN_TRIGGER": reason,
+        "BONETUMOR_PIPELINE_RUN_ID": os.environ.get("BONETUMOR_PIPELINE_RUN_ID") or f"retrain-{uuid.uuid4().hex[:12]}",
+    }
+    for command in commands:
+        result = subprocess.run(command, cwd=project, env=env, check=False)
+        if result.returncode != 0:
+            raise ConfigError(f"retraining stopped: `{' '.join(command)}` exited with status {result.returncode}")
+    return [" ".join(c) for c in commands]

@@ -11,9 +11,10 @@ from conftest import bundle_metadata
 from mlflow.tracking import MlflowClient
 
 from bonetumor.config import TrackingConfig
-from bonetumor.errors import ArtifactError
+from bonetumor.errors import ArtifactError, PromotionRefusedError
 from bonetumor.registry.gate import GATE_PREFIX, GateDecision, GateMetrics, decide
 from bonetumor.registry.model_registry import STATUS_TAG, champion_metrics, log_and_register, promote
+from bonetumor.registry.promotions import promotion_history, rollback
 from bonetumor.registry.tracking import setup_mlflow
 from bonetumor.serving.predictor import save_bundle
 from bonetumor.training.models import build_model
@@ -101,8 +102,34 @@ def test_registry_reads_the_champion_and_promotion_by_hand(tmp_path: Path) -> No
 
     promoted = promote("m", str(second.version), "champion", "reviewed the new data set")
     assert str(client.get_model_version_by_alias("m", "champion").version) == str(second.version)
-    assert "promoted by hand" in promoted.tags[f"{GATE_PREFIX}reason"]
-    assert "reviewed the new data set" in promoted.tags[f"{GATE_PREFIX}reason"]
+    # The gate's own record stays; the promotion is recorded beside it and in the alias history.
+    assert f"{GATE_PREFIX}reason" not in promoted.tags  # registered by hand above, without a gate decision
+    assert promoted.tags["bonetumor.promotion_reason"] == "reviewed the new data set"
+    assert promoted.tags["bonetumor.role"] == "champion"
+    assert "challenger" not in promoted.aliases
+    demoted = client.get_model_version("m", first.version)
+    assert demoted.tags["bonetumor.role"] == "former-champion"
+    assert (
+        demoted.tags["bonetumor.demoted_reason"] == f"replaced by version {second.version}: reviewed the new data set"
+    )
+    history = promotion_history("m")
+    assert [(e.action, e.alias, e.from_version, e.to_version) for e in history] == [
+        ("register", "champion", None, str(first.version)),
+        ("register", "challenger", None, str(second.version)),
+        ("promote", "champion", str(first.version), str(second.version)),
+    ]
+    assert history[-1].user  # the OS user when no MLflow user is set
+    assert history[-1].gate["to"]["fold_f1_macro_mean"] == 0.9
+    # Back to the earlier champion, by the history; and a lower-figure promotion needs --force.
+    event = rollback("m", "champion", "the new data set was mislabelled")
+    assert (event.from_version, event.to_version) == (str(second.version), str(first.version))
+    assert str(client.get_model_version_by_alias("m", "champion").version) == str(first.version)
+    promote("m", str(second.version), "champion", "relabelled and reviewed")  # higher figures: no --force needed
+    with pytest.raises(PromotionRefusedError, match=r"is lower than @champion.*pass --force"):
+        promote("m", str(first.version), "champion", "worse on purpose")
+    forced = promote("m", str(first.version), "champion", "worse on purpose", force=True)
+    assert forced.tags["bonetumor.role"] == "champion"
+    assert promotion_history("m")[-1].forced is True
 
     # A version whose registration never finished cannot be promoted.
     client.set_model_version_tag("m", first.version, STATUS_TAG, "pending")

@@ -105,6 +105,7 @@ def test_an_uncommitted_dvc_file_restores_from_the_copy_logged_with_the_model(tm
     registered = digests(tiles)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("restore")
     with mlflow.start_run() as run:
         record = restore_record("data/tiles", root, run.info.run_id)
         assert not record.restorable

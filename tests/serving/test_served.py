@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -271,3 +272,45 @@ def test_the_holder_swaps_to_the_version_the_alias_names_and_keeps_serving_when_
         deadline.wait(0.05)
     holder.stop()
     assert holder.current.version == "4"
+
+
+def test_served_answers_log_drift_features_and_a_stain_shifted_batch_drifts(bundle: Path, tmp_path: Path) -> None:
+    """Served model with a drift reference -> prediction log -> drift test: shifted tiles drift, unshifted do not."""
+    from monitoring.test_drift import _views, stain_shift
+
+    from bonetumor.monitoring.drift import detect_drift
+    from bonetumor.monitoring.reference import build_reference
+    from bonetumor.serving.predictor import load_bundle, write_metadata
+    from bonetumor.serving.served import DRIFT_REFERENCE
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    files = sorted((SAMPLE / "images").glob("*/*.jpg"))
+    images = [Image.open(f).convert("RGB") for f in files]
+    reference_tiles = [t for i, t in enumerate(images) if i % 3 != 2]
+    build_reference(Predictor.from_bundle(copy), reference_tiles).save(copy / DRIFT_REFERENCE)
+    write_metadata(copy, load_bundle(copy)[1])  # the bundle's SHA-256 list covers the reference
+    model = served(copy)
+    assert model.drift is not None
+
+    def serve(change: object, log_path: Path) -> list[dict[str, object]]:
+        views = [v for i, t in enumerate(images) if i % 3 == 2 for v in _views(t)]
+        uploads = []
+        for n, view in enumerate(views):
+            buffer = io.BytesIO()
+            (change(view) if callable(change) else view).save(buffer, format="PNG")
+            uploads.append((f"tile{n}.png", buffer.getvalue()))
+        log = PredictionLog(log_path, 10_000_000, 1)
+        for answer in model.answer_many(uploads):
+            assert set(answer["drift_features"]) == {"stats", "embedding"}
+            log.write(answer)
+        log.close()
+        return read_prediction_log(log_path)
+
+    plain = serve(None, tmp_path / "plain.jsonl")
+    assert len(plain[0]["embedding"]) == model.drift.embeddings.shape[1]
+    assert "drift_features" not in plain[0]  # the log keeps the numbers, flat; never the image
+    assert detect_drift(model.drift, plain).status == "ok"
+    shifted = detect_drift(model.drift, serve(stain_shift, tmp_path / "shifted.jsonl"))
+    assert shifted.status == "drift"
+    assert "haematoxylin_od" in " ".join(shifted.reasons)

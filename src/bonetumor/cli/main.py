@@ -60,6 +60,10 @@ def _add_subcommands() -> None:
     from bonetumor.cli.pipeline import pipeline_app
 
     app.command()(audit.lineage)
+    app.command()(audit.promotions)
+    app.command()(audit.rollback)
+    app.command()(audit.drift)
+    app.command()(audit.retrain)
 
     app.add_typer(data_app, name="data", help="Import and version data sets (Kaggle/TCIA downloads, folders, CSVs).")
     app.add_typer(weights_app, name="weights", help="Pretrained weights: fetch ImageNet files ahead of time.")
@@ -278,14 +282,15 @@ def report(
 @app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="Registered model version to serve.")],
-    reason: Annotated[str, typer.Option(help="Why (recorded on the version for the audit trail).")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the alias history for the audit trail).")],
     params: ParamsOption = Path("params.yaml"),
+    force: Annotated[bool, typer.Option(help="Promote even when it lowers the gate's figures (recorded).")] = False,
 ) -> None:
     """Point the champion alias at a version by hand, after review (the gate kept it as challenger)."""
     from bonetumor.stages import promote_model
 
     def stage() -> None:
-        promoted = promote_model(params, version, reason)
+        promoted = promote_model(params, version, reason, force)
         typer.echo(f"{promoted['model_name']} version {version} is now @{promoted['alias']}")
 
     run_stage(stage)

@@ -360,27 +360,7 @@ def render_lineage(doc: dict[str, Any]) -> str:
         for fold in folds:
             figures = ", ".join(f"{k} {v:.4g}" for k, v in fold["metrics"].items())
             lines.append(f"    {fold['run_id']}  {fold['name']}  {fold['status']}  {figures}")
-    data = doc.get("data")
-    if data:
-        lines += [
-            "",
-            f"data  version {data['data_version']} (sha256 of every tile's content hash and label)",
-            f"  source {data['source']}; DVC md5 {data['dvc_md5']} ({data['dvc_recorded_in'] or 'not recorded'})",
-        ]
-        if data.get("tiles"):
-            lines.append(f"  tiles: {data['tiles']}")
-        restore = data.get("restore")
-        if restore:
-            state = "restorable" if restore["restorable"] else f"NOT restorable from the commit: {restore['reason']}"
-            lines.append(f"  tracked by {restore['tracked_by']}; {state}")
-            lines.append("  restore, in a clone of the project:")
-            lines += [f"    {command}" for command in restore["commands"]]
-        if data.get("dvc_lock"):
-            run_id = (doc.get("refit_run") or {}).get("run_id", "")
-            lines.append(
-                f"  the run's dvc.lock: mlflow artifacts download --run-id {run_id} --artifact-path "
-                f"{data['dvc_lock']} --dst-path . ; then dvc checkout (stage outputs from the DVC cache)"
-            )
+    lines += _render_data(doc)
     validation = doc.get("validation")
     if validation:
         lines += [
@@ -412,6 +392,33 @@ def render_lineage(doc: dict[str, Any]) -> str:
     if doc["gaps"]:
         lines += ["", "not recorded / not restorable:"] + [f"  - {gap}" for gap in doc["gaps"]]
     return "\n".join(lines)
+
+
+def _render_data(doc: dict[str, Any]) -> list[str]:
+    """The data block of :func:`render_lineage`: versions, tiles, how to restore them."""
+    lines: list[str] = []
+    data = doc.get("data")
+    if data:
+        lines += [
+            "",
+            f"data  version {data['data_version']} (sha256 of every tile's content hash and label)",
+            f"  source {data['source']}; DVC md5 {data['dvc_md5']} ({data['dvc_recorded_in'] or 'not recorded'})",
+        ]
+        if data.get("tiles"):
+            lines.append(f"  tiles: {data['tiles']}")
+        restore = data.get("restore")
+        if restore:
+            state = "restorable" if restore["restorable"] else f"NOT restorable from the commit: {restore['reason']}"
+            lines.append(f"  tracked by {restore['tracked_by']}; {state}")
+            lines.append("  restore, in a clone of the project:")
+            lines += [f"    {command}" for command in restore["commands"]]
+        if data.get("dvc_lock"):
+            run_id = (doc.get("refit_run") or {}).get("run_id", "")
+            lines.append(
+                f"  the run's dvc.lock: mlflow artifacts download --run-id {run_id} --artifact-path "
+                f"{data['dvc_lock']} --dst-path . ; then dvc checkout (stage outputs from the DVC cache)"
+            )
+    return lines
 
 
 def pipeline_run() -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from bonetumor.config import Config, load_config
 from bonetumor.errors import ArtifactError, ModelNotFoundError, RegistryUnavailableError
 from bonetumor.faults import fault_point
 from bonetumor.registry.gate import GATE_PREFIX, GateMetrics
+from bonetumor.registry.promotions import STATUS_TAG, alias_holder, record_registration
+from bonetumor.registry.promotions import promote as record_promotion
 from bonetumor.registry.tracking import configure_tracking
 from bonetumor.runtime import check_registry_store
 from bonetumor.serving.holder import ModelHolder
@@ -41,8 +42,8 @@ from bonetumor.serving.served import ServedModel
 log = logging.getLogger(__name__)
 
 BUNDLE_ARTIFACT = "bundle"
-#: Model-version tag: ``pending`` while a registration runs, ``ready`` once it finished (aliases only move then).
-STATUS_TAG = "bonetumor.status"
+# STATUS_TAG (imported from bonetumor.registry.promotions, which checks it too; callers import it from here):
+# model-version tag ``pending`` while a registration runs, ``ready`` once it finished (aliases only move then).
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 #: MLflow error codes of a store that answered "no such registered model, version or alias" (an unknown alias is
 #: INVALID_PARAMETER_VALUE); any other code means the store itself failed (down, locked, not an MLflow server).
@@ -99,6 +100,7 @@ def log_and_register(
     alias: str,
     version_tags: dict[str, str],
     description: str = "",
+    mirror: str | Path | None = None,
 ) -> ModelVersion:
     """Log the bundle as a pyfunc model in the active run, register a new version and point ``alias`` at it.
 
@@ -148,7 +150,17 @@ def log_and_register(
     )
     fault_point("register-version")
     client.set_model_version_tag(model_name, version.version, STATUS_TAG, "ready")
+    former = alias_holder(model_name, alias)
     client.set_registered_model_alias(model_name, alias, version.version)
+    # The alias history (MLflow keeps none): the event, the new version's role, the former holder's demotion.
+    record_registration(
+        model_name,
+        str(version.version),
+        alias,
+        version_tags.get(f"{GATE_PREFIX}reason", "registered"),
+        mirror,
+        from_version=None if former is None else str(former.version),
+    )
     log.info("registered %s version %s (alias %s) from %s", model_name, version.version, alias, info.model_uri)
     return version
 
@@ -171,31 +183,43 @@ def champion_metrics(model_name: str, alias: str) -> GateMetrics | None:
         return GateMetrics(str(version.version), float("nan"), None, False, "", "")
 
 
-def promote(model_name: str, version: str, alias: str, reason: str) -> ModelVersion:
-    """Point ``alias`` at ``version`` by hand (after review), recording who decided and why on the version.
+def promote(
+    model_name: str,
+    version: str,
+    alias: str,
+    reason: str,
+    *,
+    force: bool = False,
+    mirror: str | Path | None = None,
+    challenger_alias: str = "challenger",
+) -> ModelVersion:
+    """Point ``alias`` at ``version`` by hand (after review); the event joins the alias history.
+
+    See :func:`bonetumor.registry.promotions.promote`: the gate's original record (``bonetumor.gate.decision`` /
+    ``reason``) stays on both versions, role tags record the move, the promoted version loses the challenger
+    alias, and a promotion that lowers the gate's figures needs ``force``.
+
+    Args:
+        model_name: Registered model name.
+        version: The version to promote.
+        alias: The alias to move.
+        reason: Why (required; recorded as ``bonetumor.promotion_reason`` and in the history).
+        force: Promote even when it lowers the mean per-fold macro-F1 (the event says ``forced: true``).
+        mirror: Local JSONL mirror of the history (None: MLflow only).
+        challenger_alias: Taken off the promoted version when it holds it.
+
+    Returns:
+        The promoted version.
 
     Raises:
+        ConfigError: No reason was given.
         ModelNotFoundError: The version does not exist.
         ArtifactError: The version is not ``ready`` (its registration never finished).
+        PromotionRefusedError: It would lower the gate's figures and ``force`` is not set.
     """
-    client = MlflowClient()
-    try:
-        found = client.get_model_version(model_name, version)
-    except MlflowException as exc:
-        raise ModelNotFoundError(
-            f"no model version {model_name} {version} at {mlflow.get_tracking_uri()}; expected an existing version"
-        ) from exc
-    status = found.tags.get(STATUS_TAG, "ready")  # versions from before the status tag were complete
-    if status != "ready":
-        raise ArtifactError(
-            f"{model_name} version {version} is {status!r}, not 'ready': its registration never finished"
-        )
-    user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
-    client.set_model_version_tag(model_name, version, f"{GATE_PREFIX}decision", alias)
-    client.set_model_version_tag(model_name, version, f"{GATE_PREFIX}reason", f"promoted by hand by {user}: {reason}")
-    client.set_registered_model_alias(model_name, alias, version)
-    log.info("promoted %s version %s to @%s", model_name, version, alias)
-    return client.get_model_version(model_name, version)
+    return record_promotion(
+        model_name, version, alias, reason, force=force, mirror=mirror, challenger_alias=challenger_alias
+    )
 
 
 def resolve_version(model_name: str, alias_or_version: str) -> ModelVersion:

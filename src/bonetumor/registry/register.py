@@ -23,6 +23,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -49,6 +50,7 @@ from bonetumor.registry.tracking import (
 )
 from bonetumor.serving.engines import ONNX_DIR, decide_runtime
 from bonetumor.serving.predictor import ModelMetadata, Predictor, load_bundle, write_metadata
+from bonetumor.serving.served import DRIFT_REFERENCE
 from bonetumor.training.candidates import TrainingSet
 from bonetumor.training.candidates.int8 import int8_classifier, select_calibration_files
 from bonetumor.training.candidates.network import INIT_TAG, NetworkCandidate
@@ -188,41 +190,26 @@ def run_registration(
             exported = _export_onnx(config, model, metadata, data, bundle)
             metadata = _finish_bundle(config, winner, bundle, metadata, exported)
             test_scores = _score_held_out(Predictor(model, metadata), manifest, folds, manifest_path.parent, tmp)
-            restore = restore_record(config.data.source, project_dir, run.info.run_id)
-            lineage = write_lineage_record(
-                tmp / LINEAGE_DIR,
-                restore=restore,
-                manifest_path=manifest_path,
-                tiles=_tile_counts(manifest),
-                folds_path=folds_path,
-                params=config.to_dict(),
-                libraries=metadata.versions,
-                project_dir=project_dir,
-            )
-            mlflow.log_artifacts(str(lineage), LINEAGE_DIR)
+            _add_drift_reference(Predictor(model, metadata), data, bundle, metadata, Path(train_dir) / winner.name)
+            restore = _log_lineage(config, manifest, manifest_path, folds_path, metadata, project_dir, tmp)
             version_tags = {
                 **_version_tags(tags, winner, init, test_scores),
                 **_restore_tags(restore),
-                **candidate.to_tags("candidate"),
-                **({} if champion_now is None else champion_now.to_tags("champion")),
-                **decision.to_tags(alias),
+                **_gate_tags(candidate, champion_now, decision, alias),
             }
             version = log_and_register(
-                bundle, metadata, config.register.model_name, alias, version_tags, description=winner.reason
+                bundle,
+                metadata,
+                config.register.model_name,
+                alias,
+                version_tags,
+                winner.reason,
+                _mirror(config, project_dir),
             )
-        champion = {
-            "model_name": config.register.model_name,
-            "version": str(version.version),
-            "alias": alias,
-            "model_uri": f"models:/{config.register.model_name}@{alias}",
-            "run_id": run.info.run_id,
-            "cv_run_id": winner.cv["run_id"],
-            "arch": winner.name,
-            "selection": winner.reason,
-            "gate": gate_document(candidate, champion_now, decision),
-            "test": test_scores,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        }
+        champion = _champion_document(
+            config, version, alias, run.info.run_id, winner, candidate, champion_now, decision
+        )
+        champion["test"] = test_scores
         write_json(tmp / CHAMPION_FILE, champion)
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner.name, alias)
@@ -339,6 +326,60 @@ def _candidate_metrics(winner: _Winner, tags: dict[str, str], folds_path: Path) 
     )
 
 
+def _add_drift_reference(
+    predictor: Predictor, data: TrainingSet, bundle: Path, metadata: ModelMetadata, cv_dir: Path
+) -> None:
+    """Store the drift reference in the bundle: the real training tiles' statistics and embeddings by this model.
+
+    The label and referral rates expected of served tiles are the winner's out-of-fold ones (``oof.csv``). The
+    bundle's SHA-256 list is rewritten to cover the reference.
+    """
+    from bonetumor.monitoring.reference import build_reference
+
+    table = data.train_table
+    files = table.loc[~table["synthetic"], "file"] if "synthetic" in table.columns else table["file"]
+    images = [decode_image(f) for f in files]
+    label_rates, referral_rate = None, None
+    oof_path = cv_dir / "oof.csv"
+    if oof_path.is_file():
+        oof = pd.read_csv(oof_path)
+        label_rates = {str(k): float(v) for k, v in oof["prediction"].value_counts(normalize=True).items()}
+        referral = predictor.metadata.referral or {}
+        if "coverage" in referral:
+            referral_rate = 1.0 - float(referral["coverage"])
+    reference = build_reference(predictor, images, label_rates=label_rates, referral_rate=referral_rate)
+    reference.save(bundle / DRIFT_REFERENCE)
+    write_metadata(bundle, metadata)
+
+
+def _log_lineage(
+    config: Config,
+    manifest: Any,
+    manifest_path: Path,
+    folds_path: Path,
+    metadata: ModelMetadata,
+    project_dir: str | Path,
+    out_dir: Path,
+) -> RestoreRecord:
+    """Log ``lineage/`` with the active (refit) run: the restore record, dvc.lock, params, libraries, pipeline run."""
+    run = mlflow.active_run()
+    restore = restore_record(config.data.source, project_dir, run.info.run_id if run else "")
+    lineage = write_lineage_record(
+        out_dir / LINEAGE_DIR,
+        restore=restore,
+        manifest_path=manifest_path,
+        tiles=_tile_counts(manifest),
+        folds_path=folds_path,
+        params=config.to_dict(),
+        libraries=metadata.versions,
+        project_dir=project_dir,
+    )
+    mlflow.log_artifacts(str(lineage), LINEAGE_DIR)
+    if not restore.restorable:
+        log.warning("the data of this registration cannot be restored from the commit: %s", restore.reason)
+    return restore
+
+
 def _tile_counts(manifest: Any) -> dict[str, Any]:
     """Tiles, slides and patients of the data set, per class (for the lineage and the model card)."""
     real = manifest[~manifest["synthetic"]] if "synthetic" in manifest.columns else manifest
@@ -347,6 +388,47 @@ def _tile_counts(manifest: Any) -> dict[str, Any]:
         "slides": int(real["slide"].nunique()),
         "patients": int(real["case"].nunique()),
         "per_class": {str(k): int(v) for k, v in real["label"].value_counts().sort_index().items()},
+    }
+
+
+def _champion_document(
+    config: Config,
+    version: Any,
+    alias: str,
+    run_id: str,
+    winner: _Winner,
+    candidate: GateMetrics,
+    champion_now: GateMetrics | None,
+    decision: GateDecision,
+) -> dict[str, Any]:
+    """The content of ``champion.json`` (the caller adds ``test``)."""
+    return {
+        "model_name": config.register.model_name,
+        "version": str(version.version),
+        "alias": alias,
+        "model_uri": f"models:/{config.register.model_name}@{alias}",
+        "run_id": run_id,
+        "cv_run_id": winner.cv["run_id"],
+        "arch": winner.name,
+        "selection": winner.reason,
+        "gate": gate_document(candidate, champion_now, decision),
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }
+
+
+def _mirror(config: Config, project_dir: str | Path) -> Path | None:
+    """The local mirror of the alias history (``register.promotion_log``)."""
+    return Path(project_dir) / config.register.promotion_log if config.register.promotion_log else None
+
+
+def _gate_tags(
+    candidate: GateMetrics, champion: GateMetrics | None, decision: GateDecision, alias: str
+) -> dict[str, str]:
+    """Both sides' figures and the decision, as version tags."""
+    return {
+        **candidate.to_tags("candidate"),
+        **({} if champion is None else champion.to_tags("champion")),
+        **decision.to_tags(alias),
     }
 
 

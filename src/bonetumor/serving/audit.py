@@ -63,6 +63,9 @@ class PredictionLog:
         """Log the audit fields and the outcome of one answer (no image bytes, no probabilities per pixel)."""
         record: dict[str, Any] = {k: answer[k] for k in ("request_id", "timestamp", "input_sha256") if k in answer}
         record |= {k: answer[k] for k in LOGGED_FIELDS if k in answer}
+        if isinstance(answer.get("drift_features"), dict):
+            # Colour/stain statistics and the projected embedding: what `bonetumor drift` compares.
+            record |= {k: answer["drift_features"][k] for k in ("stats", "embedding") if k in answer["drift_features"]}
         if "probabilities" in answer:
             record["probabilities"] = {k: round(float(v), 6) for k, v in answer["probabilities"].items()}
         line = logging.LogRecord("bonetumor.predictions", logging.INFO, "", 0, json.dumps(record), None, None)

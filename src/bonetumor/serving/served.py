@@ -25,6 +25,8 @@ from PIL import Image
 
 from bonetumor.config import ServingConfig, ValidateConfig
 from bonetumor.errors import ConfigError, InvalidImageError
+from bonetumor.monitoring.features import EmbeddingExtractor, predict_and_embed
+from bonetumor.monitoring.reference import DriftReference, features_from_embeddings, served_features_many
 from bonetumor.serving.audit import audit_fields
 from bonetumor.serving.engines import Engine, choose_engine
 from bonetumor.serving.predictor import Predictor
@@ -33,6 +35,8 @@ from bonetumor.transforms.tissue import tissue_fraction
 
 log = logging.getLogger(__name__)
 
+#: The drift reference in a bundle (written by registration).
+DRIFT_REFERENCE = "drift_reference.npz"
 #: Side in pixels of the overlay and heatmap PNGs of ``/explain`` (the raw heatmap stays at the tile size).
 EXPLAIN_PNG_SIDE = 256
 
@@ -85,7 +89,9 @@ class ServedModel:
     checks: InputChecks
     bundle_dir: Path
     registry: dict[str, str] = field(default_factory=dict)
+    drift: DriftReference | None = None
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _extractor: EmbeddingExtractor | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -129,6 +135,7 @@ class ServedModel:
             registry={
                 k: identity[k] for k in ("served_as", "aliases", "gate_decision", "gate_reason") if k in identity
             },
+            drift=_drift_reference(Path(bundle_dir)) if serving.drift_features else None,
         )
 
     @property
@@ -160,12 +167,27 @@ class ServedModel:
             }
         return {**audit, **answer, "tissue_fraction": round(tissue, 4), "model": self.model_fields}
 
-    def _predict(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        if self.engine is self.predictor:
-            # Grad-CAM hooks the same module: a forward pass during an explanation would corrupt both.
-            with self._torch_lock:
-                return self.engine.predict_images(images)
-        return self.engine.predict_images(images)
+    def _predict(self, images: list[Image.Image], features: bool = True) -> list[dict[str, Any]]:
+        """The engine's answers; with a drift reference, each carries ``drift_features`` for the prediction log."""
+        if not images:
+            return []
+        if self.drift is None or not features:
+            if self.engine is self.predictor:
+                # Grad-CAM hooks the same module: a forward pass during an explanation would corrupt both.
+                with self._torch_lock:
+                    return self.engine.predict_images(images)
+            return self.engine.predict_images(images)
+        with self._torch_lock:
+            if self._extractor is None:
+                self._extractor = EmbeddingExtractor(self.predictor.model)
+            if self.engine is self.predictor:
+                # The embedding comes from the prediction's own forward pass: no extra cost.
+                answers, embeddings = predict_and_embed(self.predictor, images, self._extractor)
+                drift = features_from_embeddings(self.drift, images, embeddings)
+            else:
+                answers = self.engine.predict_images(images)
+                drift = served_features_many(self.predictor, self.drift, images, self._extractor)
+        return [{**answer, "drift_features": extra} for answer, extra in zip(answers, drift, strict=True)]
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -178,7 +200,7 @@ class ServedModel:
         The whole-slide assessment reads its tiles itself (at the training scale), so there are no uploaded bytes
         to check or hash; each answer still gets the tissue referral and the ``model`` block.
         """
-        answers = self._predict(images)
+        answers = self._predict(images, features=False)
         return [self._finish(answer, tissue_fraction(image), {}) for image, answer in zip(images, answers, strict=True)]
 
     def answer(self, data: bytes, source: str = "upload") -> dict[str, Any]:
@@ -300,6 +322,15 @@ class ServedModel:
             "stain_normalization": None if meta.stain is None else meta.stain.get("method"),
             "referral": meta.referral,
         }
+
+
+def _drift_reference(bundle_dir: Path) -> DriftReference | None:
+    """The bundle's drift reference, checked against its SHA-256; None for versions registered without one."""
+    path = bundle_dir / DRIFT_REFERENCE
+    if not path.is_file():
+        log.info("%s has no drift reference: answers carry no drift features", bundle_dir)
+        return None
+    return DriftReference.load(path)
 
 
 def _jet(heatmap: np.ndarray, side: int) -> np.ndarray:
