@@ -38,7 +38,7 @@ LINEAGE_FILE = "lineage.json"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 #: Fold-run metrics the chain shows (the rest are in the MLflow UI).
-FOLD_METRICS = ("f1_macro", "accuracy", "best_step", "val_loss")
+FOLD_METRICS = ("fold_macro_f1", "fold_accuracy", "best_step", "best_val_loss")
 
 
 def build_lineage(

@@ -242,17 +242,26 @@ def read_mirror(path: str | Path) -> list[PromotionEvent]:
 
 def _fit(event: PromotionEvent) -> PromotionEvent:
     """Cut the reason until the event's JSON fits :data:`MAX_EVENT_CHARS`, and say so at the end of the reason."""
+    if len(event.to_json()) <= MAX_EVENT_CHARS:
+        return event
     original = event.reason
     marker = f" [cut to fit MLflow's {MAX_EVENT_CHARS}-character tag value; the reason had {len(original)} characters]"
-    keep = len(original)
-    while (over := len(event.to_json()) - MAX_EVENT_CHARS) > 0:
-        if keep == 0:
-            raise ArtifactError(f"promotion event {event.sequence} does not fit {MAX_EVENT_CHARS} characters")
-        # A JSON-escaped character takes at least one character, so cutting ``over`` of them always gains enough
-        # room for the text itself; the marker's length is taken off on the first pass.
-        keep = max(0, keep - over - (0 if event.reason.endswith(marker) else len(marker)))
-        event = dataclasses.replace(event, reason=original[:keep] + marker)
-    return event
+
+    def cut(keep: int) -> PromotionEvent:
+        return dataclasses.replace(event, reason=original[:keep] + marker)
+
+    # JSON escapes (quotes, backslashes, non-ASCII) make a character take 1 to 12 characters: search the longest
+    # prefix that fits.
+    low, high = 0, len(original)
+    if len(cut(0).to_json()) > MAX_EVENT_CHARS:
+        raise ArtifactError(f"promotion event {event.sequence} does not fit {MAX_EVENT_CHARS} characters")
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(cut(middle).to_json()) <= MAX_EVENT_CHARS:
+            low = middle
+        else:
+            high = middle - 1
+    return cut(low)
 
 
 def _append(
@@ -277,7 +286,9 @@ def _append(
         tags = _registered_tags(client, model_name)
         if tags is None:
             raise ModelNotFoundError(f"no registered model {model_name} at {mlflow.get_tracking_uri()}")
-        taken = [int(k.removeprefix(EVENT_PREFIX)) for k in tags if k.removeprefix(EVENT_PREFIX).isdigit()]
+        taken = [
+            int(k[len(EVENT_PREFIX) :]) for k in tags if k.startswith(EVENT_PREFIX) and k[len(EVENT_PREFIX) :].isdigit()
+        ]
         event = _fit(
             PromotionEvent(
                 sequence=max(taken, default=0) + 1,
@@ -320,15 +331,26 @@ def _mirror(path: Path, line: str) -> None:
 
 
 def alias_holder(model_name: str, alias: str) -> ModelVersion | None:
-    """Return the version ``alias`` points at now, or None when it points at none (or the model does not exist)."""
+    """Return the version ``alias`` points at now, or None when it points at none (or the model does not exist).
+
+    Raises:
+        RegistryUnavailableError: The tracking store did not answer (not the same as "no such alias").
+    """
     return _holder(MlflowClient(), model_name, alias)
 
 
 def _holder(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # An unknown alias is INVALID_PARAMETER_VALUE, an unknown model RESOURCE_DOES_NOT_EXIST; anything else means
+        # the store failed, and guessing "no holder" would skip the figure check and the demotion.
+        if exc.error_code in (_MISSING, "INVALID_PARAMETER_VALUE"):
+            return None
+        raise RegistryUnavailableError(
+            f"tracking store {mlflow.get_tracking_uri()} did not answer the lookup of {model_name}@{alias} "
+            f"({exc.error_code}); check that it runs and is reachable, or set MLFLOW_TRACKING_URI to one that is"
+        ) from exc
 
 
 def _set_tags(client: MlflowClient, model_name: str, version: str, tags: dict[str, str]) -> None:
@@ -527,9 +549,9 @@ def promote(
     )
     if lowers and not force:
         raise PromotionRefusedError(
-            f"version {version} of {model_name} has a mean per-fold macro-F1 of {new_f1:.4f}, lower than "
-            f"{old_f1:.4f} of @{alias} version {before.version if before else '?'}; pass --force (force=True) to "
-            "promote it anyway: the alias history will say it was forced"
+            f"{model_name} version {version}'s mean per-fold macro-F1 {new_f1:.4f} is lower than @{alias} version "
+            f"{before.version if before else '?'}'s {old_f1:.4f}; pass --force (force=True) to promote it anyway: "
+            "the alias history will say it was forced"
         )
     at, user = _now(), current_user()
     _move(client, model_name, found, before, alias, reason, challenger_alias, at, user)
