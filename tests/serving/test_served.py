@@ -8,6 +8,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,10 +275,28 @@ def test_the_holder_swaps_to_the_version_the_alias_names_and_keeps_serving_when_
     assert holder.current.version == "4"
 
 
+def _stain_shifted(image: Image.Image) -> Image.Image:
+    """Another lab's staining: haematoxylin OD +0.3 and eosin x0.6 in the tissue (glass stays white)."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    from bonetumor.transforms.stain import rgb_to_od
+
+    od = rgb_to_od(np.asarray(image))
+    tissue = np.clip((od.max(axis=-1) - 0.05) / 0.10, 0.0, 1.0)
+    stains = od @ hed_from_rgb.astype(np.float32)
+    stains[..., 0] += 0.3 * tissue
+    stains[..., 1] *= 1.0 - 0.4 * tissue
+    rgb = np.clip(np.rint(256.0 * np.exp(-(stains @ rgb_from_hed.astype(np.float32))) - 1.0), 0, 255)
+    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+
+
+def _orientations(image: Image.Image) -> list[Image.Image]:
+    t = Image.Transpose
+    return [image, *(image.transpose(x) for x in (t.FLIP_LEFT_RIGHT, t.ROTATE_90, t.ROTATE_270))]
+
+
 def test_served_answers_log_drift_features_and_a_stain_shifted_batch_drifts(bundle: Path, tmp_path: Path) -> None:
     """Served model with a drift reference -> prediction log -> drift test: shifted tiles drift, unshifted do not."""
-    from monitoring.test_drift import _views, stain_shift
-
     from bonetumor.monitoring.drift import detect_drift
     from bonetumor.monitoring.reference import build_reference
     from bonetumor.serving.predictor import load_bundle, write_metadata
@@ -293,8 +312,8 @@ def test_served_answers_log_drift_features_and_a_stain_shifted_batch_drifts(bund
     model = served(copy)
     assert model.drift is not None
 
-    def serve(change: object, log_path: Path) -> list[dict[str, object]]:
-        views = [v for i, t in enumerate(images) if i % 3 == 2 for v in _views(t)]
+    def serve(change: object, log_path: Path) -> list[dict[str, Any]]:
+        views = [v for i, t in enumerate(images) if i % 3 == 2 for v in _orientations(t)]
         uploads = []
         for n, view in enumerate(views):
             buffer = io.BytesIO()
@@ -311,6 +330,6 @@ def test_served_answers_log_drift_features_and_a_stain_shifted_batch_drifts(bund
     assert len(plain[0]["embedding"]) == model.drift.embeddings.shape[1]
     assert "drift_features" not in plain[0]  # the log keeps the numbers, flat; never the image
     assert detect_drift(model.drift, plain).status == "ok"
-    shifted = detect_drift(model.drift, serve(stain_shift, tmp_path / "shifted.jsonl"))
+    shifted = detect_drift(model.drift, serve(_stain_shifted, tmp_path / "shifted.jsonl"))
     assert shifted.status == "drift"
     assert "haematoxylin_od" in " ".join(shifted.reasons)
