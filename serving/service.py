@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import anyio
 import bentoml
 import yaml
-from bentoml.exceptions import BentoMLException
+from bentoml.exceptions import BentoMLException, NotFound
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -429,8 +429,28 @@ class BoneTumorClassifier:
         """
         return self.holder.current.info() | {"alias_check": self.holder.last_check}
 
+    @bentoml.api
+    def model_card(self) -> str:
+        """The served version's model card, as Markdown. Answers ``GET`` too.
+
+        Intended use, data, metrics with intervals beside the baseline, calibration and referral, limitations,
+        changes since the previous champion. A version registered before model cards answers 404 with the
+        command that writes one.
+        """
+        model = self.holder.current
+        if model.card is None:
+            raise NotFound(
+                f"{model.name} version {model.version} has no model card (registered before model cards, or its "
+                f"card did not download: see the service log); `bonetumor model-card {model.version} --log` "
+                "writes and logs one"
+            )
+        return model.card[0]
+
 
 # The decorators made the class a bentoml Service, which mypy cannot see.
 cast(Any, BoneTumorClassifier).add_asgi_middleware(
-    UploadGuard, endpoints=UPLOADS, max_bytes=_serving_config().max_upload_bytes, get_as_post=("/model_info",)
+    UploadGuard,
+    endpoints=UPLOADS,
+    max_bytes=_serving_config().max_upload_bytes,
+    get_as_post=("/model_info", "/model_card"),
 )

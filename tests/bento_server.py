@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import card_fixtures
 import mlflow
 import pytest
 import requests
@@ -25,6 +26,7 @@ from conftest import CLASSES, REPO, SAMPLE, bundle_metadata, free_port, venv_env
 
 from bonetumor.config import TrackingConfig
 from bonetumor.evaluation.calibration import ReferralPolicy
+from bonetumor.registry.model_card import log_model_card
 from bonetumor.registry.model_registry import log_and_register
 from bonetumor.registry.tracking import setup_mlflow
 from bonetumor.serving.engines import ONNX_DIR, decide_runtime
@@ -78,8 +80,11 @@ def write_registry_project(root: Path, serving: dict[str, Any] | None = None) ->
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def register_model(root: Path, seed: int, alias: str = "champion", onnx: bool = True) -> str:
-    """Register an untrained model (weights from ``seed``) with ONNX FP32 + INT8 files; return its version."""
+def register_model(root: Path, seed: int, alias: str = "champion", onnx: bool = True, card: bool = True) -> str:
+    """Register an untrained model (weights from ``seed``) with ONNX FP32 + INT8 files; return its version.
+
+    With ``card``, the version gets a model card, as registration gives one (its figures are the test fixture's).
+    """
     setup_mlflow(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db"), root)
     torch.manual_seed(seed)
     model = build_model("resnet50", 3).eval()
@@ -100,8 +105,13 @@ def register_model(root: Path, seed: int, alias: str = "champion", onnx: bool = 
     # No out-of-fold INT8 score here, so the decision is FP32, as for a pipeline run without candidates.int8.
     meta = dataclasses.replace(meta, runtime=decide_runtime("resnet50", {"resnet50": {"f1_macro": 0.5}}, 0.01, onnx))
     save_bundle(model, meta, bundle)
+
+    def log_card(pending: Any) -> dict[str, str]:
+        sources = card_fixtures.sources(str(pending.version), metadata=dataclasses.asdict(meta))
+        return log_model_card(sources, root / f"card-{seed}")
+
     with mlflow.start_run():
-        version = log_and_register(bundle, meta, MODEL_NAME, alias, {})
+        version = log_and_register(bundle, meta, MODEL_NAME, alias, {}, before_ready=log_card if card else None)
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     return str(version.version)
 

@@ -961,6 +961,81 @@ def lineage_of(params_path: str | Path, ref: str, prediction_log: str | Path | N
     )
 
 
+def model_card_of(
+    params_path: str | Path,
+    ref: str,
+    rebuild: bool = False,
+    log_card: bool = False,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """The model card of a registered version: the one logged with it, or one rebuilt from the registry.
+
+    Args:
+        params_path: The project's params.yaml (tracking URI, model name, referral targets).
+        ref: A version number or an alias.
+        rebuild: Render the card again from its sources (the logged ``card_sources.json``, or, for versions
+            registered before model cards, the evaluation report, lineage and tags in MLflow).
+        log_card: Also log the rebuilt card with the version's refit run and tag the version with it (implies
+            ``rebuild``): the service then serves it at ``/model_card``.
+        out: Also write the Markdown to this file.
+
+    Returns:
+        ``version``, ``source`` (``logged`` or ``rebuilt``), ``markdown`` and ``metadata``.
+
+    Raises:
+        ArtifactError: The version's files or its evaluation report cannot be downloaded.
+    """
+    import json
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from bonetumor.errors import ArtifactError
+    from bonetumor.registry.model_card import (
+        CARD_DIR,
+        CARD_MD,
+        CARD_TAG,
+        build_model_card,
+        sources_from_registry,
+        stored_card,
+        write_model_card,
+    )
+    from bonetumor.registry.model_registry import resolve_version
+    from bonetumor.serving.predictor import METADATA_FILE
+
+    config, _ = _registry(params_path)
+    name = config.register.model_name
+    version = resolve_version(name, ref)
+    stored = None if rebuild or log_card else stored_card(version)
+    if stored is not None:
+        markdown, metadata, source = stored[0], stored[1], "logged"
+    else:
+        with tempfile.TemporaryDirectory(prefix="bonetumor-card-") as tmp:
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+            except mlflow.exceptions.MlflowException as exc:
+                raise ArtifactError(f"version {version.version} does not download from the registry ({exc})") from exc
+            found = sorted(local.rglob(METADATA_FILE))
+            if not found:
+                raise ArtifactError(f"version {version.version}: no {METADATA_FILE} in its logged model")
+            sources = sources_from_registry(config, version, json.loads(found[0].read_text(encoding="utf-8")))
+            card = build_model_card(sources)
+            if log_card:
+                if not version.run_id:
+                    raise ArtifactError(f"version {version.version} has no run to log its card with")
+                folder = write_model_card(card, sources, Path(tmp) / CARD_DIR)
+                MlflowClient().log_artifacts(version.run_id, str(folder), CARD_DIR)
+                MlflowClient().set_model_version_tag(
+                    name, version.version, CARD_TAG, f"runs:/{version.run_id}/{CARD_DIR}/{CARD_MD}"
+                )
+        markdown, metadata, source = card.to_markdown(), card.to_metadata(), "rebuilt"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(markdown, encoding="utf-8")
+    return {"version": str(version.version), "source": source, "markdown": markdown, "metadata": metadata}
+
+
 def drift_check(
     params_path: str | Path,
     model: str | None = None,

@@ -187,6 +187,18 @@ def test_model_info_answers_get_with_the_runtime_and_why(served: BentoServer) ->
     assert info["referral"]["temperature"] == 1.5
 
 
+def test_the_model_card_is_served_as_markdown_and_model_info_points_at_it(served: BentoServer) -> None:
+    response = requests.get(f"{served.url}/model_card", timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    card = response.text
+    assert card.startswith(f"# Model card: bone-tumor-classifier version {served.version} (")
+    assert "## Intended use" in card
+    assert "**Not for:**" in card
+    assert "## Changes since the previous champion" in card
+    assert requests.get(f"{served.url}/model_info", timeout=30).json()["model_card"] == "/model_card"
+
+
 def test_every_answer_is_in_the_prediction_log_and_no_upload_stays_on_disk(served: BentoServer) -> None:
     answers = [post(served.url, TILE.name, TILE.read_bytes()).json() for _ in range(3)]
     records = {r["request_id"]: r for r in read_prediction_log(served.root / "predictions.jsonl")}

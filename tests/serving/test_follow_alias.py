@@ -37,7 +37,7 @@ def test_a_promoted_version_is_served_next_without_a_restart_or_a_dropped_reques
     (tmp_path / "tmp").mkdir()
     write_registry_project(tmp_path, serving={"reload_seconds": 1})
     first = register_model(tmp_path, seed=0)
-    second = register_model(tmp_path, seed=1, alias="challenger")
+    second = register_model(tmp_path, seed=1, alias="challenger", card=False)  # as if registered before cards
     server = BentoServer.start(tmp_path, first)
     statuses: list[int] = []
     versions: list[str] = []
@@ -53,6 +53,9 @@ def test_a_promoted_version_is_served_next_without_a_restart_or_a_dropped_reques
     try:
         before = predict(server.url).json()
         assert before["model"]["version"] == first
+        assert (
+            f"# Model card: {MODEL_NAME} version {first} " in requests.get(f"{server.url}/model_card", timeout=30).text
+        )
         client_thread = threading.Thread(target=keep_asking)
         client_thread.start()
         setup_mlflow(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), tmp_path)
@@ -67,6 +70,11 @@ def test_a_promoted_version_is_served_next_without_a_restart_or_a_dropped_reques
         assert set(versions) == {first, second}
         assert after["probabilities"] != before["probabilities"]  # other weights answer
         assert requests.get(f"{server.url}/model_info", timeout=30).json()["version"] == second
+        # The card follows the alias too: the new version has none, and the answer says how to write one.
+        card = requests.get(f"{server.url}/model_card", timeout=30)
+        assert card.status_code == 404
+        assert f"version {second} has no model card" in card.text
+        assert f"bonetumor model-card {second} --log" in card.text
 
         # An alias that points at a registration that never finished is not followed.
         third = register_model(tmp_path, seed=2, alias="challenger")

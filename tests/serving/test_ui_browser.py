@@ -135,6 +135,12 @@ def test_header_names_the_served_model_and_says_it_is_not_a_diagnosis(page: Page
         expect(page.locator(field)).not_to_have_text("…")
     expect(page.locator("body")).to_contain_text("Decision support, not a diagnosis. A pathologist makes the call.")
     expect(page.locator("#model-info-error")).to_be_hidden()
+    # The served version has a model card: the header links to it, and the link answers the card.
+    link = page.locator("#model-card-link")
+    expect(link).to_be_visible()
+    card = page.request.get(str(link.evaluate("a => a.href")))
+    assert card.ok
+    assert card.text().startswith(f"# Model card: bone-tumor-classifier version {served.version} ")
 
 
 def test_a_tile_gets_a_label_probability_bars_and_a_heatmap(page: Page, served: Served) -> None:

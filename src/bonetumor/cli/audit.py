@@ -73,6 +73,30 @@ def rollback(
     run_stage(stage)
 
 
+def model_card(
+    version: Annotated[str, typer.Argument(help="A version number or an alias (champion, challenger).")],
+    params: ParamsOption = Path("params.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the machine-readable card (MONAI keys).")] = False,
+    rebuild: Annotated[
+        bool, typer.Option(help="Render it again from its sources (for versions registered before model cards).")
+    ] = False,
+    log: Annotated[
+        bool, typer.Option("--log", help="Rebuild it and log it with the version, so the service serves it.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the Markdown to this file.")] = None,
+) -> None:
+    """Print a version's model card: intended use, data, metrics beside the baseline, referral, limitations."""
+    from bonetumor.stages import model_card_of
+
+    def stage() -> None:
+        card = model_card_of(params, version, rebuild=rebuild, log_card=log, out=out)
+        typer.echo(json.dumps(card["metadata"], indent=2) if as_json else card["markdown"])
+        if log:
+            typer.echo(f"logged with version {card['version']}: the service serves it at /model_card", err=True)
+
+    run_stage(stage)
+
+
 def drift(
     params: ParamsOption = Path("params.yaml"),
     model: Annotated[str, typer.Option(help="Alias or version whose answers are checked.")] = "",

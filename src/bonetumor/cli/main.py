@@ -62,6 +62,7 @@ def _add_subcommands() -> None:
     app.command()(audit.lineage)
     app.command()(audit.promotions)
     app.command()(audit.rollback)
+    app.command("model-card")(audit.model_card)
     app.command()(audit.drift)
     app.command()(audit.retrain)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from bonetumor.config import Config, load_config
 from bonetumor.errors import ArtifactError, ModelNotFoundError, RegistryUnavailableError
 from bonetumor.faults import fault_point
 from bonetumor.registry.gate import GATE_PREFIX, GateMetrics
+from bonetumor.registry.model_card import stored_card
 from bonetumor.registry.promotions import STATUS_TAG, alias_holder, record_registration
 from bonetumor.registry.promotions import promote as record_promotion
 from bonetumor.registry.tracking import configure_tracking
@@ -101,12 +103,24 @@ def log_and_register(
     version_tags: dict[str, str],
     description: str = "",
     mirror: str | Path | None = None,
+    before_ready: Callable[[ModelVersion], dict[str, str]] | None = None,
 ) -> ModelVersion:
     """Log the bundle as a pyfunc model in the active run, register a new version and point ``alias`` at it.
 
     The version is created with ``bonetumor.status=pending``; only when the model is logged and every tag is set
     does the status become ``ready`` and, last of all, the alias move. A run that fails or is killed on the way
     leaves at most a pending version that no alias points at.
+
+    Args:
+        bundle_dir: The bundle folder.
+        metadata: The bundle's metadata.
+        model_name: The registered model.
+        alias: The alias the new version takes.
+        version_tags: Tags of the new version.
+        description: The version's description.
+        mirror: The local JSONL mirror of the alias history.
+        before_ready: Called with the pending version, once it has its number and before it is ``ready``
+            (registration logs the model card here, so no ready version lacks one); returns more version tags.
 
     Returns:
         The new model version.
@@ -149,6 +163,8 @@ def log_and_register(
         description=description,
     )
     fault_point("register-version")
+    for key, value in (before_ready(version) if before_ready else {}).items():
+        client.set_model_version_tag(model_name, version.version, key, value)
     client.set_model_version_tag(model_name, version.version, STATUS_TAG, "ready")
     former = alias_holder(model_name, alias)
     client.set_registered_model_alias(model_name, alias, version.version)
@@ -324,10 +340,22 @@ def load_served_version(config: Config, version: ModelVersion, served_as: str = 
         "gate_reason": version.tags.get(f"{GATE_PREFIX}reason", ""),
     }
     try:
-        return ServedModel.create(bundle_dir, predictor, identity, config.serving, config.validate)
+        return ServedModel.create(
+            bundle_dir, predictor, identity, config.serving, config.validate, card=_served_card(name, version)
+        )
     except ArtifactError as exc:
         # An ONNX file that is damaged or fails its SHA-256, named by its download folder: say which version.
         raise ArtifactError(f"{name} version {version.version} is refused: {exc}") from exc
+
+
+def _served_card(name: str, version: ModelVersion) -> tuple[str, dict[str, Any]] | None:
+    """The card logged with the version, or None (the service answers 404 and says how to write one)."""
+    try:
+        return stored_card(version)
+    except ArtifactError as exc:
+        # The model itself is fine: serve it, and say in the log why /model_card has nothing.
+        log.warning("%s version %s is served without its model card: %s", name, version.version, exc)
+        return None
 
 
 def open_served_model(params_path: str | Path, alias_or_version: str | None = None) -> tuple[ModelHolder, Config]:

@@ -37,6 +37,14 @@ from bonetumor.evaluation.evaluate import COMPARISON_FILE, REFERRAL_DIR
 from bonetumor.evaluation.metrics import classification_metrics
 from bonetumor.registry.gate import GateDecision, GateMetrics, decide, gate_document, registration_allowed
 from bonetumor.registry.lineage import LINEAGE_DIR, pipeline_run, write_lineage_record
+from bonetumor.registry.model_card import (
+    CARD_DIR,
+    CardSources,
+    card_settings,
+    card_training,
+    log_model_card,
+    previous_champion,
+)
 from bonetumor.registry.model_registry import STATUS_TAG, champion_metrics, log_and_register
 from bonetumor.registry.restore import RestoreRecord, restore_record
 from bonetumor.registry.tracking import (
@@ -117,6 +125,7 @@ class _Winner:
     reason: str
     baseline: float | None
     all_scores: dict[str, Any] = dataclasses.field(default_factory=dict)
+    comparison: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_registration(
@@ -164,13 +173,7 @@ def run_registration(
         save_resolved(config, tmp)
         refit_tags = _refit_tags({**tags, **process_tags()}, winner, init)
         with mlflow.start_run(run_name=f"refit-{winner.name}", tags=refit_tags) as run:
-            mlflow.log_params(
-                {
-                    **flatten_params(config.for_arch(winner.name), (*TRAIN_SECTIONS, "referral", "register")),
-                    "arch": winner.name,
-                    "refit_steps": winner.cv["refit_steps"],
-                }
-            )
+            _log_refit_params(config, winner)
             data = full_training_set(config, balance_dir, manifest_path.parent, policy, winner.cv["refit_steps"])
             # Outside the atomic output folder, which a killed run discards; removed once registered.
             fitted = refit(
@@ -197,6 +200,8 @@ def run_registration(
                 **_restore_tags(restore),
                 **_gate_tags(candidate, champion_now, decision, alias),
             }
+            card = _CardContext(config, winner, metadata, {**_tile_counts(manifest), "restore": restore.to_dict()})
+            card.tags, card.test, card.gate = tags, test_scores, gate_document(candidate, champion_now, decision)
             version = log_and_register(
                 bundle,
                 metadata,
@@ -205,6 +210,7 @@ def run_registration(
                 version_tags,
                 winner.reason,
                 _mirror(config, project_dir),
+                before_ready=lambda pending: card.log(pending, alias, champion_now, tmp / CARD_DIR),
             )
         champion = _champion_document(
             config, version, alias, run.info.run_id, winner, candidate, champion_now, decision
@@ -214,6 +220,66 @@ def run_registration(
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("%s version %s (%s) -> @%s", config.register.model_name, version.version, winner.name, alias)
     return champion
+
+
+@dataclasses.dataclass
+class _CardContext:
+    """What the model card needs from registration; :meth:`log` writes and logs it once the version has a number."""
+
+    config: Config
+    winner: _Winner
+    metadata: ModelMetadata
+    data: dict[str, Any]
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    test: dict[str, Any] | None = None
+    gate: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def sources(self, version: Any, alias: str, previous: dict[str, Any] | None) -> CardSources:
+        """The card's sources for the new ``version``."""
+        comparison, name = self.winner.comparison, self.winner.name
+        baseline_name = (comparison.get("baseline") or {}).get("name")
+        archs = [a for a in comparison.get("ranking", []) if a != name]
+        created = datetime.fromtimestamp((version.creation_timestamp or 0) / 1000, UTC).isoformat(timespec="seconds")
+        return CardSources(
+            model={
+                "name": self.config.register.model_name,
+                "version": str(version.version),
+                "alias": alias,
+                "run_id": version.run_id or "",
+                "cv_run_id": self.winner.cv["run_id"],
+                "registered_at": created,
+            },
+            metadata=dataclasses.asdict(self.metadata),
+            scores=self.winner.scores,
+            baseline=self.winner.all_scores.get(baseline_name) if baseline_name else None,
+            baseline_what=str((comparison.get("baseline") or {}).get("what", "")),
+            others={
+                a: {k: self.winner.all_scores[a].get(k) for k in ("fold_f1_macro_mean", "accuracy")}
+                for a in archs
+                if a in self.winner.all_scores
+            },
+            data={
+                **self.data,
+                "data_version": self.tags.get(f"{TAG_PREFIX}data_version"),
+                "dvc_md5": self.tags.get(f"{TAG_PREFIX}dvc_data_md5"),
+                "synthetic": comparison.get("balance"),
+                "group_by": self.config.split.group_by,
+            },
+            test=self.test,
+            gate=self.gate,
+            previous=previous,
+            settings=card_settings(self.config),
+            training=card_training(self.config, name),
+        )
+
+    def log(self, version: Any, alias: str, champion: GateMetrics | None, out_dir: Path) -> dict[str, str]:
+        """Write the card of ``version`` to ``out_dir``, log it under the active run's ``model_card/``.
+
+        Returns:
+            The version tag that says where the card is.
+        """
+        previous = previous_champion(self.config.register.model_name, champion)
+        return log_model_card(self.sources(version, alias, previous), out_dir)
 
 
 def abandon_unfinished_versions(model_name: str) -> list[str]:
@@ -292,7 +358,14 @@ def _read_winner(train_dir: Path, evaluate_dir: Path, min_macro_f1: float) -> _W
     )
     baseline = (comparison.get("baseline") or {}).get("fold_f1_macro_mean")
     return _Winner(
-        name, cv, scores, referral, reason, None if baseline is None else float(baseline), comparison["scores"]
+        name,
+        cv,
+        scores,
+        referral,
+        reason,
+        None if baseline is None else float(baseline),
+        comparison["scores"],
+        comparison,
     )
 
 
@@ -440,6 +513,17 @@ def _restore_tags(restore: RestoreRecord) -> dict[str, str]:
         f"{TAG_PREFIX}git_dirty": str(restore.dirty).lower(),
         **({f"{TAG_PREFIX}data_restore_note": restore.reason[:5000]} if restore.reason else {}),
     }
+
+
+def _log_refit_params(config: Config, winner: _Winner) -> None:
+    """The refit run's params: the winner's training sections, referral and register, its arch and steps."""
+    mlflow.log_params(
+        {
+            **flatten_params(config.for_arch(winner.name), (*TRAIN_SECTIONS, "referral", "register")),
+            "arch": winner.name,
+            "refit_steps": winner.cv["refit_steps"],
+        }
+    )
 
 
 def _refit_tags(tags: dict[str, str], winner: _Winner, init: InitWeights) -> dict[str, str]:

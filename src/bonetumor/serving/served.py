@@ -90,6 +90,7 @@ class ServedModel:
     bundle_dir: Path
     registry: dict[str, str] = field(default_factory=dict)
     drift: DriftReference | None = None
+    card: tuple[str, dict[str, Any]] | None = None
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _extractor: EmbeddingExtractor | None = field(default=None, repr=False)
 
@@ -101,6 +102,7 @@ class ServedModel:
         identity: dict[str, str],
         serving: ServingConfig,
         validate: ValidateConfig,
+        card: tuple[str, dict[str, Any]] | None = None,
     ) -> ServedModel:
         """Build the served model of a bundle.
 
@@ -112,6 +114,7 @@ class ServedModel:
                 ``gate_reason`` (the champion gate's record on the version).
             serving: The ``serving`` section (runtime, ORT threads, size floor).
             validate: The project's ``validate`` section, for bundles that do not record their input checks.
+            card: The version's model card (Markdown and metadata), served at ``/model_card``; None without one.
 
         Raises:
             ArtifactError: The runtime's ONNX file is missing or does not load.
@@ -136,6 +139,7 @@ class ServedModel:
                 k: identity[k] for k in ("served_as", "aliases", "gate_decision", "gate_reason") if k in identity
             },
             drift=_drift_reference(Path(bundle_dir)) if serving.drift_features else None,
+            card=card,
         )
 
     @property
@@ -321,6 +325,8 @@ class ServedModel:
             "versions": meta.versions,
             "stain_normalization": None if meta.stain is None else meta.stain.get("method"),
             "referral": meta.referral,
+            # Where the version's model card is, or why there is none.
+            "model_card": "/model_card" if self.card else None,
         }
 
 

@@ -80,6 +80,8 @@ async function loadModelInfo() {
     document.getElementById("model-name").textContent = info.name || "unnamed";
     document.getElementById("model-version").textContent = info.version || "unknown";
     document.getElementById("model-arch").textContent = info.arch || "unknown";
+    // The card says what the model is for and not for: offered only when the served version has one.
+    document.getElementById("model-card-nav").hidden = !info.model_card;
     const trained = document.getElementById("model-trained");
     // The date is what a reader needs; the full timestamp stays in the tooltip for an audit.
     trained.textContent = info.trained_at ? String(info.trained_at).slice(0, 10) : "unknown";
