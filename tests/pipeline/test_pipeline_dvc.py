@@ -335,6 +335,19 @@ def test_the_served_champion_answers_exactly_what_evaluate_and_register_fitted(p
         assert info["version"] == champion["version"]
         assert info["runtime"]["engine"] == "onnx-fp32"
         assert info["stain_normalization"] == "reinhard"
+        # The card registration logged: this run's data, initialisation, and the baseline beside the model.
+        card = requests.get(f"{server.url}/model_card", timeout=30).text
+        assert card.startswith(
+            f"# Model card: bone-tumor-classifier version {champion['version']} ({champion['arch']})"
+        )
+        manifest = pd.read_csv(project / "outputs" / "ingest" / "manifest.csv")
+        assert f"{len(manifest)} real tiles" in card
+        assert f"from {manifest['slide'].nunique()} slides of {manifest['case'].nunique()} patients" in card
+        assert "**from scratch**" in card
+        assert "first registered version" in card
+        baseline_f1 = comparison_baseline(project)
+        assert f"| mean per-fold macro-F1 | {champion['gate']['candidate']['fold_f1_macro_mean']:.3f}" in card
+        assert f"{baseline_f1:.3f}" in card
         for tile, expected, referral in zip(tiles, probs, referrals, strict=True):
             answer = requests.post(f"{server.url}/predict", files={"image": (tile.name, tile.read_bytes())}, timeout=60)
             assert answer.status_code == 200, answer.text
@@ -360,6 +373,7 @@ def test_lineage_traces_a_served_answer_to_its_runs_data_params_and_commit(proje
     assert doc["answer"]["input_sha256"] == answer["input_sha256"]
     assert doc["model_version"]["version"] == champion["version"]
     assert "champion" in doc["model_version"]["aliases"]
+    assert doc["model_version"]["model_card"] == f"runs:/{champion['run_id']}/model_card/model_card.md"
     history = doc["model_version"]["alias_history"]
     assert [(e["action"], e["alias"], e["to_version"]) for e in history] == [
         ("register", "champion", champion["version"])
@@ -433,5 +447,15 @@ def test_repro_reruns_only_what_a_param_change_affects(project: Path) -> None:
     assert tags["bonetumor.gate.decision"] == "challenger"
     assert reason in tags["bonetumor.gate.reason"]
     assert tags["bonetumor.gate.champion.version"] == first["version"]
+    # The challenger's card compares it with the champion it was judged against.
+    card = client.download_artifacts(second["run_id"], "model_card/model_card.md")
+    changes = Path(card).read_text().split("## Changes since the previous champion", 1)[1]
+    assert f"Compared with version {first['version']}" in changes
+    rows = {line.split(" | ")[0].strip("| "): line for line in changes.splitlines() if line.startswith("| ")}
+    assert rows["architecture"] == f"| architecture | `{first['arch']}` | `{first['arch']}` |"
+    assert "(changed)" not in rows["data version"]
+    assert "(changed)" not in rows["folds file"]
+    assert "**(changed)**" in rows["params hash"]  # referral.confidence changed
+    assert tags["bonetumor.model_card"] == f"runs:/{second['run_id']}/model_card/model_card.md"
     # The champion's own record is untouched by the challenger's registration.
     assert client.get_model_version(name, first["version"]).tags["bonetumor.gate.decision"] == "champion"

@@ -65,6 +65,16 @@ def test_the_card_has_mitchells_sections_and_says_what_the_model_is_not_for() ->
     assert "transfer learning from ImageNet weights (`imagenet (IMAGENET1K_V2)`)" in section(markdown, "Model details")
 
 
+def test_the_recipe_is_read_from_the_training_params() -> None:
+    recipe = {"optimizer": "adamw", "lr": 0.002, "scheduler": "onecycle", "weight_decay": 0.05}
+    recipe |= {"label_smoothing": 0.1, "batch_size": 16, "trainable": "top", "head_steps": 40}
+    details = section(build_model_card(card_fixtures.sources(training=recipe)).to_markdown(), "Model details")
+    assert "adamw at lr 0.002 with a onecycle schedule, weight decay 0.05" in details
+    assert "label smoothing 0.1, batch 16, training the top block and the head, the head alone for 40 steps" in details
+    unrecorded = section(build_model_card(card_fixtures.sources()).to_markdown(), "Model details")
+    assert "the recipe was not recorded with this card" in unrecorded
+
+
 def test_per_class_intervals_are_wilson_intervals_of_the_pooled_confusion_matrix() -> None:
     markdown = build_model_card(card_fixtures.sources()).to_markdown()
     table = section(markdown, "Quantitative analyses").split("**This model, per class**", 1)[1]

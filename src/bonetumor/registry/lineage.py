@@ -203,6 +203,8 @@ def _version_block(version: Any, events: list[dict[str, Any]]) -> dict[str, Any]
             "baseline_fold_f1_macro_mean": tags.get(f"{GATE_PREFIX}candidate.baseline_fold_f1_macro_mean", ""),
         },
         "role": tags.get(f"{TAG_PREFIX}role", ""),
+        # Where its model card is (``bonetumor model-card VERSION`` prints it).
+        "model_card": tags.get(f"{TAG_PREFIX}model_card", ""),
         "alias_history": [
             e for e in events if str(e.get("to_version")) == number or str(e.get("from_version")) == number
         ],
@@ -336,6 +338,7 @@ def render_lineage(doc: dict[str, Any]) -> str:
         f"model version  {mv['name']} version {mv['version']} ({mv['arch'] or '?'}, {mv['init'] or 'init ?'})",
         f"  created {mv['created']}; status {mv['status']}; aliases now: {', '.join(mv['aliases']) or 'none'}",
         f"  gate: {mv['gate']['decision'] or '-'}: {mv['gate']['reason'] or '-'}",
+        f"  model card: {mv.get('model_card') or 'none'} (bonetumor model-card {mv['version']})",
     ]
     history = mv["alias_history"]
     lines.append("  aliases over time:" if history else "  aliases over time: no recorded alias change")

@@ -814,8 +814,15 @@ def sources_from_registry(config: Config, version: ModelVersion, metadata: dict[
         },
         previous=previous_champion(config.register.model_name, champion),
         settings=card_settings(config),
-        training=(lineage.get("params") or {}).get("train", {}),
+        training=_recorded_training(lineage.get("params") or {}, arch),
     )
+
+
+def _recorded_training(params: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The ``train`` section of the params a lineage recorded, with ``arch``'s per-architecture overrides."""
+    train = dict(params.get("train") or {})
+    overrides = (train.pop("per_arch", None) or {}).get(arch) or {}
+    return {k: v for k, v in {**train, **overrides}.items() if not isinstance(v, (dict, list))}
 
 
 def _iso(milliseconds: int) -> str:
