@@ -344,7 +344,7 @@ def test_the_served_champion_answers_exactly_what_evaluate_and_register_fitted(p
         assert f"{len(manifest)} real tiles" in card
         assert f"from {manifest['slide'].nunique()} slides of {manifest['case'].nunique()} patients" in card
         assert "**from scratch**" in card
-        assert "first registered version" in card
+        assert "No version held the champion alias" in card
         baseline_f1 = comparison_baseline(project)
         assert f"| mean per-fold macro-F1 | {champion['gate']['candidate']['fold_f1_macro_mean']:.3f}" in card
         assert f"{baseline_f1:.3f}" in card

@@ -93,6 +93,7 @@ def test_the_baseline_stands_beside_the_model_and_losing_to_it_is_a_caveat() -> 
     figures = section(winning, "Quantitative analyses")
     assert "| mean per-fold macro-F1 | 0.710 [0.590, 0.810] | 0.620 [0.500, 0.720] |" in figures
     assert "**Baseline, per class**" in figures
+    assert "Baseline: a random forest of 500 trees on RGB and HSV histograms, 16 bins per channel" in figures
     assert "vgg19_bn mean per-fold macro-F1 0.550" in figures
     assert "does **not** beat the colour-histogram baseline" not in winning
     losing = build_model_card(
@@ -112,6 +113,10 @@ def test_a_scratch_model_a_missed_referral_target_and_a_kept_back_version_are_sa
     ).to_markdown()
     assert "**from scratch**" in section(markdown, "Model details")
     assert "- **Targets met**: no. The rule could not reach" in section(markdown, "Calibration and referral")
+    assert "a tile is answered when its calibrated confidence is at least 0.620" in markdown
+    scores["referral"]["coverage"] = 0.0
+    nothing = build_model_card(card_fixtures.sources(scores=scores)).to_markdown()
+    assert "**every tile is referred** to a pathologist" in section(nothing, "Calibration and referral")
     caveats = section(markdown, "Caveats and recommendations")
     assert "It was trained from scratch" in caveats
     assert "did not make it the champion: macro-F1 0.6 is below 0.7" in caveats
@@ -120,7 +125,7 @@ def test_a_scratch_model_a_missed_referral_target_and_a_kept_back_version_are_sa
 
 def test_changes_since_the_previous_champion_mark_what_changed() -> None:
     first = build_model_card(card_fixtures.sources()).to_markdown()
-    assert "first registered version" in section(first, "Changes since the previous champion")
+    assert "No version held the champion alias" in section(first, "Changes since the previous champion")
     previous = {
         "version": "2",
         "fold_f1_macro_mean": 0.65,
@@ -154,7 +159,7 @@ def test_the_metadata_uses_monai_bundle_keys() -> None:
     assert (image["num_channels"], image["spatial_shape"], image["is_patch_data"]) == (3, [224, 224], True)
     assert metadata["eval_metrics"]["fold_f1_macro_ci"] == pytest.approx([0.59, 0.81])
     assert metadata["eval_metrics"]["baseline_fold_f1_macro_mean"] == 0.62
-    assert metadata["changelog"] == {"3": "registered as @champion; first version"}
+    assert metadata["changelog"] == {"3": "registered as @champion; no champion to compare with"}
 
 
 def test_sources_round_trip_and_a_damaged_file_is_named(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ class CardSources:
     metadata: dict[str, Any]
     scores: dict[str, Any]
     baseline: dict[str, Any] | None
-    baseline_what: str
+    baseline_what: Any
     others: dict[str, dict[str, Any]]
     data: dict[str, Any]
     test: dict[str, Any] | None
@@ -291,8 +291,9 @@ def _data_section(src: CardSources) -> str:
         f"{data.get('slides', '?')} slides of {data.get('patients', '?')} patients.",
         f"- **Data version**: `{data.get('data_version', '?')}` (content hash of the manifest); DVC md5 "
         f"`{data.get('dvc_md5') or 'not recorded'}`.",
-        f"- **Synthetic tiles**: {'used' if synthetic.get('use_synthetic') else 'not used'} in training "
-        f"({synthetic.get('reason', 'no record of the balance stage')}). Evaluation figures are on real tiles only.",
+        f"- **Synthetic tiles**: {'used' if synthetic.get('use_synthetic') else 'not used'} in training. "
+        f"The balance stage's decision: {synthetic.get('reason', 'not recorded')}. Evaluation figures are on real "
+        "tiles only.",
     ]
     restore = data.get("restore") or {}
     if restore.get("commands"):
@@ -325,7 +326,7 @@ def _quantitative(src: CardSources) -> str:
         f"{_interval((src.baseline or {}).get('fold_summary', {}).get('accuracy'))} |",
         f"| pooled accuracy | {_num(scores.get('accuracy'))} | {_num((src.baseline or {}).get('accuracy'))} |",
         "",
-        f"Baseline: {src.baseline_what or 'not scored on these folds'}.",
+        f"Baseline: {_baseline_text(src.baseline_what)}.",
         "",
         *_per_class_table("This model, per class", scores, classes, level),
     ]
@@ -344,6 +345,19 @@ def _quantitative(src: CardSources) -> str:
     if src.test:
         lines += ["", *_test_lines(src.test)]
     return "\n".join(lines)
+
+
+def _baseline_text(what: Any) -> str:
+    """The baseline in words (the evaluation records it as a dict: model, trees, features, tile size, stain)."""
+    if not what:
+        return "not scored on these folds"
+    if not isinstance(what, dict):
+        return str(what)
+    stain = "stain-normalised" if what.get("stain_normalization") else "no stain normalisation"
+    return (
+        f"a {what.get('model', 'model')} of {what.get('trees', '?')} trees on {what.get('features', '?')}, tiles at "
+        f"{what.get('tile_size', '?')} px, {stain}, cross-validated on the same folds"
+    )
 
 
 def _per_class_table(title: str, scores: dict[str, Any], classes: list[str], level: float) -> list[str]:
@@ -383,8 +397,7 @@ def _calibration_section(src: CardSources) -> str:
         f"{' (at the bound of its search: treat with care)' if calibration.get('temperature_at_bound') else ''}; "
         f"expected calibration error {_num(calibration.get('ece_before'))} before, "
         f"{_num(calibration.get('ece_after'))} after.",
-        f"- **Referral rule**: a tile is answered when its calibrated confidence is at least "
-        f"{_num(referral.get('confidence_threshold'))}, else referred to a pathologist.",
+        _rule_line(referral),
         f"- **Coverage**: {_pct(referral.get('coverage'))} of out-of-fold tiles are answered; accuracy among them "
         f"{_num(referral.get('accepted_accuracy'))}, accepted error at most "
         f"{_num(referral.get('accepted_error_upper'))} at {_pct(referral.get('confidence'), 0)} confidence "
@@ -402,6 +415,18 @@ def _calibration_section(src: CardSources) -> str:
     return "\n".join(lines)
 
 
+def _rule_line(referral: dict[str, Any]) -> str:
+    if not referral.get("coverage"):
+        return (
+            "- **Referral rule**: **every tile is referred** to a pathologist: no confidence threshold left "
+            "accepted out-of-fold tiles that met the error and recall targets by their bounds."
+        )
+    return (
+        f"- **Referral rule**: a tile is answered when its calibrated confidence is at least "
+        f"{_num(referral.get('confidence_threshold'))}, else referred to a pathologist."
+    )
+
+
 def _ethics(src: CardSources) -> str:
     return (
         "The tiles come from a public, de-identified collection (TCIA); no patient can be identified from the model "
@@ -417,8 +442,9 @@ def _caveats(src: CardSources) -> str:
     lines = [
         f"- Trained and evaluated on {data.get('tiles', '?')} tiles of {data.get('patients', '?')} patients from one "
         "centre: the intervals above are wide, and performance on other centres is unknown until measured.",
-        f"- It expects tiles like the training tiles ({meta.get('tile_size')} px at the collection's magnification)"
-        "; the service refuses smaller uploads and refers tiles with too little tissue.",
+        "- It expects H&E tiles at the collection's magnification (the network sees them resized to "
+        f"{meta.get('tile_size')} px); the service refuses uploads smaller than "
+        f"{(meta.get('input_checks') or {}).get('min_size', '?')} px and refers tiles with too little tissue.",
     ]
     prov = meta.get("provenance", {})
     if str(prov.get("init", "")).startswith("scratch"):
@@ -452,7 +478,7 @@ def _beats_baseline(src: CardSources) -> bool:
 def _changes(src: CardSources) -> str:
     previous = src.previous
     if not previous:
-        return "The first registered version of this model: no champion to compare with."
+        return "No version held the champion alias when this one was registered: there is nothing to compare with."
     prov = src.metadata.get("provenance", {})
     mine = {
         "arch": ("architecture", src.metadata.get("arch")),
@@ -512,7 +538,7 @@ def _metadata(src: CardSources) -> dict[str, Any]:
         "version": str(model["version"]),
         "changelog": {
             str(model["version"]): f"registered as @{model.get('alias')}"
-            + (f"; compared with champion version {previous}" if previous else "; first version")
+            + (f"; compared with champion version {previous}" if previous else "; no champion to compare with")
         },
         "monai_version": None,
         "pytorch_version": versions.get("torch"),

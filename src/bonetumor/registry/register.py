@@ -252,7 +252,7 @@ class _CardContext:
             metadata=dataclasses.asdict(self.metadata),
             scores=self.winner.scores,
             baseline=self.winner.all_scores.get(baseline_name) if baseline_name else None,
-            baseline_what=str((comparison.get("baseline") or {}).get("what", "")),
+            baseline_what=(comparison.get("baseline") or {}).get("what") or "",
             others={
                 a: {k: self.winner.all_scores[a].get(k) for k in ("fold_f1_macro_mean", "accuracy")}
                 for a in archs
