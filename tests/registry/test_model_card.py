@@ -184,7 +184,9 @@ def test_a_registered_card_is_found_and_an_older_version_gets_one_rebuilt_and_lo
     older = register_model(tmp_path, seed=1, alias="challenger", onnx=False, card=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        markdown, metadata = stored_card(resolve_version(MODEL_NAME, with_card)) or ("", {})
+        found = stored_card(resolve_version(MODEL_NAME, with_card))
+        assert found is not None
+        markdown, metadata = found
         assert markdown.startswith(f"# Model card: {MODEL_NAME} version {with_card} ")
         assert metadata["version"] == with_card
         assert stored_card(resolve_version(MODEL_NAME, older)) is None
@@ -211,3 +213,14 @@ def test_a_registered_card_is_found_and_an_older_version_gets_one_rebuilt_and_lo
     assert "Intended use" in logged["markdown"]
     tag = store.get_model_version(MODEL_NAME, older).tags[CARD_TAG]
     assert tag.endswith("/model_card/model_card.md")
+    # A card damaged in the artifact store is refused with the run named (the service then serves without it).
+    damaged = tmp_path / "model_card.json"
+    damaged.write_text("{not json")
+    version = store.get_model_version(MODEL_NAME, with_card)
+    store.log_artifact(str(version.run_id), str(damaged), "model_card")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with pytest.raises(ArtifactError, match=rf"model card in run {version.run_id} is unreadable"):
+            stored_card(version)
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]

@@ -759,8 +759,14 @@ def stored_card(version: ModelVersion) -> tuple[str, dict[str, Any]] | None:
                 f"expected {CARD_DIR}/{CARD_MD} in run {version.run_id}"
             )
         card_json = folder / CARD_JSON
-        metadata = json.loads(card_json.read_text(encoding="utf-8")) if card_json.is_file() else {}
-        return (folder / CARD_MD).read_text(encoding="utf-8"), metadata
+        try:
+            metadata = json.loads(card_json.read_text(encoding="utf-8")) if card_json.is_file() else {}
+            return (folder / CARD_MD).read_text(encoding="utf-8"), metadata
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(
+                f"version {version.version}: its model card in run {version.run_id} is unreadable ({exc}); "
+                f"expected UTF-8 {CARD_DIR}/{CARD_MD} and JSON {CARD_DIR}/{CARD_JSON}"
+            ) from exc
 
 
 def sources_from_registry(config: Config, version: ModelVersion, metadata: dict[str, Any]) -> CardSources:
